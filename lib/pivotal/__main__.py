@@ -1,0 +1,8 @@
+"""``python -m pivotal`` runs the command-line interface."""
+
+import sys
+
+from pivotal.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""``__metadata__`` of a bundle: the kohya ``ss_*`` fields the webui reads, modelspec basics, and
+Pivotal's own ``pivotal.*`` record of the embeddings and the training settings.
+
+All values are strings (safetensors requires it). JSON values are written compactly; the webui
+JSON-decodes values that start with ``{``, so only objects that are meant to be read that way
+(``ss_tag_frequency``) start with one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import pivotal
+
+#: ``ss_base_model_version`` per base model. The webui shows a card for SDXL models only when the
+#: value starts with ``sdxl_``; any other value means SD1.
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class TrainingInfo:
+    """What a bundle records about how it was made (all optional but the name)."""
+
+    output_name: str
+    resolution: tuple[int, int] = (512, 512)
+    num_train_images: int = 0
+    #: {dataset folder name: {tag: count}}, as kohya writes it.
+    tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: The training settings (JSON-able), recorded under ``pivotal.training``.
+    settings: dict[str, Any] = field(default_factory=dict)
+    #: Base checkpoint name and hash, when known.
+    base_checkpoint: str = ""
+    base_checkpoint_hash: str = ""
+
+
+def lora_rank_alpha(lora: dict[str, torch.Tensor]) -> tuple[int, float]:
+    """The most common (rank, alpha) over the LoRA modules; (0, 0) when there are none."""
+    ranks: Counter[int] = Counter()
+    alphas: Counter[float] = Counter()
+    for k, t in lora.items():
+        if k.endswith(".lora_down.weight"):
+            ranks[int(t.shape[0])] += 1
+        elif k.endswith(".alpha"):
+            alphas[float(t.float().item())] += 1
+    rank = ranks.most_common(1)[0][0] if ranks else 0
+    alpha = alphas.most_common(1)[0][0] if alphas else float(rank)
+    return rank, alpha
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def build_metadata(base_model: str, lora: dict[str, torch.Tensor], embeddings: list[dict[str, Any]],
+                   info: TrainingInfo, model_hash: str, now: _dt.datetime | None = None) -> dict[str, str]:
+    """The full ``__metadata__`` dict.
+
+    ``embeddings``: ``[{"name", "vectors", "init_text", "encoders"}]`` in bundle order.
+    ``model_hash``: sha256 of the file's data section (see ``safetensors_io.data_hash``).
+    """
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    rank, alpha = lora_rank_alpha(lora)
+    w, h = info.resolution
+    meta = {
+        "ss_output_name": info.output_name,
+        "ss_base_model_version": BASE_MODEL_VERSION[base_model],
+        # The kohya module name, so tools that branch on it treat this as a plain LoRA.
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": _num(alpha),
+        "ss_tag_frequency": json.dumps(info.tag_frequency, ensure_ascii=False, separators=(",", ":")),
+        "ss_resolution": f"({w}, {h})",
+        "ss_num_train_images": str(int(info.num_train_images)),
+        "ss_training_finished_at": str(now.timestamp()),
+        "sshs_model_hash": model_hash,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": MODELSPEC_ARCH[base_model],
+        "modelspec.implementation": "sd-webui-pivotal",
+        "modelspec.title": info.output_name,
+        "modelspec.date": now.date().isoformat(),
+        "modelspec.resolution": f"{w}x{h}",
+        "pivotal.format": FORMAT_VERSION,
+        "pivotal.version": pivotal.__version__,
+        "pivotal.embeddings": json.dumps(embeddings, ensure_ascii=False, separators=(",", ":")),
+        "pivotal.training": json.dumps(info.settings, ensure_ascii=False, separators=(",", ":"),
+                                       sort_keys=True, default=str),
+    }
+    if info.base_checkpoint:
+        meta["ss_sd_model_name"] = info.base_checkpoint
+    if info.base_checkpoint_hash:
+        meta["ss_new_sd_model_hash"] = info.base_checkpoint_hash
+    return meta

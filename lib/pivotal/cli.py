@@ -1,0 +1,74 @@
+"""The ``pivotal`` command line: ``inspect``, ``export-embeddings``, ``convert``.
+
+Errors Pivotal raises on purpose (bad files, bad settings) print one line naming the file and the
+problem and exit with status 2; there is no traceback for those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from pivotal import __version__
+from pivotal.errors import PivotalError
+
+EXIT_USAGE = 2
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from pivotal.inspect_report import format_report, inspect_bundle
+
+    report = inspect_bundle(args.file)
+    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pivotal.export import export_embeddings
+
+    for path in export_embeddings(args.file, args.dir, force=args.force):
+        print(path)
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from pivotal.export import convert_pickle
+
+    keys = convert_pickle(args.src, args.dst)
+    print(f"wrote {args.dst} ({len(keys)} tensors)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pivotal", description="Pivotal tuning: LoRA + embeddings bundles.")
+    parser.add_argument("--version", action="version", version=f"pivotal {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="show what a bundle / LoRA file holds")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(run=_cmd_inspect)
+
+    p = sub.add_parser("export-embeddings", help="write each bundled embedding as its own file")
+    p.add_argument("file", help="the bundle (.safetensors)")
+    p.add_argument("dir", help="output folder, e.g. the webui's embeddings folder")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.set_defaults(run=_cmd_export)
+
+    p = sub.add_parser("convert", help="convert a TRUSTED pickle (.pt/.ckpt/.bin) LoRA or embedding "
+                                       "to safetensors (needs torch >= 2.10)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.set_defaults(run=_cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except PivotalError as e:
+        print(f"pivotal: error: {e}", file=sys.stderr)
+        return EXIT_USAGE

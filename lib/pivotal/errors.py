@@ -1,0 +1,41 @@
+"""Typed errors. Every message names the file, key or setting at fault and, where one exists, the fix."""
+
+from __future__ import annotations
+
+
+class PivotalError(Exception):
+    """Base class of every error Pivotal raises on purpose."""
+
+
+class BundleError(PivotalError):
+    """A bundle, LoRA or embedding file is unreadable, malformed or unsafe.
+
+    ``path`` is the file; ``key`` the tensor or metadata key at fault, when there is one.
+    """
+
+    def __init__(self, path: object, problem: str, key: str | None = None) -> None:
+        self.path = str(path)
+        self.key = key
+        self.problem = problem
+        where = f"{self.path}" + (f" [{key}]" if key else "")
+        super().__init__(f"{where}: {problem}")
+
+
+class UnsafeFileError(BundleError):
+    """A pickle-based file (.pt/.ckpt/.bin/.pth) was offered where only safetensors is accepted."""
+
+
+class SaveError(PivotalError):
+    """Writing a file failed; the previous file at that path is intact."""
+
+
+class EmbeddingNameError(PivotalError):
+    """An embedding name is not allowed (characters, length, reserved, or a clash)."""
+
+
+class ModelLayoutError(PivotalError):
+    """A model does not have the structure expected (unknown UNet / text-encoder layout)."""
+
+
+class LoraTargetError(PivotalError):
+    """LoRA targets cannot be found, attached or loaded (no match, already attached, bad shape)."""
