@@ -49,7 +49,12 @@ def _tokenizer_dir() -> str:
 
 @functools.lru_cache(maxsize=None)
 def clip_tokenizer() -> Any:
-    """The real CLIP BPE tokenizer (cached per session).
+    """The shared real CLIP tokenizer (cached per session); never mutate it — see :func:`new_clip_tokenizer`."""
+    return new_clip_tokenizer()
+
+
+def new_clip_tokenizer() -> Any:
+    """A new real CLIP BPE tokenizer (safe to mutate, e.g. by diffusers' load_textual_inversion).
 
     ``from_pretrained`` on the folder works with transformers 4.30 and 5; transformers 5's
     ``CLIPTokenizer(vocab_file=, merges_file=)`` silently ignores the files and builds a
@@ -57,7 +62,7 @@ def clip_tokenizer() -> Any:
     """
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(_tokenizer_dir(), local_files_only=True)
+    return CLIPTokenizer.from_pretrained(_tokenizer_dir(), local_files_only=True, model_max_length=77)
 
 
 def hf_text_config(key: str = "clip_l", layers: int = TINY_LAYERS) -> Any:
