@@ -35,6 +35,9 @@ def test_valid_names(name: str) -> None:
         ("x" * 65, r"^embedding name 'x{65}' is 65 characters long; the limit is 64$"),
         ("a b", r"^embedding name 'a b' contains ' '; only A-Z a-z 0-9 _ - are allowed$"),
         ("<x>", r"^embedding name '<x>' contains '<>'; only A-Z a-z 0-9 _ - are allowed$"),
+        ("a\\b", r"^embedding name 'a\\\\b' contains '\\\\'; only A-Z a-z 0-9 _ - are allowed$"),
+        ("C:x", r"^embedding name 'C:x' contains ':'; only A-Z a-z 0-9 _ - are allowed$"),
+        ("a\x00b", r"^embedding name 'a\\x00b' contains '\\x00'; only A-Z a-z 0-9 _ - are allowed$"),
     ],
 )
 def test_bad_names(name: str, message: str) -> None:
