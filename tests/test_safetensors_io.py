@@ -55,6 +55,18 @@ def test_pickle_disguised_as_safetensors_refused(tmp_path: Path, writer: str) ->
         sio.read_header(p)
 
 
+def test_header_size_with_low_byte_0x80_is_not_mistaken_for_pickle(tmp_path: Path) -> None:
+    # the first byte of a safetensors file is the low byte of the header size; 0x80 is also
+    # the pickle protocol marker
+    p = tmp_path / "x.safetensors"
+    for pad in range(300):
+        save_file({"a": torch.ones(1)}, str(p), {"m": "x" * pad})
+        if p.read_bytes()[0] == 0x80:
+            break
+    assert p.read_bytes()[0] == 0x80
+    assert sio.read_header(p).metadata["m"] == "x" * pad
+
+
 def test_header_over_cap_refused_before_parsing(tmp_path: Path) -> None:
     p = raw_file(tmp_path / "big.safetensors", b"{", size_field=sio.MAX_HEADER_BYTES + 1)
     with pytest.raises(BundleError, match=r"big.safetensors: header claims \d+ bytes, over the \d+-byte limit"):

@@ -1,4 +1,4 @@
-"""The ``pivotal`` command line: ``inspect``, ``export-embeddings``, ``convert``.
+"""The ``pivotal`` command line: ``inspect``, ``export-embeddings``, ``convert``, ``app``, ``generate``.
 
 Errors Pivotal raises on purpose (bad files, bad settings) print one line naming the file and the
 problem and exit with status 2; there is no traceback for those.
@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 from pivotal import __version__
+from pivotal.cli_generate import add_generate_command
 from pivotal.errors import PivotalError
 
 EXIT_USAGE = 2
@@ -41,6 +42,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_app(args: argparse.Namespace) -> int:
+    from pivotal.ui.app import run_app  # gradio is imported only when the app is asked for
+
+    return run_app(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pivotal", description="Pivotal tuning: LoRA + embeddings bundles.")
     parser.add_argument("--version", action="version", version=f"pivotal {__version__}")
@@ -62,6 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
     p.set_defaults(run=_cmd_convert)
+
+    p = sub.add_parser("app", help="the web app (Train and Generate tabs) on 127.0.0.1")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--demo", choices=("sd1", "sdxl"), help="a tiny random-weight model and a synthetic dataset")
+    src.add_argument("--model", help="diffusers model folder")
+    p.add_argument("--out", default="output", help="output folder for bundles (default: output)")
+    p.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (default: 7860)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--no-browser", action="store_true", help="do not open a browser window")
+    p.set_defaults(run=_cmd_app)
+
+    from pivotal.cli_train import add_train_parser  # light: imports no torch model code
+
+    add_train_parser(sub)
+    add_generate_command(sub)
     return parser
 
 

@@ -39,3 +39,24 @@ class ModelLayoutError(PivotalError):
 
 class LoraTargetError(PivotalError):
     """LoRA targets cannot be found, attached or loaded (no match, already attached, bad shape)."""
+
+
+class ConfigError(PivotalError):
+    """A training setting is missing or out of range; the message names the setting."""
+
+
+class TrainingError(PivotalError):
+    """A run cannot start or had to stop (diverged, refused resume, host problem)."""
+
+
+class DatasetError(PivotalError):
+    """The training images or captions cannot be used as they are, or a dataset setting is invalid.
+
+    The message names the folder, file or setting at fault and the fix. ``report`` is the
+    pre-flight report (``pivotal.dataset.PreflightReport``) when the refusal came from one, so a
+    UI can still show everything that was found.
+    """
+
+    def __init__(self, message: str, report: object | None = None) -> None:
+        self.report = report
+        super().__init__(message)

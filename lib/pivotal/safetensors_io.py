@@ -69,9 +69,13 @@ def refuse_pickle(path: Path) -> None:
         raise UnsafeFileError(path, f"'{path.suffix}' files are pickle-based. {CONVERT_HINT}")
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(9)
     except OSError as e:
         raise BundleError(path, f"cannot read file: {e.strerror or e}") from e
+    if head[8:9] == b"{":
+        # safetensors: 8 size bytes, then the JSON header. The first size byte can be 0x80, so
+        # this must be decided before the pickle test below.
+        return
     # torch.save writes a zip ("PK\x03\x04"); older torch a raw pickle (protocol byte 0x80).
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         raise UnsafeFileError(path, f"this is a pickle/zip torch file despite its name. {CONVERT_HINT}")

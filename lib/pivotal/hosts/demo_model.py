@@ -1,0 +1,199 @@
+"""A tiny Stable Diffusion with random weights, for trying the whole pipeline on a laptop CPU.
+
+Nothing is downloaded: the UNet, VAE and text encoders are built from the configs below and their
+weights drawn from one seeded generator, so ``build_demo_parts("sd1", 0)`` gives the same model
+every time (for the same diffusers/transformers versions), and a bundle trained on it applies to
+a later build. Images come out as noise; the point is exercising training, saving and loading.
+
+Sizes (SD's structure, scaled down):
+
+* text encoders: real CLIP tokenizer (open_clip's BPE file), vocab 49408, 77 positions, 2 layers;
+  clip_l 32 wide, SDXL's clip_g 64 wide with a 64-dim projection;
+* UNet: 3 levels (32, 64, 64|96 channels), latent 8x8 by default (64 px); SDXL has the
+  "text_time" embedding on the 64 pooled dims + 6 size ids;
+* VAE: 4 levels (8, 16, 32, 32 channels), so the latent is 1/8 of the image as in SD, with 4
+  latent channels; encoding a 128 px image costs a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pivotal.clip_vocab import find_open_clip_bpe, write_clip_tokenizer_files
+from pivotal.errors import ConfigError
+from pivotal.hosts.pipeline_parts import ENCODER_KEYS, PipelineParts
+
+BASES = ("sd1", "sdxl")
+#: Environment variable naming the folder for files Pivotal caches (the demo tokenizer).
+CACHE_ENV = "PIVOTAL_CACHE_DIR"
+TOKENIZER_FOLDER = "clip-tokenizer"
+INSTALL_HINT = "pip install --no-deps open_clip_torch"
+
+LATENT_SIZE = 8
+TIME_ID_DIM = 8  # sinusoidal width per SDXL size id; 6 ids
+# (hidden, heads, activation) per encoder key: SD1's clip_l uses quick_gelu, SDXL's clip_g gelu.
+TEXT_DIMS: dict[str, tuple[int, int, str]] = {"clip_l": (32, 4, "quick_gelu"), "clip_g": (64, 4, "gelu")}
+TEXT_LAYERS = 2
+
+# SD's noise schedule: scaled_linear 0.00085-0.012 over 1000 steps, epsilon prediction.
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "EulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+}
+# SD1 and SDXL VAEs' latent scale factors.
+VAE_SCALING = {"sd1": 0.18215, "sdxl": 0.13025}
+
+
+def default_cache_dir() -> Path:
+    """``$PIVOTAL_CACHE_DIR``, else the user's cache folder + ``pivotal``."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    if os.name == "nt":
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pivotal"
+
+
+def ensure_tokenizer_files(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder holding CLIP's ``vocab.json`` + ``merges.txt``, written once from open_clip's BPE file.
+
+    The folder is filled under a temporary name and renamed into place, so a crash or a second
+    process never leaves a half-written tokenizer. ConfigError when open_clip_torch is missing or
+    the cache folder is not writable.
+    """
+    folder = Path(cache_dir if cache_dir is not None else default_cache_dir()) / TOKENIZER_FOLDER
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return folder
+    bpe = find_open_clip_bpe()
+    if bpe is None:
+        raise ConfigError("the demo model needs CLIP's tokenizer file bpe_simple_vocab_16e6.txt.gz, "
+                          f"which ships with open_clip_torch; it is not installed. Install it with: {INSTALL_HINT}")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{TOKENIZER_FOLDER}-", dir=folder.parent))
+    except OSError as e:
+        raise ConfigError(f"cannot write the demo tokenizer cache under {folder.parent}: {e}; "
+                          f"set {CACHE_ENV} to a writable folder") from e
+    try:
+        try:
+            write_clip_tokenizer_files(bpe, tmp)
+        except ValueError as e:
+            raise ConfigError(f"{bpe}: cannot build the CLIP tokenizer from it: {e}") from e
+        try:
+            os.replace(tmp, folder)
+        except OSError as e:
+            # Another process renamed its copy into place first: theirs is complete, use it.
+            if not (folder / "vocab.json").is_file():
+                raise ConfigError(f"cannot write the demo tokenizer cache {folder}: {e}; "
+                                  f"set {CACHE_ENV} to a writable folder") from e
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return folder
+
+
+def demo_tokenizer(key: str, cache_dir: str | os.PathLike | None = None) -> Any:
+    """A real ``CLIPTokenizer``; clip_g's pads with "!" (id 0) like SDXL's tokenizer_2."""
+    from transformers import CLIPTokenizer
+
+    folder = ensure_tokenizer_files(cache_dir)
+    # from_pretrained, not the constructor: transformers 5's CLIPTokenizer(vocab_file=...)
+    # ignores the files and builds a 3-token vocabulary.
+    kwargs: dict[str, Any] = {"pad_token": "!"} if key == "clip_g" else {}
+    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, model_max_length=77, **kwargs)
+
+
+def text_config(key: str) -> Any:
+    """``CLIPTextConfig`` of the demo encoder ``key``."""
+    from transformers import CLIPTextConfig
+
+    hidden, heads, act = TEXT_DIMS[key]
+    return CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden,
+                          projection_dim=hidden, num_hidden_layers=TEXT_LAYERS, num_attention_heads=heads,
+                          max_position_embeddings=77, hidden_act=act,
+                          bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+
+
+def unet_config(base: str) -> dict[str, Any]:
+    """``UNet2DConditionModel`` keyword arguments for ``base``."""
+    common: dict[str, Any] = dict(sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=2)
+    if base == "sd1":
+        return dict(common, block_out_channels=(32, 64, 64),
+                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                    cross_attention_dim=TEXT_DIMS["clip_l"][0], attention_head_dim=2,
+                    use_linear_projection=False)
+    context = TEXT_DIMS["clip_l"][0] + TEXT_DIMS["clip_g"][0]
+    pooled = TEXT_DIMS["clip_g"][0]
+    return dict(common, block_out_channels=(32, 64, 96),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                cross_attention_dim=context, attention_head_dim=(1, 2, 3), transformer_layers_per_block=2,
+                use_linear_projection=True, addition_embed_type="text_time",
+                addition_time_embed_dim=TIME_ID_DIM, projection_class_embeddings_input_dim=pooled + 6 * TIME_ID_DIM)
+
+
+def vae_config(base: str) -> dict[str, Any]:
+    """``AutoencoderKL`` keyword arguments: 4 levels, so images are 8x the latent size."""
+    return dict(in_channels=3, out_channels=3, latent_channels=4,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
+                sample_size=LATENT_SIZE * 8, scaling_factor=VAE_SCALING[base], force_upcast=False)
+
+
+def randomize_(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Re-draw every parameter in place from ``generator``: weights ``N(0, 1/fan_in)``, biases
+    ``0.1·N(0, 1)``, norm scales ``1 + 0.1·N(0, 1)``. The fan-in scaling keeps activations near
+    unit size through the random network, so sampling stays finite."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            if p.dim() == 1 and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            elif p.dim() == 1:
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(noise / p[0].numel() ** 0.5)
+    return model
+
+
+def build_demo_parts(base: str, seed: int = 0, cache_dir: str | os.PathLike | None = None) -> PipelineParts:
+    """The demo pipeline for ``base`` ("sd1" or "sdxl"), on CPU in fp32, in eval mode, frozen."""
+    if base not in BASES:
+        raise ConfigError(f"demo model {base!r} is not one of {', '.join(BASES)} (setting: --demo)")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizers = {key: demo_tokenizer(key, cache_dir) for key in ENCODER_KEYS[base]}
+    gen = torch.Generator().manual_seed(int(seed))
+    # The constructors draw their initial weights from torch's global generator; fork it so
+    # building a demo model leaves the caller's random state untouched. Every weight is then
+    # re-drawn from our own generator, in a fixed order, which is what makes the build repeatable.
+    with torch.random.fork_rng(devices=[]):
+        unet = randomize_(UNet2DConditionModel(**unet_config(base)), gen)
+        vae = randomize_(AutoencoderKL(**vae_config(base)), gen)
+        encoders: dict[str, nn.Module] = {"clip_l": randomize_(CLIPTextModel(text_config("clip_l")), gen)}
+        if base == "sdxl":
+            encoders["clip_g"] = randomize_(CLIPTextModelWithProjection(text_config("clip_g")), gen)
+    for m in (unet, vae, *encoders.values()):
+        m.eval().requires_grad_(False)
+    return PipelineParts(base_model=base, unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
+                         scheduler_config=dict(SCHEDULER_CONFIG), force_zeros_for_empty_prompt=base == "sdxl",
+                         source=f"demo {base} seed {seed}")
