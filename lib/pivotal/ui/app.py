@@ -1,0 +1,159 @@
+"""The standalone app: the Train and Generate tabs on one page, served on 127.0.0.1 only.
+
+``pivotal app [--demo {sd1,sdxl} | --model PATH] [--out DIR] [--port 7860] [--no-browser]``
+(:func:`run_app`; the flags are defined in :mod:`pivotal.cli`, which imports no gradio). The
+model is loaded before the server starts, so a bad path is one error line on the terminal, not a
+broken page. ``--demo`` uses a tiny random-weight model and a synthetic
+dataset so the whole workflow can be tried on a laptop CPU in well under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import gradio as gr
+
+from pivotal.job import TrainingJob
+from pivotal.train_config import EmbeddingSpec, TrainConfig
+from pivotal.ui.compat import enable_queue, launch_kwargs
+from pivotal.ui.generate_tab import build_generate_tab
+from pivotal.ui.train_tab import build_train_tab
+
+HostProvider = Callable[[], Any]
+
+LOCALHOST = "127.0.0.1"
+#: the demo's embedding and settings: tiny, so a run ends in seconds on a CPU
+DEMO_EMBEDDING = EmbeddingSpec("mychar", 2, "person")
+DEMO_SETTINGS = {"steps": 30, "resolution": 64, "bucket_step": 16, "unet_lr": 5e-4, "embedding_lr": 5e-3,
+                 "preview_every": 10, "preview_steps": 4}
+DEMO_IMAGES = 8
+#: seconds to wait, after Ctrl-C, for a running run to reach its next step and save
+INTERRUPT_WAIT_S = 300.0
+DEMO_SIZE = 64
+
+
+def build_app(host_provider: HostProvider, out_dir: str, data_dir_default: str = "", *,
+              job: Optional[TrainingJob] = None, host_label: str = "", base: Optional[TrainConfig] = None,
+              demo: bool = False, generate_size: int = 512, generate_steps: int = 20) -> gr.Blocks:
+    """The app's page. Nothing is loaded or started here; ``host_provider`` is called on first use.
+
+    ``job``: the process's training job (a new one when not given). ``base``: the settings the
+    Train form starts from. ``demo``: show that the model has random weights.
+    """
+    job = job if job is not None else TrainingJob()
+    base = base if base is not None else TrainConfig(out_dir=out_dir, data_dir=data_dir_default)
+    names = [e.name for e in base.embeddings]
+    with gr.Blocks(title="Pivotal", analytics_enabled=False) as blocks:
+        gr.HTML(_header_html(host_label, demo))
+        with gr.Tabs():
+            with gr.Tab("Train", id="train", elem_id="pivotal-tab-train"):
+                train = build_train_tab(job, host_provider, data_dir=data_dir_default, out_dir=out_dir, base=base)
+            with gr.Tab("Generate", id="generate", elem_id="pivotal-tab-generate"):
+                prompt = f"a photo of {names[0]}" if names else ""
+                gen = build_generate_tab(job, host_provider, out_dir=out_dir, default_prompt=prompt,
+                                         default_size=generate_size, default_steps=generate_steps)
+        # when a run ends, the Generate tab lists (and picks) the bundle it just saved
+        for event in train.run_events:
+            event.then(gen.refresh_fn, inputs=[gen.folder], outputs=[gen.bundle, gen.names])
+        # a reloaded page, or a second tab, catches up with a run that is going
+        blocks.load(train.follow_current, inputs=None, outputs=train.outputs)
+    return blocks
+
+
+def launch(blocks: gr.Blocks, port: int = 7860, open_browser: bool = False, block: bool = True) -> str:
+    """Serve ``blocks`` on 127.0.0.1:``port`` (never on other interfaces); return its URL.
+
+    ``block``: keep serving until Ctrl-C (the CLI); False returns once the server is up (tests).
+    """
+    enable_queue(blocks)
+    blocks.launch(server_name=LOCALHOST, server_port=port, share=False, inbrowser=open_browser,
+                  prevent_thread_lock=not block, show_error=False, quiet=False, **launch_kwargs())
+    return f"http://{LOCALHOST}:{port}/"
+
+
+def cached_host_provider(load: Callable[[], Any]) -> HostProvider:
+    """A provider that calls ``load`` once (under a lock: two tabs must not load two models)."""
+    lock = threading.Lock()
+    cache: list[Any] = []
+
+    def provide() -> Any:
+        with lock:
+            if not cache:
+                cache.append(load())
+            return cache[0]
+
+    return provide
+
+
+def demo_setup(out_dir: Path) -> tuple[TrainConfig, str]:
+    """(Train form settings, dataset folder) for ``--demo``: writes the synthetic captioned dataset
+    to ``<out>/demo_data`` unless a dataset is already there."""
+    from pivotal.demo_data import make_demo_dataset
+
+    folder = out_dir / "demo_data"
+    if not folder.is_dir() or not any(folder.iterdir()):
+        folder.mkdir(parents=True, exist_ok=True)
+        make_demo_dataset(folder, [DEMO_EMBEDDING.name], count=DEMO_IMAGES, size=DEMO_SIZE, seed=0)
+    base = TrainConfig.from_dict({**TrainConfig().to_dict(), **DEMO_SETTINGS, "out_dir": str(out_dir),
+                                  "data_dir": str(folder), "embeddings": [vars(DEMO_EMBEDDING)]})
+    return base, str(folder)
+
+
+def run_app(args: argparse.Namespace) -> int:
+    """``pivotal app``: load the model, build the page, serve it until Ctrl-C."""
+    # gradio would otherwise try to report usage to its servers (no network here, and no need)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from pivotal.hosts.diffusers_host import load_host
+
+    out_dir = Path(args.out)
+    if args.demo:
+        base, data_dir = demo_setup(out_dir)
+    else:
+        base, data_dir = TrainConfig(out_dir=str(out_dir)), ""
+    host = load_host(model=args.model, demo=args.demo, device=args.device)
+    label = str(getattr(host, "label", "") or args.model or args.demo or "")
+    print(f"model: {label}", flush=True)
+    small = base.resolution if args.demo else 512
+    job = TrainingJob()
+    blocks = build_app(cached_host_provider(lambda: host), str(out_dir), data_dir, job=job, host_label=label,
+                       base=base, demo=bool(args.demo), generate_size=small, generate_steps=8 if args.demo else 20)
+    launch(blocks, port=args.port, open_browser=not args.no_browser, block=False)
+    return serve_until_ctrl_c(blocks, job)
+
+
+def serve_until_ctrl_c(blocks: gr.Blocks, job: TrainingJob) -> int:
+    """Keep serving until Ctrl-C; then let a running run stop at its next step and save (per its
+    ``on_interrupt``) before the server closes, instead of dying mid-step with the process.
+    A second Ctrl-C leaves at once. Returns the exit status (130 when a run was cut short)."""
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        if job.interrupt():
+            print("stopping the training run at the next step (Ctrl-C again to leave now)...", flush=True)
+            try:
+                job.wait(INTERRUPT_WAIT_S)
+            except KeyboardInterrupt:
+                print("left without waiting for the run", flush=True)
+                return 130
+            print(f"run {job.status()['result_status'] or 'still going'}: {job.status()['message']}", flush=True)
+    finally:
+        blocks.close()
+    return 0
+
+
+def _header_html(label: str, demo: bool) -> str:
+    parts = ['<div id="pivotal-header"><h2 style="margin:0">Pivotal</h2>']
+    parts.append(f'<div>model: <b id="pivotal-host-label">{html.escape(label or "loaded on first use")}</b></div>')
+    if demo:
+        parts.append('<div id="pivotal-demo-warning" style="border-left:4px solid #b45309;padding:4px 8px">'
+                     "DEMO: a tiny model with RANDOM weights and a synthetic dataset. Images will be noise; "
+                     "this tries the workflow, not the quality.</div>")
+    parts.append("</div>")
+    return "".join(parts)

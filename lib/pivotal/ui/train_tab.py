@@ -1,0 +1,219 @@
+"""The Train tab: settings, dataset check, Start / Interrupt, live progress, loss chart, previews.
+
+:func:`build_train_tab` adds its components to the ``gr.Blocks`` (and tab) being built by the
+caller, so the standalone app and the webui embed the same tab. It works in gradio 3.41 and 6:
+live progress comes from generator handlers that poll the :class:`TrainingJob` and yield updates
+until the run ends (gradio 3.41 has no ``gr.Timer``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import gradio as gr
+
+from pivotal.errors import PivotalError
+from pivotal.job import RUNNING, JobBusyError, TrainingJob
+from pivotal.train_config import LORA_PRESETS, ON_INTERRUPT, PHASE_PLANS, TrainConfig
+from pivotal.ui.compat import gallery_kwargs, long_event_kwargs, quick_event_kwargs
+from pivotal.ui.dataset_check import check_dataset
+from pivotal.ui.loss_chart import render_loss_chart
+from pivotal.ui.progress_view import message_html, progress_html, report_html
+from pivotal.ui.train_form import EMBEDDING_ROWS, config_from_form, form_field_names, form_values_from_config
+
+HostProvider = Callable[[], Any]
+
+#: seconds between progress polls while a run is followed
+POLL_S = 0.5
+#: the loss chart is redrawn at most this often (each redraw sends a new image to the page)
+CHART_EVERY_S = 1.5
+
+
+@dataclass
+class TrainTab:
+    """The tab's components and events, for a caller that wires more behaviour to them."""
+
+    fields: dict[str, Any]
+    start: Any
+    interrupt: Any
+    follow: Any
+    check: Any
+    progress: Any
+    chart: Any
+    gallery: Any
+    report: Any
+    #: the output components of every progress update, in the order the follow handlers yield
+    outputs: list[Any] = field(default_factory=list)
+    #: events that end when a followed run ends (chain ``.then(...)`` on them)
+    run_events: list[Any] = field(default_factory=list)
+    #: generator that follows the current run (for ``Blocks.load``, so a reloaded page catches up)
+    follow_current: Optional[Callable[[], Iterator[tuple]]] = None
+    #: the event handlers by name ("start", "follow", "interrupt", "check"), callable directly
+    handlers: dict[str, Callable[..., Any]] = field(default_factory=dict)
+
+
+def build_train_tab(job: TrainingJob, host_provider: HostProvider, data_dir: str = "", out_dir: str = "output",
+                    base: Optional[TrainConfig] = None, elem_prefix: str = "pivotal") -> TrainTab:
+    """Add the Train tab's components to the current Blocks context and wire them to ``job``.
+
+    ``host_provider``: returns the host (loading it on first use); called in the run's thread.
+    ``base``: the settings the form starts from and that fill everything the form does not show.
+    """
+    cfg = base if base is not None else TrainConfig()
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "data_dir": data_dir or cfg.data_dir, "out_dir": out_dir})
+    init = form_values_from_config(cfg)
+    ids = _Ids(elem_prefix)
+    f: dict[str, Any] = {}
+    with gr.Row():
+        with gr.Column(scale=3):
+            with gr.Row():
+                f["data_dir"] = gr.Textbox(init["data_dir"], label="Dataset folder (images + .txt captions)",
+                                           elem_id=ids("data-dir"), scale=4)
+                check = gr.Button("Check dataset", elem_id=ids("check"), scale=1)
+            report = gr.HTML("", elem_id=ids("report"))
+            with gr.Row():
+                f["out_dir"] = gr.Textbox(init["out_dir"], label="Output folder", elem_id=ids("out-dir"))
+                f["output_name"] = gr.Textbox(init["output_name"], label="Bundle name", elem_id=ids("output-name"))
+            gr.Markdown("**Embeddings** — the trigger words to learn (rows with no name are ignored)")
+            for i in range(EMBEDDING_ROWS):
+                with gr.Row():
+                    f[f"emb{i}_name"] = gr.Textbox(init[f"emb{i}_name"], label="name", elem_id=ids(f"emb{i}-name"))
+                    f[f"emb{i}_vectors"] = gr.Number(init[f"emb{i}_vectors"], label="vectors", precision=0,
+                                                     elem_id=ids(f"emb{i}-vectors"))
+                    f[f"emb{i}_init"] = gr.Textbox(init[f"emb{i}_init"], label="init text (a class word)",
+                                                   elem_id=ids(f"emb{i}-init"))
+            with gr.Row():
+                f["steps"] = gr.Number(init["steps"], label="steps", precision=0, elem_id=ids("steps"))
+                f["batch_size"] = gr.Number(init["batch_size"], label="batch size", precision=0)
+                f["resolution"] = gr.Number(init["resolution"], label="resolution", precision=0,
+                                            elem_id=ids("resolution"))
+                f["seed"] = gr.Number(init["seed"], label="seed", precision=0)
+            with gr.Accordion("LoRA and learning rates", open=False):
+                with gr.Row():
+                    f["lora_preset"] = gr.Dropdown(list(LORA_PRESETS), value=init["lora_preset"],
+                                                   label="LoRA preset (modules trained)")
+                    f["unet_rank"] = gr.Number(init["unet_rank"], label="UNet rank", precision=0)
+                    f["unet_alpha"] = gr.Number(init["unet_alpha"], label="UNet alpha")
+                    f["unet_lr"] = gr.Number(init["unet_lr"], label="UNet LR")
+                with gr.Row():
+                    f["te_lora"] = gr.Checkbox(init["te_lora"], label="text-encoder LoRA")
+                    f["te_rank"] = gr.Number(init["te_rank"], label="TE rank", precision=0)
+                    f["te_lr"] = gr.Number(init["te_lr"], label="TE LR")
+                    f["embedding_lr"] = gr.Number(init["embedding_lr"], label="embedding LR")
+                with gr.Row():
+                    f["phase_plan"] = gr.Radio(list(PHASE_PLANS), value=init["phase_plan"], label="phase plan")
+                    f["freeze_embeddings_at"] = gr.Slider(0.0, 1.0, value=init["freeze_embeddings_at"], step=0.05,
+                                                          label="together: freeze embeddings after (fraction)")
+                    f["embedding_steps"] = gr.Number(init["embedding_steps"], precision=0,
+                                                     label="embeddings first: steps (0 = 30%)")
+            with gr.Accordion("Saving and previews", open=False):
+                with gr.Row():
+                    f["save_every"] = gr.Number(init["save_every"], label="save every (steps, 0 = end only)",
+                                                precision=0)
+                    f["preview_every"] = gr.Number(init["preview_every"], label="preview every (steps, 0 = off)",
+                                                   precision=0)
+                    f["on_interrupt"] = gr.Radio(list(ON_INTERRUPT), value=init["on_interrupt"],
+                                                 label="on interrupt")
+                f["preview_prompts"] = gr.Textbox(init["preview_prompts"], lines=2,
+                                                  label="preview prompts (one per line; empty = the embedding names)")
+                f["resume"] = gr.Textbox("", label="resume from (a *.resume.safetensors file, optional)")
+        with gr.Column(scale=2):
+            with gr.Row():
+                start = gr.Button("Start training", variant="primary", elem_id=ids("start"))
+                interrupt = gr.Button("Interrupt", variant="stop", interactive=False, elem_id=ids("interrupt"))
+                follow = gr.Button("Show current run", elem_id=ids("follow"))
+            progress = gr.HTML(progress_html(job.status()), elem_id=ids("progress"))
+            # the chart draws its own title: gradio's label badge would cover it
+            chart = gr.Image(None, type="pil", label="loss", show_label=False, interactive=False,
+                             elem_id=ids("chart"))
+            gallery = gr.Gallery([], label="previews", columns=4, height=300, elem_id=ids("previews"),
+                                 **gallery_kwargs())
+
+    names = form_field_names()
+    inputs = [f[n] for n in names]
+    outputs = [progress, chart, gallery, start, interrupt]
+
+    def on_start(*values: Any) -> Iterator[tuple]:
+        form = dict(zip(names, values))
+        try:
+            config, resume = config_from_form(cfg, form)
+            run_id = job.start(config, host_provider=host_provider, resume=resume or None)
+        except JobBusyError as e:
+            yield from _follow(job, job.status()["run_id"], notice=str(e))
+            return
+        except PivotalError as e:  # a bad setting: shown in the page, the form stays as it is
+            yield (message_html(str(e)) + progress_html(job.status()),) + _unchanged(4)
+            return
+        yield from _follow(job, run_id)
+
+    def on_follow() -> Iterator[tuple]:
+        yield from _follow(job, job.status()["run_id"])
+
+    def on_interrupt() -> tuple:
+        asked = job.interrupt()
+        notice = "" if asked else "no run is going"
+        return progress_html(job.status(), notice=notice, notice_kind="info"), gr.update(interactive=False)
+
+    def on_check(*values: Any) -> str:
+        form = dict(zip(names, values))
+        try:
+            config, _ = config_from_form(cfg, form)
+            return report_html(check_dataset(config, host_provider()))
+        except PivotalError as e:  # DatasetError and friends: the report of what is wrong
+            return message_html(str(e))
+
+    run_events = [
+        start.click(on_start, inputs=inputs, outputs=outputs, show_progress="hidden", **long_event_kwargs()),
+        follow.click(on_follow, inputs=None, outputs=outputs, show_progress="hidden", **long_event_kwargs()),
+    ]
+    interrupt.click(on_interrupt, inputs=None, outputs=[progress, interrupt], **quick_event_kwargs())
+    check.click(on_check, inputs=inputs, outputs=[report])
+    return TrainTab(fields=f, start=start, interrupt=interrupt, follow=follow, check=check, progress=progress,
+                    chart=chart, gallery=gallery, report=report, outputs=outputs, run_events=run_events,
+                    follow_current=on_follow,
+                    handlers={"start": on_start, "follow": on_follow, "interrupt": on_interrupt, "check": on_check})
+
+
+def _follow(job: TrainingJob, run_id: int, notice: str = "", poll_s: float = POLL_S) -> Iterator[tuple]:
+    """Yield (progress, chart, gallery, start, interrupt) updates until run ``run_id`` ends.
+
+    Only what changed is sent: ``gr.update()`` leaves a component as it is, so the chart image
+    and the gallery travel to the page only when there is something new to show.
+    """
+    chart_len, chart_at, previews_seen = -1, 0.0, -1
+    while True:
+        snap = job.status()
+        done = snap["run_id"] != run_id or snap["state"] != RUNNING
+        chart: Any = gr.update()
+        gallery: Any = gr.update()
+        losses = snap["losses"]
+        if len(losses) != chart_len and (done or time.monotonic() - chart_at >= CHART_EVERY_S):
+            first = max(1, int(snap["step"]) - len(losses) + 1)
+            chart = render_loss_chart(losses, snap["smoothed_losses"], snap["total"], first_step=first)
+            chart_len, chart_at = len(losses), time.monotonic()
+        if snap["preview_count"] != previews_seen:
+            gallery = [(p.image, f"step {p.step}: {p.caption}") for p in job.previews()]
+            previews_seen = snap["preview_count"]
+        running = snap["state"] == RUNNING
+        # a refusal notice is about the run that was going; once it has ended the notice is stale
+        yield (progress_html(snap, notice=notice if running else ""), chart, gallery,
+               gr.update(interactive=not running), gr.update(interactive=running and not snap["stop_requested"]))
+        if done:
+            return
+        time.sleep(poll_s)
+
+
+def _unchanged(n: int) -> tuple:
+    return tuple(gr.update() for _ in range(n))
+
+
+class _Ids:
+    """``elem_id`` values with a prefix, unique on a page that holds other extensions' tabs."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def __call__(self, name: str) -> str:
+        return f"{self.prefix}-{name}"
