@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pivotal.progress import ProgressEvent
-from pivotal.train_config import EmbeddingSpec, TrainConfig, load_config_file
+from pivotal.train_config import DEMO_EMBEDDING, DEMO_SETTINGS, EmbeddingSpec, TrainConfig, load_config_file
 
 #: flag -> TrainConfig field, for the flags that map one to one
 FLAG_FIELDS = {
@@ -32,11 +32,6 @@ FLAG_FIELDS = {
     "gradient_checkpointing": "gradient_checkpointing", "shuffle_tags": "shuffle_tags",
     "caption_dropout": "caption_dropout",
 }
-DEMO_EMBEDDING = "mychar:2:person"
-#: The demo model is tiny and random: nothing to preserve, few steps, so LRs well above the real
-#: defaults (and conv layers too) make the loss visibly fall within a minute.
-DEMO_DEFAULTS = {"resolution": 64, "bucket_step": 16, "steps": 60, "embedding_lr": 1e-2, "unet_lr": 2e-3,
-                 "lora_preset": "attn-mlp-conv"}
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -68,7 +63,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults < demo defaults < config file < flags."""
-    values: dict[str, Any] = dict(DEMO_DEFAULTS) if args.demo else {}
+    values: dict[str, Any] = dict(DEMO_SETTINGS) if args.demo else {}
     if args.config:
         values.update(load_config_file(args.config))
     for flag, field_name in FLAG_FIELDS.items():

@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional
 import gradio as gr
 
 from pivotal.job import TrainingJob
+from pivotal.train_config import DEMO_EMBEDDING as CORE_DEMO_EMBEDDING
+from pivotal.train_config import DEMO_SETTINGS as CORE_DEMO_SETTINGS
 from pivotal.train_config import EmbeddingSpec, TrainConfig
 from pivotal.ui.compat import enable_queue, launch_kwargs
 from pivotal.ui.generate_tab import build_generate_tab
@@ -29,9 +31,8 @@ HostProvider = Callable[[], Any]
 
 LOCALHOST = "127.0.0.1"
 #: the demo's embedding and settings: tiny, so a run ends in seconds on a CPU
-DEMO_EMBEDDING = EmbeddingSpec("mychar", 2, "person")
-DEMO_SETTINGS = {"steps": 30, "resolution": 64, "bucket_step": 16, "unet_lr": 5e-4, "embedding_lr": 5e-3,
-                 "preview_every": 10, "preview_steps": 4}
+DEMO_EMBEDDING = EmbeddingSpec.parse(CORE_DEMO_EMBEDDING)
+DEMO_SETTINGS = {**CORE_DEMO_SETTINGS, "steps": 30, "preview_every": 10, "preview_steps": 4}
 DEMO_IMAGES = 8
 #: seconds to wait, after Ctrl-C, for a running run to reach its next step and save
 INTERRUPT_WAIT_S = 300.0
