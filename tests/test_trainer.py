@@ -160,3 +160,11 @@ def test_refusals_before_training(host, data_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="empty"):
         train(config(empty, tmp_path), host)
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_stray_temp_files_of_a_killed_save_are_cleaned(host, data_dir: Path, tmp_path: Path) -> None:
+    stray = tmp_path / ".t.safetensors.pivotal-tmp-999-deadbeef"
+    stray.write_bytes(b"half a file")
+    r = train(config(data_dir, tmp_path, steps=1), host)
+    assert not stray.exists()
+    assert any("left in" in w and stray.name in w for w in r.warnings)

@@ -31,6 +31,7 @@ from pivotal.lora_network import LoraNetwork
 from pivotal.name_registry import check_new_names
 from pivotal.optim import GroupSpec, apply_lrs, build_optimizer, phase_of, pull_norms
 from pivotal.progress import EventSink, LossSmoother, ProgressEvent, TrainResult, window_means
+from pivotal.safetensors_io import stray_temp_files
 from pivotal.train_batches import BatchSource
 from pivotal.train_config import TrainConfig
 from pivotal.train_state import RunState, load_state, model_fingerprint, save_state
@@ -79,7 +80,16 @@ class _Run:
         if resume:
             self._resume(resume)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._clean_stray_temps()
         return self._loop()
+
+    def _clean_stray_temps(self) -> None:
+        """Remove temp files a killed save left behind (never a finished file: those are renamed)."""
+        for path in stray_temp_files(self.out_dir):
+            path.unlink(missing_ok=True)
+            msg = f"removed {path.name}, left in {self.out_dir} by a save that was interrupted"
+            self.warnings.append(msg)
+            self.emit(ProgressEvent("warning", total=self.config.steps, message=msg))
 
     def _build_trainables(self) -> None:
         cfg, host = self.config, self.host
