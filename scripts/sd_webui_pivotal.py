@@ -11,3 +11,8 @@ import sys
 _lib = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib")
 if _lib not in sys.path:
     sys.path.append(_lib)
+
+from pivotal.webui.bundle_script import PivotalBundleEmbeddings  # noqa: E402,F401  (found by the webui's script loader)
+from pivotal.webui.entry import register  # noqa: E402  (needs lib/ on sys.path first)
+
+register()

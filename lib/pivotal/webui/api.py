@@ -1,0 +1,142 @@
+"""Pivotal's HTTP API on the webui's FastAPI app (listed in its /docs under the "pivotal" tag).
+
+* ``POST /pivotal/v1/train``: start a run from ``{"config": {...}, "resume": "...", "preview_sampler":
+  "...", "preview_scheduler": "...", "preview_cfg": 7}``; ``config`` has the CLI's TOML schema
+  (:class:`pivotal.train_config.TrainConfig` fields); the preview keys pick how the webui renders
+  previews. 409 while a run is going, 422 for a bad setting.
+* ``GET /pivotal/v1/status``: the run's snapshot (progress, loss history, messages, bundle path);
+  ``?preview=true`` adds the latest preview as base64 PNG.
+* ``POST /pivotal/v1/interrupt``: stop at the next step (saves per ``on_interrupt``).
+* ``GET /pivotal/v1/bundles``: the bundles in the Lora folder with their embedding names.
+* ``GET /pivotal/v1/host``: what the loaded model looks like now (weights fingerprint, flags,
+  attention optimization, registered embeddings): shows that a run left the host as it found it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from pivotal.errors import ConfigError, PivotalError
+from pivotal.job import JobBusyError, TrainingJob
+from pivotal.train_config import TrainConfig
+
+PREFIX = "/pivotal/v1"
+TAGS = ["pivotal"]
+#: the request example shown in /docs
+TRAIN_EXAMPLE = {"config": {"data_dir": "/path/to/images", "output_name": "mychar", "steps": 500,
+                            "embeddings": [{"name": "mychar", "vectors": 2, "init_text": "person"}]}}
+
+
+def config_from_request(body: dict[str, Any], outputs_dir: str) -> TrainConfig:
+    """A validated TrainConfig from the request's ``config``; ``out_dir`` defaults to
+    ``<outputs>/<output_name>``. ConfigError for anything wrong."""
+    raw = body.get("config")
+    if not isinstance(raw, dict):
+        raise ConfigError('the request body needs a "config" object (the CLI\'s TOML settings as JSON)')
+    values = dict(raw)
+    if not values.get("out_dir"):
+        values["out_dir"] = os.path.join(outputs_dir, str(values.get("output_name") or TrainConfig().output_name))
+    return TrainConfig.from_dict(values).validate()
+
+
+def preview_options(body: dict[str, Any]) -> dict[str, Any]:
+    """The request's optional ``preview_sampler`` / ``preview_scheduler`` (webui names, e.g.
+    "DPM++ 2M", "Karras") and ``preview_cfg`` (CFG scale) for the webui-rendered previews."""
+    out: dict[str, Any] = {}
+    for key in ("preview_sampler", "preview_scheduler"):
+        if body.get(key) is not None:
+            if not isinstance(body[key], str) or not body[key].strip():
+                raise ConfigError(f"{key} must be a sampler/scheduler name as the webui lists it")
+            out[key] = body[key].strip()
+    if body.get("preview_cfg") is not None:
+        try:
+            out["preview_cfg"] = float(body["preview_cfg"])
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"preview_cfg must be a number, got {body['preview_cfg']!r}") from e
+    return out
+
+
+def list_bundles(lora_dir: str) -> list[dict[str, Any]]:
+    """Every ``.safetensors`` in ``lora_dir`` (recursively) that carries ``bundle_emb.*`` tensors or
+    Pivotal metadata: name, path, base model and embedding names. Unreadable files are listed
+    with their error instead of being skipped silently."""
+    from pivotal.safetensors_io import read_header
+
+    out: list[dict[str, Any]] = []
+    root = Path(lora_dir)
+    if not root.is_dir():
+        return out
+    for path in sorted(root.rglob("*.safetensors")):
+        entry: dict[str, Any] = {"name": path.stem, "path": str(path)}
+        try:
+            header = read_header(path)
+        except (PivotalError, OSError) as e:
+            entry["error"] = str(e)
+            out.append(entry)
+            continue
+        names = sorted({k.split(".")[1] for k in header.tensors if k.startswith("bundle_emb.") and k.count(".") >= 2})
+        meta = header.metadata
+        if not names and "pivotal.format" not in meta:
+            continue
+        entry.update({"embeddings": names, "base_model": meta.get("ss_base_model_version", ""),
+                      "output_name": meta.get("ss_output_name", path.stem),
+                      "made_by_pivotal": "pivotal.format" in meta})
+        out.append(entry)
+    return out
+
+
+def host_state(webui: Any) -> dict[str, Any]:
+    """A summary of the loaded model for restoration checks (hashing takes seconds on big models)."""
+    from pivotal.hosts.a1111_session import module_flags, weights_fingerprint
+
+    model = webui.sd_model
+    grads, training, forwards = module_flags(model)
+    optimizer = getattr(webui.sd_hijack, "current_optimizer", None)
+    db = webui.embedding_db
+    return {"weights": weights_fingerprint(model), "requires_grad": grads, "training_modules": training,
+            "instance_forwards": forwards, "attention": getattr(optimizer, "name", "") or "",
+            "embeddings": sorted(db.word_embeddings), "ids_lookup": len(db.ids_lookup),
+            "checkpoint": str(getattr(getattr(model, "sd_checkpoint_info", None), "title", ""))}
+
+
+def add_routes(app: Any, job: TrainingJob, host_provider: Callable[[], Any], paths: Callable[[], dict[str, str]],
+               webui_provider: Optional[Callable[[], Any]] = None) -> None:
+    """Register the routes on ``app`` (a FastAPI app)."""
+    from fastapi import Body, HTTPException
+    from fastapi.responses import JSONResponse
+
+    @app.post(f"{PREFIX}/train", tags=TAGS, summary="Start a Pivotal training run")
+    def start(body: dict = Body(..., example=TRAIN_EXAMPLE)) -> dict:
+        try:
+            config = config_from_request(body, paths()["outputs"])
+            previews = preview_options(body)
+            run_id = job.start(config, host_provider=functools.partial(host_provider, **previews),
+                               resume=body.get("resume") or None)
+        except JobBusyError as e:
+            raise HTTPException(status_code=409, detail=str(e)) from e
+        except PivotalError as e:
+            raise HTTPException(status_code=422, detail=str(e)) from e
+        return {"run_id": run_id, "output_name": config.output_name, "out_dir": config.out_dir}
+
+    @app.get(f"{PREFIX}/status", tags=TAGS, summary="Progress, loss history and result of the current/last run")
+    def status(preview: bool = False) -> Any:
+        return JSONResponse(json.loads(json.dumps(job.status(preview_png=preview), default=str)))
+
+    @app.post(f"{PREFIX}/interrupt", tags=TAGS, summary="Stop the running run at its next step")
+    def interrupt() -> dict:
+        return {"interrupted": job.interrupt()}
+
+    @app.get(f"{PREFIX}/bundles", tags=TAGS, summary="Bundles in the Lora folder and their embedding names")
+    def bundles() -> dict:
+        return {"lora_dir": paths()["lora_dir"], "bundles": list_bundles(paths()["lora_dir"])}
+
+    if webui_provider is not None:
+        @app.get(f"{PREFIX}/host", tags=TAGS, summary="The loaded model's state (weights fingerprint, flags)")
+        def host() -> dict:
+            if job.running:
+                raise HTTPException(status_code=409, detail="a training run is going; ask again when it ends")
+            return host_state(webui_provider())

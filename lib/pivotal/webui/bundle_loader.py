@@ -1,0 +1,205 @@
+"""Bundle embeddings at generation time, where the webui does not already handle them.
+
+A1111 >= 1.7's built-in Lora extension registers a bundle's ``bundle_emb.*`` embeddings while its
+``<lora:…>`` tag is in the prompt; Pivotal never registers those twice (a name already in the
+database is left alone, so a folder embedding or the built-in's registration always wins). On top:
+
+* the option ``pivotal_bundle_embeddings_always``: every bundle in the Lora folder lends its
+  embeddings to prompts that use their names, even without the ``<lora:…>`` tag;
+* on a webui whose Lora loader ignores ``bundle_emb`` (see :func:`builtin_registers_bundles`), the
+  embeddings of the bundles whose ``<lora:…>`` tags are in the prompt.
+
+Registration happens in the script hook ``after_extra_networks_activate`` (after the webui's
+per-generation reload and after the Lora extension's own registration) and is undone in
+``postprocess``; a name that loses to a folder embedding is reported once, naming both files, and
+``Pivotal bundle embeddings: name: bundle`` goes into the infotext as provenance.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from pivotal.errors import PivotalError
+
+log = logging.getLogger(__name__)
+
+OPTION = "pivotal_bundle_embeddings_always"
+INFOTEXT_KEY = "Pivotal bundle embeddings"
+#: attribute on the processing object listing what this generation registered
+REGISTERED_ATTR = "pivotal_registered_embeddings"
+
+
+@dataclass(frozen=True)
+class BundleEmbeddingData:
+    """One embedding of one bundle, in the data form the webui's ``create_embedding_from_data`` reads."""
+
+    name: str
+    bundle: str  # the bundle's file stem (its <lora:…> name)
+    path: str
+    data: dict[str, Any]
+
+
+def parse_bundle_embeddings(path: str) -> list[BundleEmbeddingData]:
+    """The ``bundle_emb.<name>.<rest>`` tensors of a safetensors file, grouped per embedding as the
+    webui's loader groups them (``string_to_param.<k>`` nested, other keys flat). BundleError for a
+    file that cannot be read."""
+    from pivotal.safetensors_io import load_tensors, read_header
+
+    header = read_header(path)
+    keys = [k for k in header.tensors if k.startswith("bundle_emb.") and k.count(".") >= 2]
+    if not keys:
+        return []
+    tensors = load_tensors(header, keys)
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, name, rest = key.split(".", 2)
+        entry = grouped.setdefault(name, {})
+        if rest.startswith("string_to_param."):
+            entry.setdefault("string_to_param", {})[rest.split(".", 1)[1]] = value
+        else:
+            entry[rest] = value
+    stem = Path(path).stem
+    return [BundleEmbeddingData(n, stem, path, d) for n, d in sorted(grouped.items())]
+
+
+class BundleIndex:
+    """The bundle embeddings of a folder, each file read again only when its mtime or size change."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, tuple[tuple[int, int], list[BundleEmbeddingData]]] = {}
+        self.problems: dict[str, str] = {}
+
+    def stamp(self, path: str) -> tuple[int, int]:
+        """(mtime_ns, size) of ``path`` when it was last read."""
+        cached = self._files.get(path)
+        return cached[0] if cached is not None else (0, 0)
+
+    def scan(self, folder: str) -> dict[str, BundleEmbeddingData]:
+        """{embedding name: data}; with two bundles defining one name, the first path (sorted) wins."""
+        found: dict[str, BundleEmbeddingData] = {}
+        seen: set[str] = set()
+        root = Path(folder)
+        for path in sorted(root.rglob("*.safetensors")) if root.is_dir() else []:
+            key = str(path)
+            seen.add(key)
+            try:
+                st = path.stat()
+                stamp = (st.st_mtime_ns, st.st_size)
+                cached = self._files.get(key)
+                if cached is None or cached[0] != stamp:
+                    self._files[key] = (stamp, parse_bundle_embeddings(key))
+                    self.problems.pop(key, None)
+            except (PivotalError, OSError, ValueError) as e:
+                self.problems[key] = str(e)  # listed by the caller's log, never silently dropped
+                continue
+            for emb in self._files[key][1]:
+                found.setdefault(emb.name, emb)
+        for gone in set(self._files) - seen:
+            del self._files[gone]
+        return found
+
+
+def builtin_registers_bundles(networks: Any) -> bool:
+    """Whether the webui's Lora loader registers ``bundle_emb`` embeddings itself (A1111 >= 1.7)."""
+    if networks is None:
+        return False
+    try:
+        return "bundle_emb" in inspect.getsource(networks.load_network)
+    except (AttributeError, OSError, TypeError):
+        return False
+
+
+def prompt_lora_names(p: Any) -> list[str]:
+    """The ``<lora:NAME…>`` names of this generation (from the parsed extra-network data)."""
+    data = getattr(p, "extra_network_data", None) or {}
+    return [str(params.items[0]) for params in data.get("lora", []) if getattr(params, "items", None)]
+
+
+def _mentioned(names: Iterable[str], prompts: Iterable[str]) -> set[str]:
+    text = "\n".join(prompts).lower()
+    return {n for n in names if n.lower() in text}
+
+
+class BundleRegistrar:
+    """Registers bundle embeddings for one generation and unregisters them after (see the module docstring)."""
+
+    def __init__(self, index: Optional[BundleIndex] = None) -> None:
+        self.index = index if index is not None else BundleIndex()
+        self._warned: set[tuple[str, str]] = set()
+        self._last_signature: tuple = ()
+
+    def register(self, webui: Any, p: Any, lora_dir: str, always: bool) -> list[str]:
+        """Register what this generation needs; returns the names registered (also kept on ``p``)."""
+        from_tags = not builtin_registers_bundles(webui.networks)
+        if not always and not from_tags:
+            if self._last_signature:  # the option was just switched off: conds cached with our vectors are stale
+                from pivotal.hosts.a1111_session import clear_cond_cache
+
+                clear_cond_cache(webui)
+                self._last_signature = ()
+            return []
+        available = self.index.scan(lora_dir)
+        for path, problem in self.index.problems.items():
+            self._warn_once(("problem", path), f"Pivotal: cannot read bundle {path}: {problem}")
+        tagged = set(prompt_lora_names(p)) if from_tags else set()
+        prompts = list(getattr(p, "all_prompts", None) or [getattr(p, "prompt", "")])
+        prompts += list(getattr(p, "all_negative_prompts", None) or [getattr(p, "negative_prompt", "")])
+        wanted = {n for n, e in available.items() if e.bundle in tagged}
+        if always:
+            wanted |= _mentioned(available, prompts)
+        db = webui.embedding_db
+        ours_already = dict(getattr(p, REGISTERED_ATTR, []))  # an earlier batch / hires pass of this generation
+        registered: list[str] = []
+        for name in sorted(wanted):
+            entry = available[name]
+            existing = db.word_embeddings.get(name)
+            if existing is not None and existing is ours_already.get(name):
+                registered.append(name)
+                continue
+            if existing is not None:
+                where = str(getattr(existing, "filename", "") or "")
+                if not where.startswith(entry.path):
+                    self._warn_once((name, where), f"Pivotal: embedding {name!r} from {where or 'the webui'} is used; "
+                                                   f"the one in bundle {entry.path} is not")
+                continue
+            embedding = webui.textual_inversion.create_embedding_from_data(
+                entry.data, name, filename=os.path.join(entry.path, name))
+            expected = getattr(db, "expected_shape", -1)
+            if expected not in (-1, embedding.shape):
+                self._warn_once((name, "shape"), f"Pivotal: embedding {name!r} in {entry.path} has width "
+                                                 f"{embedding.shape}, this model needs {expected}; not used")
+                continue
+            embedding.shorthash = entry.bundle  # what "TI hashes" shows: where the vectors came from
+            db.register_embedding_by_name(embedding, p.sd_model, name)
+            registered.append(name)
+        # The webui's cond cache is keyed on prompts, not on which vectors a name means: when the
+        # set lent to prompts changes (option toggled, bundle rewritten), cached conds are stale.
+        signature = tuple((n, available[n].path, self.index.stamp(available[n].path)) for n in registered)
+        if signature != self._last_signature:
+            from pivotal.hosts.a1111_session import clear_cond_cache
+
+            clear_cond_cache(webui)
+            self._last_signature = signature
+        if registered:
+            p.extra_generation_params[INFOTEXT_KEY] = ", ".join(f"{n}: {available[n].bundle}" for n in registered)
+        setattr(p, REGISTERED_ATTR, [(n, webui.embedding_db.word_embeddings[n]) for n in registered])
+        return registered
+
+    def unregister(self, webui: Any, p: Any) -> None:
+        """Remove what :meth:`register` added for ``p`` (only entries that are still ours)."""
+        db = webui.embedding_db
+        for name, embedding in getattr(p, REGISTERED_ATTR, []):
+            if db.word_embeddings.get(name) is embedding:
+                db.register_embedding_by_name(None, p.sd_model, name)
+        setattr(p, REGISTERED_ATTR, [])
+
+    def _warn_once(self, key: tuple[str, str], message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+            print(message)  # the webui's console is where users look

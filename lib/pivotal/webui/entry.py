@@ -1,0 +1,75 @@
+"""What ``scripts/sd_webui_pivotal.py`` hands off to: the webui callbacks Pivotal registers.
+
+* ``on_app_started``: the HTTP API (:mod:`pivotal.webui.api`);
+* ``on_ui_tabs``: the "Pivotal" tab, the standalone app's Train tab on the webui's model;
+* ``on_ui_settings``: the bundle-embeddings option (:mod:`pivotal.webui.bundle_script`, whose
+  always-on script the entry file exposes to the webui's script loader);
+* ``on_script_unloaded``: a running run is asked to stop before the UI reloads (its session then
+  restores the model as it ends).
+
+Nothing is registered at import time; :func:`register` does it, once per script load (the webui
+clears and re-collects callbacks on every load).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pivotal.job import TrainingJob
+
+log = logging.getLogger(__name__)
+
+
+def host_provider(**preview: Any) -> Any:
+    """A host over the model the webui has loaded now (built in the run's thread); ``preview``:
+    ``preview_sampler`` / ``preview_scheduler`` / ``preview_cfg`` for the webui-rendered previews."""
+    from pivotal.hosts.a1111 import A1111Host
+
+    return A1111Host(**preview)
+
+
+def _on_app_started(_demo: Any, app: Any) -> None:
+    from pivotal.hosts.a1111_webui import load_webui
+    from pivotal.webui.api import add_routes
+    from pivotal.webui.runner import webui_job, webui_paths
+
+    add_routes(app, webui_job(), host_provider, webui_paths, webui_provider=load_webui)
+
+
+def _on_ui_tabs() -> list[tuple[Any, str, str]]:
+    import gradio as gr
+
+    from pivotal.ui.train_tab import build_train_tab
+    from pivotal.webui.runner import webui_job, webui_paths
+
+    with gr.Blocks(analytics_enabled=False) as tab:
+        gr.HTML('<div id="pivotal-webui-header">Pivotal trains a LoRA and its trigger-word embeddings together on '
+                "the model loaded in the webui. The finished bundle is copied into the Lora folder: use it with "
+                "<code>&lt;lora:NAME:1&gt;</code> and the embedding names.</div>")
+        build_train_tab(webui_job(), host_provider, out_dir=webui_paths()["outputs"], elem_prefix="pivotal")
+    return [(tab, "Pivotal", "pivotal")]
+
+
+def _on_script_unloaded() -> None:
+    from pivotal.webui.runner import webui_job
+
+    job: TrainingJob = webui_job()
+    if job.interrupt():
+        log.warning("Pivotal: the UI is reloading; the training run stops at its next step")
+
+
+def _on_ui_settings() -> None:
+    from pivotal.webui.bundle_script import add_settings
+
+    add_settings()
+
+
+def register() -> None:
+    """Register Pivotal's callbacks with the running webui."""
+    from modules import script_callbacks
+
+    script_callbacks.on_ui_settings(_on_ui_settings, name="pivotal settings")
+    script_callbacks.on_app_started(_on_app_started, name="pivotal api")
+    script_callbacks.on_ui_tabs(_on_ui_tabs, name="pivotal tab")
+    script_callbacks.on_script_unloaded(_on_script_unloaded, name="pivotal unload")

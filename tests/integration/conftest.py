@@ -1,0 +1,41 @@
+"""Fixtures of the opt-in real-webui tests (see webui_server.py for the environment variables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from webui_server import Webui, configuration_problem, start_or_reach
+
+EMBEDDING = "pvtchar"
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    problem = configuration_problem()
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+            if problem:
+                item.add_marker(pytest.mark.skip(reason=problem))
+
+
+@pytest.fixture(scope="session")
+def webui() -> Iterator[Webui]:
+    server = start_or_reach()
+    try:
+        server.request("GET", "/pivotal/v1/host", timeout=300)  # waits for the model to be loaded
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six tiny captioned images of the synthetic demo concept, captions naming the embedding."""
+    from pivotal.demo_data import make_demo_dataset
+
+    folder = tmp_path_factory.mktemp("pivotal-webui-data")
+    make_demo_dataset(folder, [EMBEDDING], count=6, size=64, seed=0)
+    return folder

@@ -1,0 +1,142 @@
+"""Pivotal in a real A1111 webui, over HTTP only (opt-in: see webui_server.py).
+
+Proves on the real host: training through the API, the bundle published into the Lora folder,
+``<lora:NAME:1>`` plus the embedding name changing the image with Lora and TI hashes in the
+infotext, the host restored bit for bit (weights fingerprint, flags, attention optimization,
+embedding database, and the same txt2img image as before), the webui's own Interrupt stopping a
+run, generations waiting in the webui's queue while a run holds it, a second start refused, and a
+fault in the middle of a run leaving the host restored and usable.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import EMBEDDING
+from webui_server import Webui, untrained_parts
+
+BASELINE_PROMPT = "a photo of a cat"
+SETTINGS = {"resolution": 64, "bucket_step": 16, "unet_lr": 5e-4, "embedding_lr": 5e-3, "preview_steps": 4,
+            "seed": 3}
+
+
+def _config(dataset: Path, name: str, steps: int, **extra: object) -> dict:
+    return {"config": {"data_dir": str(dataset), "output_name": name, "steps": steps,
+                       "embeddings": [{"name": EMBEDDING, "vectors": 2, "init_text": "person"}],
+                       **SETTINGS, **extra}}
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(scope="module")
+def baseline(webui: Webui) -> tuple[bytes, dict]:
+    """The txt2img image and host state before any test trained."""
+    image, _ = webui.txt2img(BASELINE_PROMPT)
+    return image, webui.request("GET", "/pivotal/v1/host")
+
+
+def test_train_10_steps_then_generate_with_the_bundle(webui: Webui, dataset: Path, baseline: tuple[bytes, dict]) -> None:
+    before_image, before_host = baseline
+    name = _unique("pvt")
+    body = {**_config(dataset, name, 10, preview_every=5), "preview_sampler": "DPM++ 2M", "preview_cfg": 5.0}
+    code, started = webui.status_of("POST", "/pivotal/v1/train", body)
+    assert code == 200, started
+    code, refused = webui.status_of("POST", "/pivotal/v1/train", _config(dataset, _unique("pvt"), 10))
+    assert code == 409 and "already going" in refused["detail"]
+    snap = webui.wait_run()
+    assert snap["result_status"] == "completed", snap["message"]
+    assert snap["step"] == 10 and len(snap["losses"]) == 10 and snap["preview_count"] == 2
+    assert untrained_parts(snap["bundle_path"]) == []
+    previews = sorted(Path(snap["settings"]["out_dir"], "previews").glob("*.png"))
+    assert len(previews) == 2  # rendered by the webui's txt2img with the run's sampler and CFG
+
+    # the host is exactly as before: weights, flags, attention, embedding database, and its images
+    assert webui.request("GET", "/pivotal/v1/host") == before_host
+    assert webui.txt2img(BASELINE_PROMPT)[0] == before_image
+
+    bundles = {b["name"]: b for b in webui.request("GET", "/pivotal/v1/bundles")["bundles"]}
+    assert bundles[name]["embeddings"] == [EMBEDDING] and bundles[name]["made_by_pivotal"]
+
+    image, info = webui.txt2img(f"{BASELINE_PROMPT}, {EMBEDDING} <lora:{name}:1>")
+    assert f'Lora hashes: "{name}: ' in info
+    assert f"TI hashes: \"{EMBEDDING}: " in info
+    assert image != before_image
+    # the bundle's embeddings leave with the LoRA: the host is back to its baseline
+    assert webui.txt2img(BASELINE_PROMPT)[0] == before_image
+    assert webui.request("GET", "/pivotal/v1/host") == before_host
+
+
+def test_webui_interrupt_stops_a_run_and_queued_generation_waits(webui: Webui, dataset: Path,
+                                                                 baseline: tuple[bytes, dict]) -> None:
+    before_image, before_host = baseline
+    name = _unique("pvtint")
+    code, body = webui.status_of("POST", "/pivotal/v1/train", _config(dataset, name, 500))
+    assert code == 200, body
+    assert webui.wait_step(1)["state"] == "running"
+    done: dict[str, object] = {}
+
+    def generate() -> None:
+        done["image"] = webui.txt2img(BASELINE_PROMPT)[0]
+        done["run_state"] = webui.request("GET", "/pivotal/v1/status")["state"]
+
+    waiter = threading.Thread(target=generate)
+    waiter.start()
+    time.sleep(3.0)
+    assert waiter.is_alive(), "txt2img ran while the training run held the webui's queue"
+    webui.request("POST", "/sdapi/v1/interrupt")  # the webui's own Interrupt button does this
+    snap = webui.wait_run()
+    waiter.join(120)
+    assert snap["result_status"] == "interrupted" and 1 <= snap["step"] < 500, snap["message"]
+    # on_interrupt = save: the partial bundle is published under its own -stepNNNNNN name
+    assert snap["bundle_path"].endswith(f"Lora/{name}-step{snap['step']:06d}.safetensors")
+    assert done["run_state"] != "running" and done["image"] == before_image
+    assert webui.request("GET", "/pivotal/v1/host") == before_host
+
+
+def test_fault_mid_run_leaves_the_host_restored(webui: Webui, dataset: Path, baseline: tuple[bytes, dict],
+                                                tmp_path: Path) -> None:
+    before_image, before_host = baseline
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    code, body = webui.status_of("POST", "/pivotal/v1/train",
+                                 _config(data, _unique("pvtfault"), 500, latent_cache="off"))
+    assert code == 200, body
+    assert webui.wait_step(1)["state"] == "running"
+    for image in data.glob("*.png"):  # the next batch cannot be read: an error inside the session
+        image.unlink()
+    snap = webui.wait_run()
+    assert snap["state"] == "failed" and snap["step"] < 500, snap
+    assert webui.request("GET", "/pivotal/v1/host") == before_host
+    assert webui.txt2img(BASELINE_PROMPT)[0] == before_image
+
+
+def test_bad_config_is_refused_before_anything_runs(webui: Webui, dataset: Path) -> None:
+    code, body = webui.status_of("POST", "/pivotal/v1/train", _config(dataset, _unique("pvt"), 0))
+    assert code == 422 and "steps" in body["detail"]
+    code, body = webui.status_of("POST", "/pivotal/v1/train", {"steps": 3})
+    assert code == 422 and "config" in body["detail"]
+
+
+def test_option_lends_bundle_embeddings_without_the_lora_tag(webui: Webui, dataset: Path) -> None:
+    name = _unique("pvtopt")
+    assert webui.status_of("POST", "/pivotal/v1/train", _config(dataset, name, 4))[0] == 200
+    assert webui.wait_run()["result_status"] == "completed"
+    prompt = f"a photo of {EMBEDDING}"
+    plain, info = webui.txt2img(prompt)
+    assert "Pivotal bundle embeddings" not in info
+    webui.request("POST", "/sdapi/v1/options", {"pivotal_bundle_embeddings_always": True})
+    try:
+        lent, info = webui.txt2img(prompt)
+        assert f"Pivotal bundle embeddings: \"{EMBEDDING}: " in info and lent != plain
+    finally:
+        webui.request("POST", "/sdapi/v1/options", {"pivotal_bundle_embeddings_always": False})
+    # switched off: the conds cached with the lent vectors are not reused
+    assert webui.txt2img(prompt) == (plain, webui.txt2img(prompt)[1])

@@ -1,0 +1,120 @@
+"""The Pivotal tab in a real A1111 webui, driven in headless Chromium as a person would: open the
+tab, fill in the dataset and the embedding, Start, watch progress, see the run finish; screenshots
+before, during and after go to ``$PIVOTAL_SCREENSHOTS`` (or a pytest tmp folder).
+
+Opt-in like every test here (see webui_server.py); also needs Debian's chromium + chromium-driver
+and pip's selenium.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from conftest import EMBEDDING
+from webui_server import Webui
+
+CHROMIUM = os.environ.get("PIVOTAL_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("PIVOTAL_CHROMEDRIVER", "/usr/bin/chromedriver")
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--window-size=1400,1600")
+
+
+def _browser_missing() -> str:
+    if importlib.util.find_spec("selenium") is None:
+        return "selenium is not installed"
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.access(path, os.X_OK):
+            return f"{path} not found (apt-get install chromium chromium-driver)"
+    return ""
+
+
+pytestmark = pytest.mark.skipif(bool(_browser_missing()), reason=_browser_missing() or "ready")
+
+
+@pytest.fixture()
+def browser() -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="pivotal-webui-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*FLAGS, f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture()
+def shots(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("PIVOTAL_SCREENSHOTS") or tmp_path / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _wait(driver: Any, what: str, cond: Callable[[Any], Any], timeout: float) -> Any:
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.5).until(cond)
+    except TimeoutException:
+        pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _type(driver: Any, elem_id: str, text: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    box = driver.find_element(By.ID, elem_id).find_element(By.CSS_SELECTOR, "textarea, input")
+    box.clear()
+    box.send_keys(text)
+
+
+def _state(driver: Any) -> str:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    try:  # the progress block is re-rendered on every update
+        found = driver.find_elements(By.ID, "pivotal-progress-state")
+        return (found[0].get_attribute("data-state") or "") if found else ""
+    except StaleElementReferenceException:
+        return ""
+
+
+def test_the_tab_trains_with_progress_and_publishes(webui: Webui, dataset: Path, browser: Any, shots: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    d = browser
+    before_host = webui.request("GET", "/pivotal/v1/host")
+    d.get(webui.url + "/")
+    tab = "//div[contains(@class,'tab-nav')]//button[normalize-space()='Pivotal']"
+    _wait(d, "the Pivotal tab button", lambda d: d.find_elements(By.XPATH, tab), 120)[0].click()
+    _wait(d, "the Start button", lambda d: d.find_element(By.ID, "pivotal-start").is_displayed(), 30)
+    d.save_screenshot(str(shots / "webui-01-tab.png"))
+    name = f"pvttab{uuid.uuid4().hex[:6]}"
+    for elem_id, value in (("pivotal-data-dir", str(dataset)), ("pivotal-output-name", name),
+                           ("pivotal-emb0-name", EMBEDDING), ("pivotal-emb0-init", "person"),
+                           ("pivotal-steps", "12"), ("pivotal-resolution", "64")):
+        _type(d, elem_id, value)
+    d.find_element(By.ID, "pivotal-start").click()
+    _wait(d, "the run to show as running", lambda d: _state(d) in ("running", "finished", "failed"), 120)
+    d.save_screenshot(str(shots / "webui-02-running.png"))
+    _wait(d, "the run to end", lambda d: _state(d) in ("finished", "failed"), 600)
+    d.save_screenshot(str(shots / "webui-03-finished.png"))
+    snap = webui.request("GET", "/pivotal/v1/status")
+    assert snap["result_status"] == "completed" and snap["step"] == 12, snap["message"]
+    assert name in {b["name"] for b in webui.request("GET", "/pivotal/v1/bundles")["bundles"]}
+    assert webui.request("GET", "/pivotal/v1/host") == before_host
+    print(f"screenshots: {shots}")

@@ -1,0 +1,226 @@
+"""Glue tests of the A1111 host adapter against fakes of the webui's objects (real behaviour is
+proven against a real webui in tests/integration). The UNet is the real ldm UNet (tiny)."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from pivotal.embeddings import EmbeddingSet
+from pivotal.errors import ModelLayoutError
+from pivotal.hosts import a1111_session as session
+from pivotal.hosts.a1111 import A1111Host, detect_base, unwrapped_token_embedding
+from pivotal.hosts.a1111_webui import Webui
+from pivotal.lora_network import LoraNetwork
+from tiny_text import hf_text_model
+from tiny_unets import ldm_unet, sample_inputs
+
+
+# -- fakes of the webui's objects (behaviour written from host-internals.md, not the webui's code) ------
+class FakeEmbedding:
+    def __init__(self, vec: Any, name: str, step: Any = None) -> None:
+        self.vec, self.name, self.step = vec, name, step
+        self.shape, self.vectors, self.filename, self.shorthash = None, 0, None, None
+
+
+class FakeDb:
+    """Registration by name, keyed by the first token id; None unregisters."""
+
+    def __init__(self) -> None:
+        self.ids_lookup: dict[int, list] = {}
+        self.word_embeddings: dict[str, Any] = {}
+        self.skipped_embeddings: dict[str, Any] = {}
+        self.expected_shape = 32
+
+    def register_embedding_by_name(self, emb: Any, model: Any, name: str) -> None:
+        ids = model.cond_stage_model.tokenize([name])[0]
+        entries = [e for e in self.ids_lookup.get(ids[0], []) if e[1].name != name]
+        if emb is None:
+            self.word_embeddings.pop(name, None)
+        else:
+            entries.append((ids, emb))
+            self.word_embeddings[name] = emb
+        if entries:
+            self.ids_lookup[ids[0]] = entries
+        else:
+            self.ids_lookup.pop(ids[0], None)
+
+
+def _embeddings(hf_model: nn.Module) -> nn.Module:
+    """``embeddings`` of an HF CLIP text model (transformers 4 nests it under text_model, 5 does not)."""
+    return getattr(hf_model, "text_model", hf_model).embeddings
+
+
+class Optimization:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def title(self) -> str:
+        return self.name
+
+
+class FakeCond(nn.Module):
+    """Stands in for FrozenCLIPEmbedderWithCustomWords: wrapped.transformer is an HF CLIP whose
+    token embedding is wrapped; forward looks embeddings up in the db and splices their vec."""
+
+    def __init__(self, db: FakeDb) -> None:
+        super().__init__()
+        self.wrapped = nn.Module()
+        self.wrapped.transformer = hf_text_model("clip_l")
+        emb = _embeddings(self.wrapped.transformer)
+        wrapper = nn.Module()
+        wrapper.wrapped = emb.token_embedding
+        wrapper.forward = lambda ids: wrapper.wrapped(ids)  # type: ignore[method-assign]
+        emb.token_embedding = wrapper
+        self.wrapped.tokenizer = None
+        self.db = db
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return [[sum(map(ord, t)) % 1000 + 1] for t in texts]
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        rows = []
+        for t in texts:
+            vec = torch.zeros(77, 32)
+            for name, e in self.db.word_embeddings.items():
+                if name in t:
+                    vec = torch.cat([vec[:1], e.vec, vec[1 + e.vec.shape[0]:]])
+            rows.append(vec)
+        return torch.stack(rows)
+
+
+def make_webui(optimizer: str = "InvokeAI") -> Webui:
+    db = FakeDb()
+    hijack = types.SimpleNamespace(embedding_db=db, fixes=None, comments=[], extra_generation_params={},
+                                   optimization_method=optimizer, applied=[])
+    optimizers = [Optimization(n) for n in ("sdp-no-mem", "sdp", "InvokeAI")]
+    sd_hijack = types.SimpleNamespace(model_hijack=hijack, optimizers=optimizers,
+                                      current_optimizer=next(o for o in optimizers if o.name == optimizer))
+
+    def apply(title: str) -> None:
+        hijack.applied.append(title)
+        sd_hijack.current_optimizer = next((o for o in optimizers if o.title() == title), None)
+        hijack.optimization_method = sd_hijack.current_optimizer.name if sd_hijack.current_optimizer else ""
+
+    hijack.apply_optimizations = apply
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.diffusion_model = ldm_unet("sd1")
+    model.cond_stage_model = FakeCond(db)
+    model.parameterization = "eps"
+    model.alphas_cumprod_original = torch.linspace(0.99, 0.01, 1000, dtype=torch.float64)
+    model.is_sd1 = True
+    proc = types.SimpleNamespace(StableDiffusionProcessing=type("P", (), {"cached_c": [1, 2], "cached_uc": [3, 4]}))
+    shared = types.SimpleNamespace(sd_model=model, state=types.SimpleNamespace())
+    return Webui(shared=shared, devices=types.SimpleNamespace(dtype_vae=torch.float32), sd_hijack=sd_hijack,
+                 processing=proc, textual_inversion=types.SimpleNamespace(Embedding=FakeEmbedding))
+
+
+# -- tests ------------------------------------------------------------------------------------------
+def test_unsupported_checkpoints_are_refused_by_name() -> None:
+    for flag, word in (("is_sd2", "SD2"), ("is_ssd", "SSD-1B"), ("is_sdxl_inpaint", "inpainting")):
+        with pytest.raises(ModelLayoutError, match=word):
+            detect_base(types.SimpleNamespace(**{flag: True}))
+    with pytest.raises(ModelLayoutError, match="diffusion_model"):
+        detect_base(types.SimpleNamespace())
+    with pytest.raises(ModelLayoutError, match="lowvram"):
+        detect_base(types.SimpleNamespace(lowvram=True))
+
+
+def test_protocol_basics_read_off_the_loaded_model() -> None:
+    host = A1111Host(make_webui())
+    assert (host.base_model, host.prediction_type, host.encoder_keys()) == ("sd1", "epsilon", ("clip_l",))
+    ac = host.alphas_cumprod()
+    assert ac.dtype == torch.float32 and ac.shape == (1000,)
+    vocab = host.vocabulary("clip_l")
+    plain = _embeddings(host.cond_model.wrapped.transformer).token_embedding.wrapped
+    assert vocab.shape[1] == 32 and vocab.data_ptr() == plain.weight.data_ptr()
+    with pytest.raises(ModelLayoutError):
+        host.vocabulary("clip_g")
+
+
+def test_text_encoder_targets_found_behind_the_webui_wrapper_which_stays() -> None:
+    host = A1111Host(make_webui())
+    emb = _embeddings(host.cond_model.wrapped.transformer)
+    wrapper = emb.token_embedding
+    keys = [k for k, _ in host.lora_targets("te", "attn")]
+    assert keys and keys[0].startswith("lora_te_text_model_encoder_layers_0_self_attn")
+    assert emb.token_embedding is wrapper
+    with pytest.raises(RuntimeError):
+        with unwrapped_token_embedding(host.cond_model.wrapped.transformer):
+            raise RuntimeError("boom")
+    assert emb.token_embedding is wrapper
+
+
+def test_live_embeddings_are_our_parameters_and_the_db_is_restored_exactly() -> None:
+    webui = make_webui()
+    host = A1111Host(webui)
+    db = webui.embedding_db
+    other = FakeEmbedding(torch.ones(1, 32), "folderemb")
+    db.register_embedding_by_name(other, host.sd_model, "folderemb")
+    before_words, before_lookup = dict(db.word_embeddings), {k: list(v) for k, v in db.ids_lookup.items()}
+    lists = {k: v for k, v in db.ids_lookup.items()}
+    embs = EmbeddingSet()
+    embs.add("pvtchar", {"clip_l": torch.randn(2, 32)})
+    cond = host.encode_prompts(["a pvtchar photo"], embs)
+    cond.context.sum().backward()
+    assert embs.vectors_for("clip_l")["pvtchar"].grad is not None  # the db held our Parameter itself
+    assert db.word_embeddings == before_words and {k: list(v) for k, v in db.ids_lookup.items()} == before_lookup
+    assert all(db.ids_lookup[k] is lst for k, lst in lists.items())
+
+
+def test_attention_is_swapped_for_one_with_a_backward_and_put_back() -> None:
+    webui = make_webui("InvokeAI")
+    with session.backward_safe_attention(webui) as name:
+        assert name == "sdp" and webui.sd_hijack.current_optimizer.name == "sdp"
+    assert webui.sd_hijack.current_optimizer.name == "InvokeAI"
+    assert webui.sd_hijack.model_hijack.optimization_method == "InvokeAI"
+    webui = make_webui("sdp-no-mem")
+    with session.backward_safe_attention(webui) as name:
+        assert name == "sdp-no-mem"
+    assert webui.sd_hijack.model_hijack.applied == []  # already safe: nothing switched
+
+
+def test_session_freezes_checkpoints_and_restores_everything_even_on_error() -> None:
+    webui = make_webui()
+    host = A1111Host(webui)
+    model, unet = host.sd_model, host.unet
+    flags_before = session.module_flags(model)
+    weights_before = session.weights_fingerprint(model)
+    own_flags = [m for m in unet.modules() if getattr(m, "checkpoint", False) is True]
+    with pytest.raises(RuntimeError, match="mid-step"):
+        with host.training_session(gradient_checkpointing=True):
+            assert not any(p.requires_grad for p in model.parameters())
+            assert host.last_session["checkpointed"] > 0 and host.last_session["attention"] == "sdp"
+            raise RuntimeError("mid-step")
+    assert session.module_flags(model) == flags_before
+    assert session.weights_fingerprint(model) == weights_before
+    assert all(m.checkpoint is True for m in own_flags)
+    assert webui.sd_hijack.current_optimizer.name == "InvokeAI"
+    assert webui.processing.StableDiffusionProcessing.cached_c == [None, None]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_unet_lora_and_embeddings_get_gradients_in_a_session(checkpointing: bool) -> None:
+    host = A1111Host(make_webui())
+    net = LoraNetwork(host.lora_targets("unet", "attn-mlp-conv"), rank=2, alpha=2.0)
+    for m in net.modules_of():  # the up matrices start at zero; make the LoRA do something
+        for name, p in m.named_parameters():
+            nn.init.normal_(p, std=0.1) if "up" in name else None
+    embs = EmbeddingSet()
+    embs.add("pvtchar", {"clip_l": torch.randn(2, 32)})
+    inputs = sample_inputs("sd1")
+    grads = {}
+    with host.training_session(gradient_checkpointing=checkpointing), net.attached():
+        cond = host.encode_prompts(["pvtchar"] * inputs["x"].shape[0], embs)
+        out = host.predict(inputs["x"], inputs["t"], cond)
+        out.pow(2).mean().backward()
+    first = next(net.modules_of())
+    grads["lora"] = [p.grad for p in first.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads["lora"])
+    assert embs.vectors_for("clip_l")["pvtchar"].grad.abs().sum() > 0
+    assert not any(p.grad is not None for p in host.unet.parameters())
