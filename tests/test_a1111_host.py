@@ -141,6 +141,7 @@ def test_protocol_basics_read_off_the_loaded_model() -> None:
     assert vocab.shape[1] == 32 and vocab.data_ptr() == plain.weight.data_ptr()
     with pytest.raises(ModelLayoutError):
         host.vocabulary("clip_g")
+    assert host.text_encoding_is_deterministic()  # SD's CLIP has no dropout
 
 
 def test_text_encoder_targets_found_behind_the_webui_wrapper_which_stays() -> None:
@@ -154,6 +155,19 @@ def test_text_encoder_targets_found_behind_the_webui_wrapper_which_stays() -> No
         with unwrapped_token_embedding(host.cond_model.wrapped.transformer):
             raise RuntimeError("boom")
     assert emb.token_embedding is wrapper
+
+
+def test_clip_skip_leaves_the_unread_text_encoder_layers_without_lora() -> None:
+    webui = make_webui()
+    host = A1111Host(webui)
+    layers = host.cond_model.wrapped.transformer.config.num_hidden_layers
+
+    def layers_with_lora() -> set[int]:
+        return {int(k.split("_layers_")[1].split("_")[0]) for k, _ in host.lora_targets("te", "attn")}
+
+    assert host.clip_l_layers_used() == layers and layers_with_lora() == set(range(layers))
+    webui.shared.opts = types.SimpleNamespace(CLIP_stop_at_last_layers=2)  # reads hidden_states[-2]
+    assert host.clip_l_layers_used() == layers - 1 and layers_with_lora() == set(range(layers - 1))
 
 
 def test_live_embeddings_are_our_parameters_and_the_db_is_restored_exactly() -> None:

@@ -102,6 +102,12 @@ def test_lora_targets(hosts: dict[str, DiffusersHost], base: str) -> None:
         assert any(k.startswith("lora_unet_down_blocks_0_attentions_0") for k in unet_keys)  # diffusers naming
     else:
         assert {k.split("_text_model")[0] for k in te_keys} == {"lora_te1", "lora_te2"}
+        # clip_l is read at its penultimate layer: no LoRA on the last one, which gets no gradient;
+        # clip_g's last layer feeds the pooled embedding and keeps its LoRA
+        last = demo_model.TEXT_LAYERS - 1
+        assert not any(k.startswith(f"lora_te1_text_model_encoder_layers_{last}_") for k in te_keys)
+        assert any(k.startswith(f"lora_te1_text_model_encoder_layers_{last - 1}_") for k in te_keys)
+        assert any(k.startswith(f"lora_te2_text_model_encoder_layers_{last}_") for k in te_keys)
         assert any(k.startswith("lora_unet_input_blocks_") for k in unet_keys)  # LDM naming
     with pytest.raises(ConfigError):
         host.lora_targets("vae", "attn")
@@ -339,3 +345,24 @@ def test_folder_errors(hosts: dict[str, DiffusersHost], tmp_path: Path) -> None:
     weights.rename(root / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(ModelLayoutError, match="only pickle weights"):
         load_diffusers_folder(root)
+
+
+def test_text_encoding_is_deterministic_unless_something_drops_out() -> None:
+    from transformers import CLIPTextModel
+
+    from pivotal.host_api import has_active_dropout
+
+    host = build_demo_host("sdxl")
+    assert host.text_encoding_is_deterministic()
+    # HF CLIP drops attention out functionally: only its config says so
+    cfg = demo_model.text_config("clip_l")
+    cfg.attention_dropout = 0.1
+    assert has_active_dropout([CLIPTextModel(cfg)])
+    assert has_active_dropout([torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.2))])
+    assert has_active_dropout([torch.nn.MultiheadAttention(8, 2, dropout=0.1)])
+    assert not has_active_dropout([torch.nn.Sequential(torch.nn.Dropout(0.0)), torch.nn.MultiheadAttention(8, 2)])
+    host._encoders["clip_g"].text_model.encoder.layers[0].mlp.add_module("drop", torch.nn.Dropout(0.1))
+    try:
+        assert not host.text_encoding_is_deterministic()
+    finally:
+        del host._encoders["clip_g"].text_model.encoder.layers[0].mlp.drop

@@ -123,6 +123,13 @@ def test_prompt_ids_with_placeholders() -> None:
     og = PromptTokenizer(tok, {"mycat": 3}, pad_id=0).build_prompt_ids("a photo of mycat")
     assert og.ids[:9].tolist() == [BOS, 320, 1125, 539, 0, 0, 0, EOS, 0] and og.ids[8:].eq(0).all()
 
+    # a second call is answered from memory, with copies: changing one result changes no other
+    again = pt.build_prompt_ids("a photo of mycat")
+    again.ids[0] = -1
+    again.fixes.clear()
+    third = pt.build_prompt_ids("a photo of mycat")
+    assert torch.equal(third.ids, out.ids) and third.fixes == [(4, "mycat")]
+
 
 @needs_bpe
 def test_multi_vector_embedding_used_twice_expands_both_times() -> None:

@@ -168,3 +168,49 @@ def test_stray_temp_files_of_a_killed_save_are_cleaned(host, data_dir: Path, tmp
     r = train(config(data_dir, tmp_path, steps=1), host)
     assert not stray.exists()
     assert any("left in" in w and stray.name in w for w in r.warnings)
+
+
+class CountingEncodes:
+    """Wraps a host's ``encode_prompts`` (the real one runs) to record each call's captions."""
+
+    def __init__(self, host) -> None:
+        self.host, self.calls = host, []
+        self._real = host.encode_prompts
+
+    def __enter__(self) -> "CountingEncodes":
+        def encode(captions, embeddings, sizes):
+            self.calls.append((list(captions), torch.is_grad_enabled()))
+            return self._real(captions, embeddings, sizes)
+        self.host.encode_prompts = encode
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.host.encode_prompts  # back to the class's method
+
+
+def test_text_conditioning_is_reused_only_while_the_text_side_is_frozen(host, data_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    # embeddings_first: 3 steps where the embeddings train (each step must encode afresh, with
+    # gradients), then 5 LoRA-only steps where the 4 captions' conditioning cannot change.
+    cfg = config(data_dir, tmp_path / "c", phase_plan="embeddings_first", embedding_steps=3, steps=8,
+                 batch_size=2, save_every=0)
+    with CountingEncodes(host) as counting:
+        cached = train(cfg, host)
+    first, later = counting.calls[:3], counting.calls[3:]
+    assert all(grad and 1 <= len(caps) <= 2 for caps, grad in first)  # batches of up to 2 (buckets)
+    # LoRA-only phase: each caption encoded once, alone, without gradients; never again
+    assert all(not grad and len(caps) == 1 for caps, grad in later)
+    assert sorted(c for caps, _ in later for c in caps) == sorted({c for caps, _ in later for c in caps})
+    assert 1 <= len(later) <= 4
+    # and the reuse changes nothing: the same run with the cache switched off gives the same losses
+    import pivotal.train_step as ts
+    original = ts.StepRunner._text_frozen
+    ts.StepRunner._text_frozen = lambda self: False
+    try:
+        with CountingEncodes(host) as uncached_calls:
+            uncached = train(config(data_dir, tmp_path / "u", phase_plan="embeddings_first", embedding_steps=3,
+                                    steps=8, batch_size=2, save_every=0), host)
+    finally:
+        ts.StepRunner._text_frozen = original
+    assert len(uncached_calls.calls) == 8 and all(grad for _, grad in uncached_calls.calls)
+    torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(uncached.losses), rtol=1e-4, atol=1e-6)

@@ -28,6 +28,8 @@ CLIP_BOS_ID = 49406
 CLIP_EOS_ID = 49407
 
 Fix = tuple[int, str]
+#: Prompts a PromptTokenizer remembers (a dataset's captions; ~1 KB each).
+MEMO_PROMPTS = 4096
 
 
 class PromptIds(NamedTuple):
@@ -140,11 +142,24 @@ class PromptTokenizer:
         self._by_first: dict[int, list[tuple[tuple[int, ...], str]]] = {}
         for ids, name in sorted(by_ids.items(), key=lambda kv: -len(kv[0])):
             self._by_first.setdefault(ids[0], []).append((ids, name))
+        # Prompt -> result: a trainer tokenizes the same captions every epoch. Like ``name_ids``
+        # above, this assumes the tokenizer does not change under us.
+        self._memo: dict[str, PromptIds] = {}
 
     def build_prompt_ids(self, prompt: str) -> PromptIds:
         """``[BOS] content [EOS] pad...`` of length ``max_length`` with each embedding name replaced
         by N placeholders. Content beyond ``max_length - 2`` is cut (``truncated`` is then True);
         an embedding that would straddle the cut is dropped whole rather than half-filled."""
+        hit = self._memo.get(prompt)
+        if hit is None:
+            hit = self._build_prompt_ids(prompt)
+            if len(self._memo) >= MEMO_PROMPTS:
+                self._memo.pop(next(iter(self._memo)))  # oldest first
+            self._memo[prompt] = hit
+        # Copies: a caller may change what it gets back; the memo must stay as built.
+        return PromptIds(hit.ids.clone(), list(hit.fixes), hit.truncated)
+
+    def _build_prompt_ids(self, prompt: str) -> PromptIds:
         tokens = encode_plain(self.tokenizer, prompt)
         content: list[int] = []
         fixes: list[Fix] = []

@@ -97,6 +97,30 @@ class TrainingHost(Protocol):
         """A preview image (PIL) with the current LoRA (attached by the caller) and embeddings."""
         ...
 
+    # Optional: ``text_encoding_is_deterministic() -> bool``. True when encoding the same prompt
+    # twice gives the same result in training mode (no active dropout on the text side); the
+    # trainer then reuses a caption's conditioning while nothing on the text side trains. A host
+    # without it is never cached.
+
+
+def has_active_dropout(modules: Sequence[torch.nn.Module]) -> bool:
+    """True when anything in ``modules`` drops out in training mode, so two encodings of the same
+    prompt could differ: a dropout module with p > 0, an ``nn.MultiheadAttention`` with dropout
+    (open_clip), or a transformers model whose config asks for dropout (HF CLIP applies its
+    attention dropout functionally, with no module to find)."""
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0:
+                return True
+            if isinstance(m, torch.nn.MultiheadAttention) and m.dropout > 0:
+                return True
+            cfg = getattr(m, "config", None)
+            for name in ("attention_dropout", "dropout", "hidden_dropout"):
+                value = getattr(cfg, name, 0.0) if cfg is not None and not isinstance(cfg, dict) else 0.0
+                if isinstance(value, (int, float)) and value > 0:
+                    return True
+    return False
+
 
 @contextlib.contextmanager
 def no_session(gradient_checkpointing: bool = False) -> Iterator[None]:

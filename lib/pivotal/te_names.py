@@ -120,8 +120,13 @@ def _layer_targets(kind: str, index: int, layer: nn.Module, prefix: str, mlp: bo
     return out
 
 
-def text_encoder_lora_targets(te: nn.Module, part: str, preset: str) -> list[tuple[str, nn.Module]]:
+def text_encoder_lora_targets(te: nn.Module, part: str, preset: str,
+                              layers_used: int | None = None) -> list[tuple[str, nn.Module]]:
     """kohya LoRA keys and the modules they attach to, in layer order.
+
+    ``layers_used``: how many layers (from the first) feed what the host reads, e.g. SDXL's clip_l
+    is read at its penultimate layer, and a clip skip of 2 does the same on SD1. Layers after
+    those get no LoRA: it could never receive a gradient and would ship as dead zeros.
 
     ``part``: "te" (SD1/SD2), "te1" or "te2" (SDXL). ``preset``: "attn", "attn-mlp" or
     "attn-mlp-conv" (text encoders have no convolutions, so the last equals "attn-mlp").
@@ -140,8 +145,11 @@ def text_encoder_lora_targets(te: nn.Module, part: str, preset: str) -> list[tup
     if not layout.layers:
         raise LoraTargetError(f"lora_{part}: {type(te).__name__} has no transformer layers to target")
     mlp = preset != "attn"
+    count = len(layout.layers) if layers_used is None else int(layers_used)
+    if not 1 <= count <= len(layout.layers):
+        raise LoraTargetError(f"lora_{part}: {count} layers used of {len(layout.layers)}")
     targets: list[tuple[str, nn.Module]] = []
-    for i, layer in enumerate(layout.layers):
+    for i, layer in enumerate(layout.layers[:count]):
         prefix = f"lora_{part}_text_model_encoder_layers_{i}"
         targets.extend(_layer_targets(layout.kind, i, layer, prefix, mlp))
     return targets

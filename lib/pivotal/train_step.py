@@ -4,17 +4,22 @@ non-finite guard, and the update."""
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
+from typing import Sequence
 
 import torch
 
 from pivotal.embeddings import EmbeddingSet
-from pivotal.host_api import TrainingHost
+from pivotal.host_api import Conditioning, SizeInfo, TrainingHost
 from pivotal.lora_network import LoraNetwork
 from pivotal.losses import add_noise, diffusion_loss, min_snr_weights, sample_noise, sample_timesteps, training_target
 from pivotal.train_batches import BatchSource
 from pivotal.train_config import TrainConfig
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: Bytes of prompt conditioning kept while the text side is frozen (SD1: ~240 KB per caption in
+#: fp32, SDXL ~640 KB): a typical dataset's captions fit; a larger one evicts the oldest.
+TEXT_CACHE_BYTES = 128 * 2**20
 
 
 def _grad_scaler(enabled: bool):
@@ -42,11 +47,60 @@ class StepRunner:
         self.autocast_dtype = autocast_dtype
         # fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it.
         self.scaler = _grad_scaler(config.precision == "fp16" and self.device.type == "cuda")
+        # Everything that could change the prompt conditioning between steps: the embedding
+        # vectors and the text-encoder LoRA. While none of it trains (the "lora_only" phase, or
+        # frozen embeddings), a caption's conditioning is the same every step and is computed once.
+        text_lora = [m for m in net.modules_of() if m.part != "unet"]
+        self._text_params = [p for m in text_lora for p in m.parameters()] + list(embeddings.parameters())
+        deterministic = getattr(host, "text_encoding_is_deterministic", None)
+        self._text_cacheable = (callable(deterministic) and bool(deterministic())
+                                and not any(m.dropout for m in text_lora))
+        self._text_cache: OrderedDict[tuple, Conditioning] = OrderedDict()
+        self._text_cache_bytes = 0
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _text_frozen(self) -> bool:
+        return self._text_cacheable and not any(p.requires_grad for p in self._text_params)
+
+    def _encode(self, captions: list[str], sizes: Sequence[SizeInfo]) -> Conditioning:
+        """The host's conditioning for the batch; from the per-caption cache while the text side is
+        frozen (each caption encoded alone, so a value never depends on its batch-mates, and a
+        resumed run gets the same bits)."""
+        if not self._text_frozen():
+            if self._text_cache:
+                self._text_cache.clear()
+                self._text_cache_bytes = 0
+            return self.host.encode_prompts(captions, self.embeddings, sizes)
+        versions = tuple(p._version for p in self._text_params)
+        rows = []
+        for caption, size in zip(captions, sizes):
+            key = (caption, (size.original, size.crop_top_left, size.target), versions)
+            cond = self._text_cache.get(key)
+            if cond is None:
+                with torch.no_grad():
+                    cond = self.host.encode_prompts([caption], self.embeddings, [size])
+                self._remember(key, cond)
+            else:
+                self._text_cache.move_to_end(key)
+            rows.append(cond)
+        if len(rows) == 1:
+            return Conditioning(rows[0].context, dict(rows[0].extra))
+        return Conditioning(torch.cat([c.context for c in rows]),
+                            {k: torch.cat([c.extra[k] for c in rows]) for k in rows[0].extra})
+
+    def _remember(self, key: tuple, cond: Conditioning) -> None:
+        size = sum(t.numel() * t.element_size() for t in (cond.context, *cond.extra.values()))
+        if size > TEXT_CACHE_BYTES:
+            return
+        while self._text_cache and self._text_cache_bytes + size > TEXT_CACHE_BYTES:
+            _, old = self._text_cache.popitem(last=False)
+            self._text_cache_bytes -= sum(t.numel() * t.element_size() for t in (old.context, *old.extra.values()))
+        self._text_cache[key] = cond
+        self._text_cache_bytes += size
 
     def run(self, step: int, optimizer: torch.optim.Optimizer) -> float | None:
         """Loss of optimizer step ``step`` (mean over accumulated micro-batches) after applying the
@@ -62,7 +116,7 @@ class StepRunner:
             target = training_target(self.prediction, latents.cpu(), noise, t, self.alphas).to(self.device)
             weights = min_snr_weights(t, self.alphas, cfg.min_snr_gamma, self.prediction)
             with self._autocast():
-                cond = self.host.encode_prompts(captions, self.embeddings, sizes)
+                cond = self._encode(captions, sizes)
                 pred = self.host.predict(noisy.to(self.device, self.host.dtype), t.to(self.device), cond)
             loss = diffusion_loss(pred, target, weights) / cfg.grad_accum
             if not torch.isfinite(loss):

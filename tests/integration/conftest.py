@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -10,6 +12,21 @@ import pytest
 from webui_server import Webui, configuration_problem, start_or_reach
 
 EMBEDDING = "pvtchar"
+#: an SDXL checkpoint the webui lists (e.g. a tiny random one); the SDXL tests switch to it and back
+SDXL_CHECKPOINT = os.environ.get("PIVOTAL_WEBUI_SDXL_CHECKPOINT", "")
+SDXL_MISSING = "set PIVOTAL_WEBUI_SDXL_CHECKPOINT to an SDXL checkpoint the webui lists (e.g. tiny-sdxl.safetensors)"
+
+
+@contextlib.contextmanager
+def checkpoint(webui: Webui, name: str) -> Iterator[Webui]:
+    """The webui with checkpoint ``name`` loaded for the block, the previous one again after it."""
+    previous = webui.request("GET", "/sdapi/v1/options")["sd_model_checkpoint"]
+    webui.request("POST", "/sdapi/v1/refresh-checkpoints")
+    webui.request("POST", "/sdapi/v1/options", {"sd_model_checkpoint": name})
+    try:
+        yield webui
+    finally:
+        webui.request("POST", "/sdapi/v1/options", {"sd_model_checkpoint": previous})
 
 
 def pytest_collection_modifyitems(items: list) -> None:

@@ -9,31 +9,24 @@ bit for bit.
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from conftest import EMBEDDING
+from conftest import EMBEDDING, SDXL_CHECKPOINT, SDXL_MISSING, checkpoint
 from webui_server import Webui, untrained_parts
 
-CHECKPOINT = os.environ.get("PIVOTAL_WEBUI_SDXL_CHECKPOINT", "")
-pytestmark = pytest.mark.skipif(not CHECKPOINT, reason="set PIVOTAL_WEBUI_SDXL_CHECKPOINT to an SDXL checkpoint "
-                                                       "the webui lists (e.g. tiny-sdxl.safetensors)")
+CHECKPOINT = SDXL_CHECKPOINT
+pytestmark = pytest.mark.skipif(not CHECKPOINT, reason=SDXL_MISSING)
 PROMPT = "a photo of a cat"
 
 
 @pytest.fixture()
 def sdxl(webui: Webui) -> Iterator[Webui]:
-    previous = webui.request("GET", "/sdapi/v1/options")["sd_model_checkpoint"]
-    webui.request("POST", "/sdapi/v1/refresh-checkpoints")
-    webui.request("POST", "/sdapi/v1/options", {"sd_model_checkpoint": CHECKPOINT})
-    try:
+    with checkpoint(webui, CHECKPOINT):
         yield webui
-    finally:
-        webui.request("POST", "/sdapi/v1/options", {"sd_model_checkpoint": previous})
 
 
 def test_sdxl_bundle_trains_every_part_and_the_host_is_restored(sdxl: Webui, dataset: Path) -> None:

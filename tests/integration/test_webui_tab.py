@@ -8,6 +8,7 @@ and pip's selenium.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -18,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from conftest import EMBEDDING
+from conftest import EMBEDDING, SDXL_CHECKPOINT, SDXL_MISSING, checkpoint
 from webui_server import Webui
 
 CHROMIUM = os.environ.get("PIVOTAL_CHROMIUM", "/usr/bin/chromium")
@@ -93,10 +94,28 @@ def _state(driver: Any) -> str:
         return ""
 
 
-def test_the_tab_trains_with_progress_and_publishes(webui: Webui, dataset: Path, browser: Any, shots: Path) -> None:
+@pytest.mark.parametrize("base", ["sd1", pytest.param("sdxl", marks=pytest.mark.skipif(
+    not SDXL_CHECKPOINT, reason=SDXL_MISSING))])
+def test_the_tab_trains_with_progress_and_publishes(base: str, webui: Webui, dataset: Path, browser: Any,
+                                                   shots: Path) -> None:
+    """A person trains from the tab, then prompts with the embedding name and the bundle's tag:
+    the webui registers the bundle's embedding at generation time and the image changes."""
+    with contextlib.ExitStack() as stack:
+        if base == "sdxl":
+            stack.enter_context(checkpoint(webui, SDXL_CHECKPOINT))
+        prompt = "a photo of a cat"
+        before_image, _ = webui.txt2img(prompt)
+        name = _train_from_the_tab(webui, dataset, browser, shots / base)
+        image, info = webui.txt2img(f"{prompt}, {EMBEDDING} <lora:{name}:1>")
+        assert f'Lora hashes: "{name}: ' in info and f'TI hashes: "{EMBEDDING}: ' in info, info
+        assert image != before_image
+        assert webui.txt2img(prompt)[0] == before_image  # and nothing stays behind
+
+
+def _train_from_the_tab(webui: Webui, dataset: Path, d: Any, shots: Path) -> str:
     from selenium.webdriver.common.by import By
 
-    d = browser
+    shots.mkdir(parents=True, exist_ok=True)
     before_host = webui.request("GET", "/pivotal/v1/host")
     d.get(webui.url + "/")
     tab = "//div[contains(@class,'tab-nav')]//button[normalize-space()='Pivotal']"
@@ -118,3 +137,4 @@ def test_the_tab_trains_with_progress_and_publishes(webui: Webui, dataset: Path,
     assert name in {b["name"] for b in webui.request("GET", "/pivotal/v1/bundles")["bundles"]}
     assert webui.request("GET", "/pivotal/v1/host") == before_host
     print(f"screenshots: {shots}")
+    return name

@@ -30,7 +30,7 @@ from torch import nn
 
 from pivotal.embeddings import EmbeddingSet
 from pivotal.errors import ConfigError, ModelLayoutError
-from pivotal.host_api import Conditioning, SizeInfo
+from pivotal.host_api import Conditioning, SizeInfo, has_active_dropout
 from pivotal.hosts import a1111_session
 from pivotal.hosts.a1111_sdxl import encode_sdxl, openclip_tokenizer, sdxl_latents, text_embedders
 from pivotal.hosts.a1111_webui import Webui, load_webui
@@ -180,13 +180,32 @@ class A1111Host:
         if part == "te":
             text_model = self._hf_text_model()
             with unwrapped_token_embedding(text_model):
-                first = text_encoder_lora_targets(text_model, "te" if self.base_model == "sd1" else "te1", preset)
+                first = text_encoder_lora_targets(text_model, "te" if self.base_model == "sd1" else "te1", preset,
+                                                  self.clip_l_layers_used())
             if self.base_model == "sd1":
                 return first
             open_clip_model = self._embedder("clip_g").wrapped.model
             with unwrapped_token_embedding(open_clip_model):
                 return first + text_encoder_lora_targets(open_clip_model, "te2", preset)
         raise ConfigError(f"LoRA part {part!r} is not one of unet, te")
+
+    def clip_l_layers_used(self) -> int:
+        """How many of clip_l's layers feed the conditioning, as the webui encodes now: all of them;
+        fewer with a clip skip (``CLIP_stop_at_last_layers`` s reads ``hidden_states[-s]``, i.e.
+        after n + 1 - s layers); SDXL reads the layer its config names (``layer_idx``, 11 of 12)
+        unless the "clip skip for SDXL clip_l" option applies the clip skip instead."""
+        text_model = self._hf_text_model()
+        n = int(text_model.config.num_hidden_layers)
+        opts = getattr(self.webui.shared, "opts", None)
+        skip = int(getattr(opts, "CLIP_stop_at_last_layers", 1) or 1)
+        by_skip = min(n, max(1, n + 1 - skip))
+        if self.base_model == "sd1" or getattr(opts, "sdxl_clip_l_skip", False) is True:
+            return by_skip
+        wrapped = self._embedder("clip_l").wrapped
+        if getattr(wrapped, "layer", "last") != "hidden":
+            return n
+        index = int(getattr(wrapped, "layer_idx", n))
+        return min(n, max(1, index if index >= 0 else n + 1 + index))
 
     # -- encoding -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -220,6 +239,11 @@ class A1111Host:
                 return Conditioning(self.cond_model(prompts))
             context, y = encode_sdxl(self.sd_model, prompts, sizes, self.device, self.dtype)
         return Conditioning(context, {"y": y})
+
+    def text_encoding_is_deterministic(self) -> bool:
+        """No dropout anywhere in the webui's text side (SD's CLIP and OpenCLIP have none), so the
+        trainer may reuse a caption's conditioning while nothing on the text side trains."""
+        return not has_active_dropout([self.cond_model])
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet's output as fp32 (inputs cast to the UNet's dtype); SDXL also gets ``y``."""

@@ -24,7 +24,7 @@ from torch import nn
 from pivotal.embedding_inject import PromptTokenizer, injected_embeddings
 from pivotal.embeddings import EmbeddingSet
 from pivotal.errors import ConfigError, ModelLayoutError
-from pivotal.host_api import Conditioning, SizeInfo
+from pivotal.host_api import Conditioning, SizeInfo, has_active_dropout
 from pivotal.hosts.diffusers_sampling import SAMPLERS, denoise, make_scheduler, to_pil
 from pivotal.hosts.module_state import capture, enable_checkpointing, uses_checkpoint_func
 from pivotal.hosts.pipeline_parts import DEFAULT_PAD_IDS, ENCODER_KEYS, PipelineParts
@@ -122,6 +122,12 @@ class DiffusersHost:
                                    f"{', '.join(self.encoder_keys())}")
         return self._token_embeddings[key]
 
+    def text_encoding_is_deterministic(self) -> bool:
+        """True when encoding a prompt twice gives the same result in training mode too (no
+        dropout in the text encoders: SD's CLIP configs have none), so a trainer may reuse a
+        caption's conditioning while nothing on the text side trains."""
+        return not has_active_dropout(list(self._encoders.values()))
+
     def alphas_cumprod(self) -> torch.Tensor:
         """(T,) fp32 on the host's device, from the model's scheduler config (T = 1000 for SD)."""
         if self._alphas_cumprod is None:
@@ -139,7 +145,10 @@ class DiffusersHost:
         if part == "te":
             if self.base_model == "sd1":
                 return text_encoder_lora_targets(self._encoders["clip_l"], "te", preset)
-            return (text_encoder_lora_targets(self._encoders["clip_l"], "te1", preset)
+            # SDXL reads clip_l's penultimate hidden state (see encode_prompts): its last layer
+            # is never used. clip_g's last layer feeds the pooled embedding, so all of it is.
+            clip_l = self._encoders["clip_l"]
+            return (text_encoder_lora_targets(clip_l, "te1", preset, clip_l.config.num_hidden_layers - 1)
                     + text_encoder_lora_targets(self._encoders["clip_g"], "te2", preset))
         raise ConfigError(f"LoRA part {part!r} is not one of unet, te")
 
