@@ -70,6 +70,7 @@ def test_a_run_holds_the_queue_mirrors_progress_and_publishes(tmp_path: Path) ->
                    taken_names: dict[str, str]) -> TrainResult:
         seen["locked"] = lock.locked()
         seen["taken"] = taken_names
+        seen["task"] = runner.current_task_id()
         on_event(ProgressEvent("step", step=2, total=3, loss=0.5))
         seen["job_no"], seen["text"] = state.job_no, state.textinfo
         path = _bundle(tmp_path / "out" / "mybundle.safetensors")
@@ -80,7 +81,9 @@ def test_a_run_holds_the_queue_mirrors_progress_and_publishes(tmp_path: Path) ->
     assert seen["locked"] and not lock.locked()
     assert seen["taken"] == {"folder": "folder.pt"}
     assert seen["job_no"] == 2 and "step 2/3" in seen["text"] and "0.5" in seen["text"]
-    assert state.calls == [f"begin {runner.task_id(config)}", "end"] and rescans == [1]
+    # a task id of its own per run (the webui remembers finished ids), gone once the run ends
+    assert seen["task"].startswith(runner.task_id(config)[:-1] + "-") and runner.current_task_id() == ""
+    assert state.calls == [f"begin {seen['task']}", "end"] and rescans == [1]
     assert result.bundle_path == str(lora_dir / "mybundle.safetensors")
     assert Path(result.bundle_path).read_bytes() == (tmp_path / "out" / "mybundle.safetensors").read_bytes()
 

@@ -65,6 +65,19 @@ def shots(tmp_path: Path) -> Path:
     return folder
 
 
+WATCH_WEBUI_PROGRESS = """
+window.pivotalWatch = {bar: false, texts: []};
+var root = gradioApp().getElementById("pivotal-webui-live");
+new MutationObserver(function() {
+    var bar = root.querySelector(".progressDiv .progress");
+    if (!bar) return;
+    window.pivotalWatch.bar = true;
+    var text = bar.textContent;
+    if (text && window.pivotalWatch.texts.indexOf(text) < 0) window.pivotalWatch.texts.push(text);
+}).observe(root, {subtree: true, childList: true, characterData: true});
+"""
+
+
 def _wait(driver: Any, what: str, cond: Callable[[Any], Any], timeout: float) -> Any:
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
@@ -127,6 +140,10 @@ def _train_from_the_tab(webui: Webui, dataset: Path, d: Any, shots: Path) -> str
                            ("pivotal-emb0-name", EMBEDDING), ("pivotal-emb0-init", "person"),
                            ("pivotal-steps", "12"), ("pivotal-resolution", "64")):
         _type(d, elem_id, value)
+    # Record whether the webui's own progress bar (its requestProgress, started by
+    # javascript/pivotal.js) ever shows up in the tab, and its text: a short run may come and go
+    # between two polls of this test.
+    d.execute_script(WATCH_WEBUI_PROGRESS)
     d.find_element(By.ID, "pivotal-start").click()
     _wait(d, "the run to show as running", lambda d: _state(d) in ("running", "finished", "failed"), 120)
     d.save_screenshot(str(shots / "webui-02-running.png"))
@@ -134,6 +151,9 @@ def _train_from_the_tab(webui: Webui, dataset: Path, d: Any, shots: Path) -> str
     d.save_screenshot(str(shots / "webui-03-finished.png"))
     snap = webui.request("GET", "/pivotal/v1/status")
     assert snap["result_status"] == "completed" and snap["step"] == 12, snap["message"]
+    seen = d.execute_script("return window.pivotalWatch;")
+    assert seen["bar"], "the webui's progress bar never appeared in the Pivotal tab"
+    assert any("Pivotal: step" in t or "%" in t for t in seen["texts"]), seen["texts"]
     assert name in {b["name"] for b in webui.request("GET", "/pivotal/v1/bundles")["bundles"]}
     assert webui.request("GET", "/pivotal/v1/host") == before_host
     print(f"screenshots: {shots}")

@@ -4,7 +4,8 @@
   "...", "preview_scheduler": "...", "preview_cfg": 7}``; ``config`` has the CLI's TOML schema
   (:class:`pivotal.train_config.TrainConfig` fields); the preview keys pick how the webui renders
   previews. 409 while a run is going, 422 for a bad setting.
-* ``GET /pivotal/v1/status``: the run's snapshot (progress, loss history, messages, bundle path);
+* ``GET /pivotal/v1/status``: the run's snapshot (progress, loss history, messages, bundle path,
+  ``webui_task``: the running run's id in the webui's ``/internal/progress``);
   ``?preview=true`` adds the latest preview as base64 PNG.
 * ``POST /pivotal/v1/interrupt``: stop at the next step (saves per ``on_interrupt``).
 * ``GET /pivotal/v1/bundles``: the bundles in the Lora folder with their embedding names.
@@ -124,7 +125,11 @@ def add_routes(app: Any, job: TrainingJob, host_provider: Callable[[], Any], pat
 
     @app.get(f"{PREFIX}/status", tags=TAGS, summary="Progress, loss history and result of the current/last run")
     def status(preview: bool = False) -> Any:
-        return JSONResponse(json.loads(json.dumps(job.status(preview_png=preview), default=str)))
+        from pivotal.webui.runner import current_task_id
+
+        # webui_task: the id the webui's /internal/progress knows the running run by ("" if none)
+        snap = dict(job.status(preview_png=preview), webui_task=current_task_id())
+        return JSONResponse(json.loads(json.dumps(snap, default=str)))
 
     @app.post(f"{PREFIX}/interrupt", tags=TAGS, summary="Stop the running run at its next step")
     def interrupt() -> dict:

@@ -47,6 +47,9 @@ def _on_ui_tabs() -> list[tuple[Any, str, str]]:
         gr.HTML('<div id="pivotal-webui-header">Pivotal trains a LoRA and its trigger-word embeddings together on '
                 "the model loaded in the webui. The finished bundle is copied into the Lora folder: use it with "
                 "<code>&lt;lora:NAME:1&gt;</code> and the embedding names.</div>")
+        # Where javascript/pivotal.js shows the webui's own progress bar and live preview of a run.
+        gr.HTML('<div id="pivotal-webui-live"><div id="pivotal-webui-progressbar"></div>'
+                '<div id="pivotal-webui-preview"></div></div>')
         build_train_tab(webui_job(), host_provider, out_dir=webui_paths()["outputs"], elem_prefix="pivotal")
     return [(tab, "Pivotal", "pivotal")]
 

@@ -6,7 +6,9 @@ One :class:`pivotal.job.TrainingJob` per webui process (:func:`webui_job`), whos
 * holds the webui's ``queue_lock`` for the whole run, so txt2img/img2img/API generations requested
   meanwhile wait in the webui's queue (and a run waits for a generation in progress);
 * begins a webui job on ``shared.state`` (``job_count`` = steps, ``job_no`` = step, ``textinfo``,
-  previews via ``assign_current_image``) and registers a task id for ``/internal/progress``;
+  previews via ``assign_current_image``) and registers a task id for ``/internal/progress``
+  (unique per run; :func:`current_task_id`), which the tab's script (``javascript/pivotal.js``)
+  follows with the webui's own progress bar and live preview;
 * maps the webui's Interrupt (``state.interrupted``, also ``POST /sdapi/v1/interrupt``) to the
   trainer's stop event;
 * refuses embedding names the webui already has (embeddings folder, other bundles) up front;
@@ -23,6 +25,7 @@ import dataclasses
 import os
 import shutil
 import threading
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -45,9 +48,21 @@ def webui_job() -> TrainingJob:
         return _job[0]
 
 
-def task_id(config: TrainConfig) -> str:
-    """The ``id_task`` a run reports under in ``/internal/progress``."""
-    return f"{TASK_PREFIX}{config.output_name})"
+_task_lock = threading.Lock()
+_current_task: list[str] = [""]
+
+
+def task_id(config: TrainConfig, run: str = "") -> str:
+    """The ``id_task`` a run reports under in ``/internal/progress``. ``run`` makes it unique: the
+    webui remembers finished ids, and a page following a re-used id would see "completed" at once."""
+    return f"{TASK_PREFIX}{config.output_name}{'-' + run if run else ''})"
+
+
+def current_task_id() -> str:
+    """The ``id_task`` of the run going now ("" when none): the tab's script follows it with the
+    webui's own progress bar and live preview."""
+    with _task_lock:
+        return _current_task[0]
 
 
 def webui_paths() -> dict[str, str]:
@@ -125,24 +140,30 @@ def run_in_webui(config: TrainConfig, host: Any, on_event: Callable[[ProgressEve
     check_publishable(config, lora_dir)
     lock = getattr(webui.call_queue, "queue_lock", None) if webui.call_queue is not None else None
     progress = _progress_api()
-    tid = task_id(config)
+    tid = task_id(config, uuid.uuid4().hex[:8])
     if progress is not None:
         progress.add_task_to_queue(tid)
-    with lock if lock is not None else contextlib.nullcontext():
-        state = webui.shared.state
-        state.begin(job=tid)
-        if progress is not None:
-            progress.start_task(tid)
-        state.job_count = config.steps
-        try:
-            result = train_fn(config, host, on_event=_StateBridge(state, on_event, stop, config.steps),
-                              stop=stop, resume=resume, taken_names=taken_embedding_names(webui))
-            return _published(result, lora_dir, on_event)
-        finally:
-            refresh_lora_list(webui)
+    with _task_lock:
+        _current_task[0] = tid
+    try:
+        with lock if lock is not None else contextlib.nullcontext():
+            state = webui.shared.state
+            state.begin(job=tid)
             if progress is not None:
-                progress.finish_task(tid)
-            state.end()
+                progress.start_task(tid)
+            state.job_count = config.steps
+            try:
+                result = train_fn(config, host, on_event=_StateBridge(state, on_event, stop, config.steps),
+                                  stop=stop, resume=resume, taken_names=taken_embedding_names(webui))
+                return _published(result, lora_dir, on_event)
+            finally:
+                refresh_lora_list(webui)
+                if progress is not None:
+                    progress.finish_task(tid)
+                state.end()
+    finally:
+        with _task_lock:
+            _current_task[0] = ""
 
 
 def _published(result: TrainResult, lora_dir: str, on_event: Callable[[ProgressEvent], None]) -> TrainResult:
