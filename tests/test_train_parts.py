@@ -77,9 +77,9 @@ def test_phase_plans_freeze_the_right_groups() -> None:
     assert [phase_of(first, s) for s in (0, 29, 30)] == ["embeddings", "embeddings", "lora"]
     lora_p, emb_p = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
     opt = build_optimizer(first, [GroupSpec("unet", [lora_p], 1e-4, 0.01), GroupSpec("te", [], 1e-5, 0.01),
-                                  GroupSpec("embeddings", [emb_p], 1e-3, 0.0)])
+                                  GroupSpec("embeddings", [emb_p], first.embedding_lr, 0.0)])
     lrs = apply_lrs(opt, first, 0)
-    assert lrs == {"unet": 0.0, "embeddings": 1e-3} and not lora_p.requires_grad and emb_p.requires_grad
+    assert lrs == {"unet": 0.0, "embeddings": first.embedding_lr} and not lora_p.requires_grad and emb_p.requires_grad
     lrs = apply_lrs(opt, first, 30)
     assert lrs == {"unet": 1e-4, "embeddings": pytest.approx(1e-4)} and lora_p.requires_grad
     lrs = apply_lrs(opt, together, 60)

@@ -77,6 +77,13 @@ def test_app_builds_without_launching(tmp_path: Path) -> None:
             "pivotal-gen-bundle", "pivotal-gen-go", "pivotal-gen-image", "pivotal-data-dir"} <= ids
     text = str(config)
     assert "RANDOM weights" in text and "demo sd1" in text
+    # The pre-trained sd1 demo says what it is, and the Generate tab starts from a prompt it knows.
+    blocks = build_app(lambda: None, str(tmp_path), str(tmp_path / "data"), host_label="tiny-world sd1",
+                       base=base_config(out_dir=str(tmp_path)), demo=True, generate_size=64, pretrained_demo=True)
+    config = blocks.get_config_file() if hasattr(blocks, "get_config_file") else blocks.config
+    text = str(config)
+    assert "RANDOM" not in text and "pre-trained on a synthetic world" in text
+    assert "mychar on a blue background, top left" in text
 
 
 def test_tabs_embed_in_an_existing_blocks(tmp_path: Path) -> None:
@@ -293,7 +300,7 @@ def test_demo_setup_writes_the_dataset_once(tmp_path: Path) -> None:
     assert Path(data_dir) == tmp_path / "out" / "demo_data"
     images = sorted(Path(data_dir).glob("*.png"))
     assert len(images) == 8 and all(p.with_suffix(".txt").read_text().startswith("[mychar]") for p in images)
-    assert (base.steps, base.resolution, [e.name for e in base.embeddings]) == (30, 64, ["mychar"])
+    assert (base.steps, base.resolution, [e.name for e in base.embeddings]) == (150, 64, ["mychar"])
     assert base.out_dir == str(tmp_path / "out") and base.validate() is base
     (Path(data_dir) / "mine.txt").write_text("kept")
     demo_setup(tmp_path / "out")  # an existing dataset is left as it is

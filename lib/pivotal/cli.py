@@ -1,4 +1,5 @@
-"""The ``pivotal`` command line: ``inspect``, ``export-embeddings``, ``convert``, ``app``, ``generate``.
+"""The ``pivotal`` command line: ``inspect``, ``export-embeddings``, ``convert``, ``app``, ``train``,
+``generate``, ``export-checkpoint``.
 
 Errors Pivotal raises on purpose (bad files, bad settings) print one line naming the file and the
 problem and exit with status 2; there is no traceback for those.
@@ -42,6 +43,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_checkpoint(args: argparse.Namespace) -> int:
+    from pivotal.ldm_checkpoint import export_checkpoint
+
+    for path in export_checkpoint(args.out, half=args.half, force=args.force):
+        print(path)
+    return 0
+
+
 def _cmd_app(args: argparse.Namespace) -> int:
     from pivotal.ui.app import run_app  # gradio is imported only when the app is asked for
 
@@ -72,13 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("app", help="the web app (Train and Generate tabs) on 127.0.0.1")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--demo", choices=("sd1", "sdxl"), help="a tiny random-weight model and a synthetic dataset")
+    src.add_argument("--demo", choices=("sd1", "sdxl"), help="a tiny demo model (sd1: pre-trained on a world of "
+                     "coloured shapes; sdxl: random weights) and a synthetic dataset")
     src.add_argument("--model", help="diffusers model folder")
     p.add_argument("--out", default="output", help="output folder for bundles (default: output)")
     p.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (default: 7860)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser window")
     p.set_defaults(run=_cmd_app)
+
+    p = sub.add_parser("export-checkpoint", help="write the sd1 demo model as a single-file LDM checkpoint "
+                                                 "(+ same-named .yaml and -clip/ folder) for a webui")
+    p.add_argument("--demo", choices=("sd1",), required=True, help="the model to export (the pre-trained demo)")
+    p.add_argument("out", metavar="OUT.safetensors")
+    p.add_argument("--half", action="store_true", help="fp16 weights (default fp32: exactly the demo model)")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.set_defaults(run=_cmd_export_checkpoint)
 
     from pivotal.cli_train import add_train_parser  # light: imports no torch model code
 

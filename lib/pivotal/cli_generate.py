@@ -26,7 +26,7 @@ def add_generate_command(sub: Any) -> None:
                                         "<lora:NAME:WEIGHT> bundles from --lora-dir")
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", metavar="PATH", help="a diffusers pipeline folder (SD1 or SDXL)")
-    model.add_argument("--demo", choices=("sd1", "sdxl"), help="the tiny random-weight demo model")
+    model.add_argument("--demo", choices=("sd1", "sdxl"), help="a tiny demo model (sd1 pre-trained, sdxl random)")
     p.add_argument("--prompt", required=True, help="the prompt; <lora:NAME:WEIGHT> tags apply bundles")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--steps", type=int, default=20)

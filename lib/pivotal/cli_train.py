@@ -1,7 +1,8 @@
 """``pivotal train``: flags and/or a TOML/JSON config → a training run on the standalone host.
 
 Precedence: defaults < config file < flags given on the command line. ``--demo`` without
-``--data`` writes a small synthetic captioned dataset under ``<out>/demo_data`` first.
+``--data`` writes a small synthetic captioned dataset under ``<out>/demo_data`` first: pictures of
+a character the pre-trained sd1 demo model never saw (:data:`pivotal.synth_world.EXAMPLE_CHARACTER`).
 Exit status: 0 completed, 1 stopped (diverged), 2 refused (bad settings/files), 130 interrupted.
 """
 
@@ -38,7 +39,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train LoRA + embeddings into a bundle (standalone host)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="diffusers model folder")
-    src.add_argument("--demo", choices=("sd1", "sdxl"), help="a tiny random-weight model (runs on a CPU in seconds)")
+    src.add_argument("--demo", choices=("sd1", "sdxl"), help="a tiny demo model (sd1: pre-trained on a world of "
+                     "coloured shapes; sdxl: random weights; runs on a CPU in seconds)")
     p.add_argument("--config", help="TOML or JSON file of settings (flags override it)")
     p.add_argument("--embedding", action="append", default=None, metavar="NAME[:VECTORS[:INIT TEXT]]",
                    help="a new embedding (repeatable), e.g. mychar:2:woman")
@@ -77,11 +79,12 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     cfg = TrainConfig.from_dict(values)
     if args.demo and not cfg.data_dir:
         from pivotal.demo_data import make_demo_dataset
+        from pivotal.synth_world import EXAMPLE_CHARACTER
 
         folder = Path(cfg.out_dir) / "demo_data"
         if not folder.is_dir() or not any(folder.iterdir()):
             folder.mkdir(parents=True, exist_ok=True)
-            make_demo_dataset(folder, [e.name for e in cfg.embeddings], seed=cfg.seed)
+            make_demo_dataset(folder, [e.name for e in cfg.embeddings], seed=cfg.seed, character=EXAMPLE_CHARACTER)
         cfg.data_dir = str(folder)
     return cfg.validate()
 

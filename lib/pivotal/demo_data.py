@@ -1,5 +1,5 @@
-"""A small synthetic captioned dataset for the demo and for tests: coloured shapes on plain
-backgrounds, drawn with PIL, deterministic from the seed.
+"""A small synthetic captioned dataset for the demo and for tests: pictures of the procedural
+world (:mod:`pivotal.synth_world`), one object each, deterministic from the seed.
 
 Each image ``demo_NNN.png`` has a caption ``demo_NNN.txt`` (UTF-8) such as
 ``"[mychar] a red circle on a blue background, top left"`` (one ``[name]`` per embedding name).
@@ -7,6 +7,11 @@ Image 1 is landscape (3:2) and image 2 portrait (2:3), when there are that many,
 is exercised; the rest are ``size`` x ``size``. The non-square ones are larger than ``size`` on
 their long side, so none needs upscaling at ``resolution=size``; train at a larger resolution
 with ``upscale_small=True``.
+
+With ``character`` set, every picture shows that :class:`~pivotal.synth_world.Character` (a look
+built from shapes / fills the pre-trained demo model never saw) and the caption names it only by
+the embedding names: ``"[mychar] on a red background, top left"``; the backgrounds take turns
+from :data:`CHARACTER_BACKGROUNDS`, so blue and green stay unseen.
 """
 
 from __future__ import annotations
@@ -16,25 +21,20 @@ import random
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image, ImageDraw
-
 from pivotal.errors import DatasetError
 from pivotal.names import validate_embedding_name
+from pivotal.synth_world import (BASE_WORLD, COLOURS, PLACES, Character, Scene, background_words, caption, render,
+                                 sample_scene)
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
-    "purple": (140, 60, 180), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
-}
-SHAPES = ("circle", "square", "triangle")
-#: Caption phrase -> shape centre as fractions of (width, height).
-PLACES: dict[str, tuple[float, float]] = {
-    "top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.3, 0.7),
-    "bottom right": (0.7, 0.7), "in the centre": (0.5, 0.5),
-}
+SHAPES = BASE_WORLD.shapes
+#: Backgrounds of the character pictures, in turn. Blue and green are left out on purpose: the
+#: demo then shows the character on a background it never saw it on ("mychar on a blue background").
+CHARACTER_BACKGROUNDS = ("white", "red", "yellow", "black")
+__all__ = ["COLOURS", "PLACES", "SHAPES", "make_demo_dataset"]
 
 
 def make_demo_dataset(folder: str | os.PathLike[str], names: Sequence[str], count: int = 8, size: int = 64,
-                      seed: int = 0) -> list[Path]:
+                      seed: int = 0, character: Character | None = None) -> list[Path]:
     """Write ``count`` images and captions into ``folder`` (created if needed; files of the same
     names are overwritten) and return the image paths in order."""
     names = [validate_embedding_name(n) for n in names]
@@ -46,29 +46,19 @@ def make_demo_dataset(folder: str | os.PathLike[str], names: Sequence[str], coun
     prefix = " ".join(f"[{n}]" for n in names)
     paths = []
     for index in range(count):
-        shape = rng.choice(SHAPES)
-        fg, bg = rng.sample(sorted(COLOURS), 2)
-        place = rng.choice(sorted(PLACES))
+        scene = sample_scene(rng, BASE_WORLD, objects=1)
+        text = caption(scene)
+        if character is not None:
+            obj = scene.objects[0]
+            choices = [c for c in CHARACTER_BACKGROUNDS if c not in (character.colour, character.accent)]
+            background = choices[index % len(choices)]
+            scene = Scene(background, (character.at(obj.place, obj.scale, obj.offset),))
+            # The embedding names in front are the subject; the character's own name is not said.
+            text = f"{background_words(background)}, {obj.place}"
         width, height = {1: (size * 3 // 2, size), 2: (size, size * 3 // 2)}.get(index, (size, size))
-        image = Image.new("RGB", (width, height), COLOURS[bg])
-        _draw(ImageDraw.Draw(image), shape, COLOURS[fg], PLACES[place], width, height)
+        image = render(scene, width, height)
         path = out / f"demo_{index:03d}.png"
         image.save(path, format="PNG")
-        article = "an" if fg[0] in "aeiou" else "a"
-        caption = f"{article} {fg} {shape} on a {bg} background, {place}"
-        path.with_suffix(".txt").write_text(f"{prefix} {caption}\n" if prefix else f"{caption}\n", encoding="utf-8")
+        path.with_suffix(".txt").write_text(f"{prefix} {text}\n" if prefix else f"{text}\n", encoding="utf-8")
         paths.append(path)
     return paths
-
-
-def _draw(draw: ImageDraw.ImageDraw, shape: str, colour: tuple[int, int, int], place: tuple[float, float],
-          width: int, height: int) -> None:
-    radius = min(width, height) // 5
-    cx, cy = int(place[0] * width), int(place[1] * height)
-    box = (cx - radius, cy - radius, cx + radius, cy + radius)
-    if shape == "circle":
-        draw.ellipse(box, fill=colour)
-    elif shape == "square":
-        draw.rectangle(box, fill=colour)
-    else:
-        draw.polygon([(cx, cy - radius), (cx + radius, cy + radius), (cx - radius, cy + radius)], fill=colour)

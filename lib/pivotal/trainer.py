@@ -10,10 +10,16 @@
    with the LoRA attached; each step: interrupt check, LRs for the step and phase, gradient
    accumulation, non-finite guard, optimizer step, norm pull, progress, saves and previews;
 5. save the bundle and a resume file (or not, per the outcome and ``on_interrupt``).
+
+Out of GPU memory anywhere in 4-5 (a step, a preview, a save) ends the run as a TrainingError that
+says where and what to change, after the host is restored and the run's own tensors (LoRA,
+embeddings, optimizer state, cached latents) are dropped and the CUDA cache emptied, so the next
+generation has its memory back (reliability checklist 26; :mod:`pivotal.faults` injects it).
 """
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from pathlib import Path
@@ -26,6 +32,7 @@ from pivotal.bundle_metadata import TrainingInfo
 from pivotal.embedding_inject import encode_plain
 from pivotal.embeddings import EmbeddingSet
 from pivotal.errors import TrainingError
+from pivotal.faults import fault_point
 from pivotal.host_api import TrainingHost
 from pivotal.lora_network import LoraNetwork
 from pivotal.name_registry import check_new_names
@@ -49,7 +56,27 @@ def train(config: TrainConfig, host: TrainingHost, on_event: EventSink | None = 
     where} of embedding names already in use (the host's embeddings folder, other bundles);
     a clash refuses the run before anything trains.
     """
-    return _Run(config, host, on_event or (lambda e: None), stop or threading.Event()).execute(resume, taken_names)
+    run = _Run(config, host, on_event or (lambda e: None), stop or threading.Event())
+    try:
+        return run.execute(resume, taken_names)
+    except torch.cuda.OutOfMemoryError as err:
+        detail = (str(err).splitlines() or ["out of memory"])[0]
+    # Raised outside the except block on purpose: the OOM's traceback holds the run's frames, and
+    # with them every tensor the run made; leaving the block drops it, then release() the rest.
+    where, saved = run.activity, run.saved
+    run.release()
+    del run
+    release_memory()
+    raise TrainingError(f"out of GPU memory {where}: {detail}. The model is restored and the run's memory freed. "
+                        "Lower batch_size or resolution, turn on gradient_checkpointing, or use precision "
+                        f"bf16/fp16; {'saved before it: ' + ', '.join(saved) if saved else 'nothing was saved'}.")
+
+
+def release_memory() -> None:
+    """Collect garbage and hand cached CUDA blocks back, so the host can use them again."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class _Run:
@@ -64,6 +91,14 @@ class _Run:
         self.warnings: list[str] = []
         self.step = 0
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.activity = "before the first step"  # for error messages: what the run was doing
+        self.saved: list[str] = []
+
+    def release(self) -> None:
+        """Drop every tensor the run made (after a failure; the host's own are untouched)."""
+        for name in ("optimizer", "net", "embeddings", "params", "batches", "target_norms"):
+            if hasattr(self, name):
+                setattr(self, name, None)
 
     # -- 1-3: set up -----------------------------------------------------------------------
     def execute(self, resume: str | None, taken_names: Mapping[str, str] | None) -> TrainResult:
@@ -156,6 +191,8 @@ class _Run:
                     self.emit(ProgressEvent("phase", step=self.step, total=cfg.steps, phase=phase))
                     last_phase = phase
                 lrs = apply_lrs(self.optimizer, cfg, self.step)
+                self.activity = f"at step {self.step + 1} of {cfg.steps}"
+                fault_point("step", self.step)
                 loss = runner.run(self.step, self.optimizer)
                 if loss is None:  # non-finite: no update was applied
                     bad_in_a_row += 1
@@ -200,6 +237,8 @@ class _Run:
     def _save(self, stem: str) -> str:
         cfg = self.config
         path = self.out_dir / f"{stem}.safetensors"
+        self.activity = f"while saving {path.name} after step {self.step}"
+        fault_point("save", self.step)
         embs = [BundleEmbedding(s.name, self.embeddings.tensors()[s.name], s.init_text) for s in cfg.embeddings]
         info = TrainingInfo(cfg.output_name, resolution=(cfg.resolution, cfg.resolution),
                             num_train_images=len(self.batches.dataset.items),
@@ -210,6 +249,7 @@ class _Run:
         save_state(self.out_dir / f"{stem}.resume.safetensors",
                    RunState(self.step, cfg.fingerprint(), self.fingerprint, self.smoother.state(), self.losses),
                    self.params, self.optimizer, self.generator)
+        self.saved.append(str(path))
         self.emit(ProgressEvent("save", step=self.step, total=cfg.steps, path=str(path)))
         return str(path)
 
@@ -219,8 +259,10 @@ class _Run:
         size = cfg.preview_size or cfg.resolution
         folder = self.out_dir / "previews"
         folder.mkdir(exist_ok=True)
+        self.activity = f"during the preview after step {self.step}"
         self.net.eval()
         try:
+            fault_point("preview", self.step)
             with torch.no_grad():
                 for i, prompt in enumerate(prompts):
                     image = self.host.generate(prompt, "", self.embeddings, cfg.preview_steps, cfg.seed, size, size, 7.0)

@@ -5,11 +5,14 @@ Proves on the real host: training through the API, the bundle published into the
 infotext, the host restored bit for bit (weights fingerprint, flags, attention optimization,
 embedding database, and the same txt2img image as before), the webui's own Interrupt stopping a
 run, generations waiting in the webui's queue while a run holds it, a second start refused, and a
-fault in the middle of a run leaving the host restored and usable.
+fault in the middle of a run leaving the host restored and usable, and out of memory forced at a
+step and during a preview (checklist 26) doing the same with a message that says what to change.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import threading
 import time
@@ -140,3 +143,27 @@ def test_option_lends_bundle_embeddings_without_the_lora_tag(webui: Webui, datas
         webui.request("POST", "/sdapi/v1/options", {"pivotal_bundle_embeddings_always": False})
     # switched off: the conds cached with the lent vectors are not reused
     assert webui.txt2img(prompt) == (plain, webui.txt2img(prompt)[1])
+
+
+@pytest.mark.parametrize("point", ["step", "preview"])
+def test_out_of_memory_stops_cleanly(webui: Webui, dataset: Path, baseline: tuple[bytes, dict], point: str) -> None:
+    if not webui.fault_file:
+        pytest.skip("set PIVOTAL_WEBUI_FAULT_FILE to the PIVOTAL_FAULT_FILE the webui at PIVOTAL_WEBUI_URL runs with")
+    before_image, before_host = baseline
+    with open(webui.fault_file, "w", encoding="utf-8") as f:
+        json.dump({"point": point, "step": 2, "error": "oom"}, f)
+    try:
+        code, body = webui.status_of("POST", "/pivotal/v1/train",
+                                     _config(dataset, _unique("pvtoom"), 6, preview_every=2))
+        assert code == 200, body
+        snap = webui.wait_run()
+    finally:
+        os.unlink(webui.fault_file)
+    assert snap["state"] == "failed" and snap["step"] == 2, snap
+    assert "out of GPU memory" in snap["message"] and "gradient_checkpointing" in snap["message"], snap["message"]
+    assert webui.request("GET", "/pivotal/v1/host") == before_host
+    assert webui.txt2img(BASELINE_PROMPT)[0] == before_image
+    # the next run trains normally
+    code, body = webui.status_of("POST", "/pivotal/v1/train", _config(dataset, _unique("pvtok"), 2))
+    assert code == 200, body
+    assert webui.wait_run()["result_status"] == "completed"

@@ -9,6 +9,11 @@ Configured by environment variables, nothing else:
   here: CPU, checkpoint, ``--api``...) plus ``--port PIVOTAL_WEBUI_PORT`` (default 7871), and stop it
   afterwards. The checkout must already have this extension in ``extensions/``.
 
+Fault injection (:mod:`pivotal.faults`): a webui the tests start gets ``PIVOTAL_FAULT_FILE`` (a
+temp path, or ``PIVOTAL_WEBUI_FAULT_FILE`` when set) in its environment, and ``Webui.fault_file``
+names it; for a webui reached at a URL, ``PIVOTAL_WEBUI_FAULT_FILE`` must name the file that webui
+was started with, or the fault tests skip.
+
 Only loopback addresses are used. No webui code or setup lives in this repository.
 """
 
@@ -18,6 +23,7 @@ import base64
 import json
 import os
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
@@ -52,6 +58,7 @@ class Webui:
     url: str
     process: Optional[subprocess.Popen] = None
     log: list[str] = field(default_factory=list)
+    fault_file: str = ""  # the webui's PIVOTAL_FAULT_FILE; "" when unknown
 
     # -- HTTP --------------------------------------------------------------------------------------
     def request(self, method: str, path: str, body: Any = None, timeout: float = 600.0) -> Any:
@@ -108,12 +115,18 @@ class Webui:
 def start_or_reach() -> Webui:
     """The configured webui: reached at PIVOTAL_WEBUI_URL, or started (see the module docstring)."""
     if os.environ.get("PIVOTAL_WEBUI_URL"):
-        return Webui(os.environ["PIVOTAL_WEBUI_URL"].rstrip("/"))
+        return Webui(os.environ["PIVOTAL_WEBUI_URL"].rstrip("/"),
+                     fault_file=os.environ.get("PIVOTAL_WEBUI_FAULT_FILE", ""))
     port = int(os.environ.get("PIVOTAL_WEBUI_PORT", "7871"))
     args = os.environ.get("PIVOTAL_WEBUI_ARGS", "").split() + ["--port", str(port)]
+    fault_file = os.environ.get("PIVOTAL_WEBUI_FAULT_FILE") or os.path.join(
+        tempfile.gettempdir(), f"pivotal-webui-fault-{port}-{os.getpid()}.json")
+    if os.path.exists(fault_file):
+        os.unlink(fault_file)  # armed by nobody: a stale file would fail the first run
     proc = subprocess.Popen([os.environ["PIVOTAL_WEBUI_PYTHON"], "launch.py", *args], cwd=os.environ["PIVOTAL_WEBUI_DIR"],
+                            env={**os.environ, "PIVOTAL_FAULT_FILE": fault_file},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    webui = Webui(f"http://127.0.0.1:{port}", process=proc)
+    webui = Webui(f"http://127.0.0.1:{port}", process=proc, fault_file=fault_file)
     started = threading.Event()
 
     def pump() -> None:  # keep reading, or the webui blocks on a full pipe

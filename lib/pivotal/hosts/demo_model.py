@@ -1,11 +1,15 @@
-"""A tiny Stable Diffusion with random weights, for trying the whole pipeline on a laptop CPU.
+"""The tiny demo models, for trying the whole pipeline on a laptop CPU. Nothing is downloaded.
 
-Nothing is downloaded: the UNet, VAE and text encoders are built from the configs below and their
-weights drawn from one seeded generator, so ``build_demo_parts("sd1", 0)`` gives the same model
-every time (for the same diffusers/transformers versions), and a bundle trained on it applies to
-a later build. Images come out as noise; the point is exercising training, saving and loading.
+* ``sd1`` is the *pre-trained* tiny-world model (:mod:`pivotal.hosts.tiny_world`): its weights
+  ship with Pivotal, and it draws the procedural world of :mod:`pivotal.synth_world` as its
+  prompts ask ("a red circle on a blue background, top left").
+* ``sdxl`` (and ``sd1`` with ``pretrained=False``) has *random* weights: the UNet, VAE and text
+  encoders are built from the configs below and their weights drawn from one seeded generator, so
+  ``build_demo_parts("sdxl", 0)`` gives the same model every time (for the same
+  diffusers/transformers versions), and a bundle trained on it applies to a later build. Its
+  images come out as noise; the point is exercising training, saving and loading.
 
-Sizes (SD's structure, scaled down):
+Sizes of the random models (SD's structure, scaled down):
 
 * text encoders: real CLIP tokenizer (open_clip's BPE file), vocab 49408, 77 positions, 2 layers;
   clip_l 32 wide, SDXL's clip_g 64 wide with a 64-dim projection;
@@ -174,10 +178,27 @@ def randomize_(model: nn.Module, generator: torch.Generator) -> nn.Module:
     return model
 
 
-def build_demo_parts(base: str, seed: int = 0, cache_dir: str | os.PathLike | None = None) -> PipelineParts:
-    """The demo pipeline for ``base`` ("sd1" or "sdxl"), on CPU in fp32, in eval mode, frozen."""
+def is_pretrained(base: str, pretrained: bool | None = None) -> bool:
+    """Whether the demo model for ``base`` is the pre-trained one: by default sd1 is, sdxl is not."""
+    return base == "sd1" if pretrained is None else bool(pretrained)
+
+
+def build_demo_parts(base: str, seed: int = 0, cache_dir: str | os.PathLike | None = None,
+                     pretrained: bool | None = None) -> PipelineParts:
+    """The demo pipeline for ``base`` ("sd1" or "sdxl"), on CPU in fp32, in eval mode, frozen.
+
+    ``pretrained`` (default: True for sd1, False for sdxl): the shipped tiny-world weights, where
+    ``seed`` plays no part; else random weights drawn from ``seed``. Only sd1 has pre-trained
+    weights (ConfigError for sdxl).
+    """
     if base not in BASES:
         raise ConfigError(f"demo model {base!r} is not one of {', '.join(BASES)} (setting: --demo)")
+    if is_pretrained(base, pretrained):
+        if base != "sd1":
+            raise ConfigError(f"only the sd1 demo model has pre-trained weights, not {base!r} (setting: --demo)")
+        from pivotal.hosts.tiny_world import load_parts
+
+        return load_parts(cache_dir=cache_dir)
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 

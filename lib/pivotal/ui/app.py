@@ -3,8 +3,9 @@
 ``pivotal app [--demo {sd1,sdxl} | --model PATH] [--out DIR] [--port 7860] [--no-browser]``
 (:func:`run_app`; the flags are defined in :mod:`pivotal.cli`, which imports no gradio). The
 model is loaded before the server starts, so a bad path is one error line on the terminal, not a
-broken page. ``--demo`` uses a tiny random-weight model and a synthetic
-dataset so the whole workflow can be tried on a laptop CPU in well under a minute.
+broken page. ``--demo`` uses a tiny model (sd1: pre-trained on a synthetic world of coloured shapes;
+sdxl: random weights) and a synthetic dataset of a character that model never saw, so the whole
+workflow can be tried on a laptop CPU in well under a minute.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ HostProvider = Callable[[], Any]
 LOCALHOST = "127.0.0.1"
 #: the demo's embedding and settings: tiny, so a run ends in seconds on a CPU
 DEMO_EMBEDDING = EmbeddingSpec.parse(CORE_DEMO_EMBEDDING)
-DEMO_SETTINGS = {**CORE_DEMO_SETTINGS, "steps": 30, "preview_every": 10, "preview_steps": 4}
+DEMO_SETTINGS = {**CORE_DEMO_SETTINGS, "preview_every": 50, "preview_steps": 8}
 DEMO_IMAGES = 8
 #: seconds to wait, after Ctrl-C, for a running run to reach its next step and save
 INTERRUPT_WAIT_S = 300.0
@@ -41,22 +42,27 @@ DEMO_SIZE = 64
 
 def build_app(host_provider: HostProvider, out_dir: str, data_dir_default: str = "", *,
               job: Optional[TrainingJob] = None, host_label: str = "", base: Optional[TrainConfig] = None,
-              demo: bool = False, generate_size: int = 512, generate_steps: int = 20) -> gr.Blocks:
+              demo: bool = False, generate_size: int = 512, generate_steps: int = 20,
+              pretrained_demo: bool = False) -> gr.Blocks:
     """The app's page. Nothing is loaded or started here; ``host_provider`` is called on first use.
 
     ``job``: the process's training job (a new one when not given). ``base``: the settings the
-    Train form starts from. ``demo``: show that the model has random weights.
+    Train form starts from. ``demo``: say what the demo model is: random weights, or with
+    ``pretrained_demo`` the tiny model pre-trained on the synthetic world (prompts then describe
+    that world).
     """
     job = job if job is not None else TrainingJob()
     base = base if base is not None else TrainConfig(out_dir=out_dir, data_dir=data_dir_default)
     names = [e.name for e in base.embeddings]
     with gr.Blocks(title="Pivotal", analytics_enabled=False) as blocks:
-        gr.HTML(_header_html(host_label, demo))
+        gr.HTML(_header_html(host_label, demo, pretrained_demo))
         with gr.Tabs():
             with gr.Tab("Train", id="train", elem_id="pivotal-tab-train"):
                 train = build_train_tab(job, host_provider, data_dir=data_dir_default, out_dir=out_dir, base=base)
             with gr.Tab("Generate", id="generate", elem_id="pivotal-tab-generate"):
                 prompt = f"a photo of {names[0]}" if names else ""
+                if names and demo and pretrained_demo:
+                    prompt = f"{names[0]} on a blue background, top left"  # words the demo model knows
                 gen = build_generate_tab(job, host_provider, out_dir=out_dir, default_prompt=prompt,
                                          default_size=generate_size, default_steps=generate_steps)
         # when a run ends, the Generate tab lists (and picks) the bundle it just saved
@@ -96,11 +102,13 @@ def demo_setup(out_dir: Path) -> tuple[TrainConfig, str]:
     """(Train form settings, dataset folder) for ``--demo``: writes the synthetic captioned dataset
     to ``<out>/demo_data`` unless a dataset is already there."""
     from pivotal.demo_data import make_demo_dataset
+    from pivotal.synth_world import EXAMPLE_CHARACTER
 
     folder = out_dir / "demo_data"
     if not folder.is_dir() or not any(folder.iterdir()):
         folder.mkdir(parents=True, exist_ok=True)
-        make_demo_dataset(folder, [DEMO_EMBEDDING.name], count=DEMO_IMAGES, size=DEMO_SIZE, seed=0)
+        make_demo_dataset(folder, [DEMO_EMBEDDING.name], count=DEMO_IMAGES, size=DEMO_SIZE, seed=0,
+                          character=EXAMPLE_CHARACTER)
     base = TrainConfig.from_dict({**TrainConfig().to_dict(), **DEMO_SETTINGS, "out_dir": str(out_dir),
                                   "data_dir": str(folder), "embeddings": [vars(DEMO_EMBEDDING)]})
     return base, str(folder)
@@ -110,6 +118,7 @@ def run_app(args: argparse.Namespace) -> int:
     """``pivotal app``: load the model, build the page, serve it until Ctrl-C."""
     # gradio would otherwise try to report usage to its servers (no network here, and no need)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from pivotal.hosts.demo_model import is_pretrained
     from pivotal.hosts.diffusers_host import load_host
 
     out_dir = Path(args.out)
@@ -123,7 +132,8 @@ def run_app(args: argparse.Namespace) -> int:
     small = base.resolution if args.demo else 512
     job = TrainingJob()
     blocks = build_app(cached_host_provider(lambda: host), str(out_dir), data_dir, job=job, host_label=label,
-                       base=base, demo=bool(args.demo), generate_size=small, generate_steps=8 if args.demo else 20)
+                       base=base, demo=bool(args.demo), generate_size=small, generate_steps=8 if args.demo else 20,
+                       pretrained_demo=bool(args.demo) and is_pretrained(args.demo))
     launch(blocks, port=args.port, open_browser=not args.no_browser, block=False)
     return serve_until_ctrl_c(blocks, job)
 
@@ -149,10 +159,17 @@ def serve_until_ctrl_c(blocks: gr.Blocks, job: TrainingJob) -> int:
     return 0
 
 
-def _header_html(label: str, demo: bool) -> str:
+def _header_html(label: str, demo: bool, pretrained_demo: bool = False) -> str:
     parts = ['<div id="pivotal-header"><h2 style="margin:0">Pivotal</h2>']
     parts.append(f'<div>model: <b id="pivotal-host-label">{html.escape(label or "loaded on first use")}</b></div>')
-    if demo:
+    if demo and pretrained_demo:
+        name = html.escape(DEMO_EMBEDDING.name)
+        parts.append('<div id="pivotal-demo-warning" style="border-left:4px solid #b45309;padding:4px 8px">'
+                     "DEMO: a tiny model pre-trained on a synthetic world of coloured shapes (it draws prompts "
+                     "like &quot;a red circle on a blue background, top left&quot;, 64 px), and a synthetic "
+                     f"dataset of a character it never saw ({name}: a striped star). Train, then generate "
+                     f"&quot;{name} on a blue background, top left&quot;.</div>")
+    elif demo:
         parts.append('<div id="pivotal-demo-warning" style="border-left:4px solid #b45309;padding:4px 8px">'
                      "DEMO: a tiny model with RANDOM weights and a synthetic dataset. Images will be noise; "
                      "this tries the workflow, not the quality.</div>")

@@ -1,0 +1,134 @@
+"""The held-out concepts of the efficacy benchmark and their pictures.
+
+Three concepts the tiny-world base model never saw in a caption (``pivotal.synth_world`` keeps
+them out of its training world):
+
+* ``shape``: a new shape (the star), in any solid colour;
+* ``texture``: a new fill (diagonal stripes), on the shapes the model knows;
+* ``character``: one specific look built only from held-out parts (an orange and purple striped
+  star), captioned by its name alone, like a person's name.
+
+Each concept has a small training set (``TRAIN_COUNT`` pictures) in some compositions and a
+held-out set in compositions the training set never shows: other places on the canvas, other
+background colours and, for the shape and texture, other object colours. Captions use the world's
+own wording with the concept's trigger where its words would be, e.g. "a red mystar on a blue
+background, top left" or "mychar on a white background, in the centre".
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+
+from pivotal.synth_world import (BASE_STYLE, BASE_WORLD, EXAMPLE_CHARACTER, Scene, SceneObject, WorldStyle,
+                                 background_words, render, world_item)
+
+TRAIN_COUNT = 12
+HELD_OUT_COUNT = 16
+BASE_PROMPT_COUNT = 32
+#: Training compositions use these places and backgrounds; held-out ones use the others.
+TRAIN_PLACES = ("top left", "top right", "in the centre")
+HELD_OUT_PLACES = ("bottom left", "bottom right")
+TRAIN_BACKGROUNDS = ("blue", "green", "white", "black")
+HELD_OUT_BACKGROUNDS = ("red", "yellow", "purple", "orange")
+TRAIN_COLOURS = ("red", "yellow", "white", "green")
+HELD_OUT_COLOURS = ("blue", "purple", "orange", "black")
+#: World seed of the base-prompt pictures (drift): none of them shows a held-out concept.
+BASE_PROMPT_SEED = 9101
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A held-out concept: its embedding name (``trigger``), the class word its vectors start
+    from (``init``), and the rare word a plain LoRA would use as its trigger instead."""
+
+    key: str
+    trigger: str
+    init: str
+    rare: str
+    label: str
+
+    def obj(self, rng: random.Random, place: str, colours: Sequence[str], background: str) -> SceneObject:
+        """One object of the concept at ``place``, coloured from ``colours`` (not the background)."""
+        if self.key == "character":
+            return EXAMPLE_CHARACTER.at(place)
+        colour = rng.choice([c for c in colours if c != background])
+        if self.key == "shape":
+            return SceneObject("star", colour, place)
+        accent = rng.choice([c for c in ("white", "black", "yellow", "purple") if c not in (colour, background)])
+        return SceneObject(rng.choice(("circle", "square", "triangle")), colour, place, fill="striped",
+                           accent=accent)
+
+    def words(self, obj: SceneObject, trigger: str) -> str:
+        """The object's words with ``trigger`` standing for the concept (article included)."""
+        if self.key == "character":
+            return trigger
+        if self.key == "shape":
+            words = f"{obj.colour} {trigger}"
+        else:
+            words = f"{obj.colour} and {obj.accent} {trigger} {obj.shape}"
+        return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
+
+    def caption(self, scene: Scene, trigger: str | None = None) -> str:
+        obj = scene.objects[0]
+        return f"{self.words(obj, trigger or self.trigger)} {background_words(scene.background)}, {obj.place}"
+
+
+CONCEPTS: dict[str, Concept] = {
+    "shape": Concept("shape", "mystar", "circle", "zwx", "new shape (star)"),
+    "texture": Concept("texture", "mystripes", "", "qwv", "new texture (stripes)"),
+    "character": Concept("character", "mychar", "circle", "vkz", "character (striped star)"),
+}
+
+
+@dataclass(frozen=True)
+class Picture:
+    image: Image.Image
+    scene: Scene
+
+    def caption(self, concept: Concept, trigger: str | None = None) -> str:
+        return concept.caption(self.scene, trigger)
+
+
+def _scenes(concept: Concept, count: int, seed: int, places: Sequence[str], backgrounds: Sequence[str],
+            colours: Sequence[str]) -> list[Scene]:
+    rng = random.Random(f"pivotal-efficacy:{concept.key}:{seed}")
+    scenes = []
+    for i in range(count):
+        # the character's own colours never serve as its background
+        allowed = [b for b in backgrounds if concept.key != "character" or b not in ("orange", "purple")]
+        background = allowed[i % len(allowed)]
+        place = places[(i // len(backgrounds)) % len(places)]
+        scenes.append(Scene(background, (concept.obj(rng, place, colours, background),)))
+    return scenes
+
+
+def training_pictures(concept: Concept, seed: int = 0, style: WorldStyle = BASE_STYLE) -> list[Picture]:
+    """``TRAIN_COUNT`` pictures of the concept in the training compositions."""
+    scenes = _scenes(concept, TRAIN_COUNT, seed, TRAIN_PLACES, TRAIN_BACKGROUNDS, TRAIN_COLOURS)
+    return [Picture(render(s, style=style, noise_seed=seed * 1000 + i), s) for i, s in enumerate(scenes)]
+
+
+def held_out_pictures(concept: Concept, style: WorldStyle = BASE_STYLE) -> list[Picture]:
+    """``HELD_OUT_COUNT`` pictures of the concept in compositions no training picture has."""
+    scenes = _scenes(concept, HELD_OUT_COUNT, 777, HELD_OUT_PLACES, HELD_OUT_BACKGROUNDS, HELD_OUT_COLOURS)
+    return [Picture(render(s, style=style, noise_seed=50_000 + i), s) for i, s in enumerate(scenes)]
+
+
+def base_prompt_items(style: WorldStyle = BASE_STYLE) -> list[tuple[Image.Image, str]]:
+    """Ordinary pictures of the base world with their captions (no trigger): for drift."""
+    return [(item.image, item.caption) for item in
+            (world_item(BASE_PROMPT_SEED, i, BASE_WORLD, style) for i in range(BASE_PROMPT_COUNT))]
+
+
+def write_training_folder(folder: Path, concept: Concept, trigger: str, seed: int = 0) -> Path:
+    """The training set as a Pivotal dataset folder: ``NNN.png`` + ``NNN.txt`` (caption with ``trigger``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, pic in enumerate(training_pictures(concept, seed)):
+        pic.image.save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(pic.caption(concept, trigger) + "\n", encoding="utf-8")
+    return folder

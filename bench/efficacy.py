@@ -1,0 +1,286 @@
+"""Efficacy: does pivotal tuning do what its users expect? Embeddings vs LoRA vs pivotal, measured.
+
+On the tiny pre-trained model (``pivotal.hosts.tiny_world``, which follows its prompts) and three
+concepts it never saw (``_efficacy_data``: a new shape, a new texture, a character), each method
+trains with Pivotal's own trainer at the same step budget, batch, data and seed:
+
+* ``ti``: textual inversion only (the embedding trains; the UNet LoRA's LR is 0);
+* ``lora``: UNet LoRA only, with a rare word ("zwx") as the trigger (a frozen placeholder
+  embedding the captions never use satisfies the trainer);
+* ``pivotal``: embeddings + UNet LoRA together, embeddings frozen half-way (the default plan);
+* ``pivotal_ef``: embeddings first (30 % of the steps), then the LoRA;
+* ``pivotal_te``: ``pivotal`` + a text-encoder LoRA.
+
+Measured on held-out pictures of the concept in compositions training never showed
+(``_efficacy_eval``; loss = epsilon MSE on fixed noise and timesteps, gain = fraction of the base
+model's loss removed):
+
+* fit: the bundle's gain on held-out pictures;
+* drift: how much the bundle raises the loss on ordinary base-world prompts (no trigger), in %;
+* separation: the gain kept by the embedding alone / the UNet LoRA alone / the TE LoRA alone, as
+  a share of the full bundle's (the grid users make by hand);
+* transfer: the gain of the full bundle and of the embedding alone on a second base model (the
+  same model continued on a shifted world, ``_efficacy_shift``), held-out pictures in its style.
+
+A second table varies one setting of ``pivotal`` at a time (embedding LR multiple, vectors, rank,
+phase plan) to choose the defaults. Means and spread are over ``--seeds`` training seeds, each
+averaged over the concepts.
+
+    .venv/bin/python bench/efficacy.py --json bench/results/efficacy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import add_threads_arg, apply_threads, load_average, machine_info, print_table, write_json  # noqa: E402
+from _efficacy_data import (CONCEPTS, Concept, base_prompt_items, held_out_pictures,  # noqa: E402
+                            write_training_folder)
+from _efficacy_eval import (DenoiseSet, denoise_loss, denoise_set, gain, has_part, load_parts,  # noqa: E402
+                            variant)
+
+from pivotal.embeddings import EmbeddingSet  # noqa: E402
+from pivotal.hosts import tiny_world  # noqa: E402
+from pivotal.hosts.diffusers_host import DiffusersHost  # noqa: E402
+from pivotal.synth_world import BASE_STYLE, SHIFTED_STYLE  # noqa: E402
+from pivotal.train_config import EmbeddingSpec, TrainConfig  # noqa: E402
+from pivotal.trainer import train  # noqa: E402
+
+#: Settings every run shares. The tiny model learns a concept in ~150 steps at these LRs; at a
+#: UNet LR of 1e-3 (pilot runs) the LoRA overfits: +33-48 % loss on ordinary prompts, and the
+#: embedding alone then beats the whole bundle on held-out pictures.
+COMMON: dict[str, Any] = dict(steps=150, batch_size=4, resolution=64, bucket_step=64, bucketing=False,
+                              lora_preset="attn-mlp", unet_rank=4, unet_alpha=4.0, unet_lr=3e-4,
+                              embedding_lr=3e-3, te_lr=3e-5, te_rank=4, te_alpha=4.0,
+                              save_precision="fp32", latent_cache="memory")
+VECTORS = 2
+METHODS: dict[str, dict[str, Any]] = {
+    "ti": dict(unet_lr=0.0, freeze_embeddings_at=1.0),
+    "lora": dict(freeze_embeddings_at=0.0),
+    "pivotal": dict(phase_plan="together", freeze_embeddings_at=0.5),
+    "pivotal_ef": dict(phase_plan="embeddings_first"),
+    "pivotal_te": dict(phase_plan="together", freeze_embeddings_at=0.5, te_lora=True),
+}
+#: One setting of "pivotal" changed at a time: (label, overrides, vectors).
+SWEEP: tuple[tuple[str, dict[str, Any], int], ...] = (
+    ("embedding LR 3x UNet", dict(embedding_lr=3.0), VECTORS),   # multiples of the UNet LR, see train_one
+    ("embedding LR 30x UNet", dict(embedding_lr=30.0), VECTORS),
+    ("1 vector", {}, 1),
+    ("4 vectors", {}, 4),
+    ("rank 8", dict(unet_rank=8, unet_alpha=8.0), VECTORS),
+    ("embeddings never frozen", dict(freeze_embeddings_at=1.0), VECTORS),
+    ("4 vectors + embedding LR 30x", dict(embedding_lr=30.0), 4),  # the two winners together
+)
+SWEEP_ONLY = {label for label, _, _ in SWEEP}
+PLACEHOLDER = "pvtunused"  # the lora method's frozen, never-used embedding
+
+
+@dataclass
+class Stage:
+    """A model with the concept's held-out set and the base prompts, each noised once."""
+
+    host: DiffusersHost
+    held_out: dict[str, tuple[DenoiseSet, list[Any]]]
+    base_prompts: tuple[DenoiseSet, list[str]]
+
+
+def make_stage(host: DiffusersHost, shifted: bool) -> Stage:
+    style = SHIFTED_STYLE if shifted else BASE_STYLE
+    held: dict[str, tuple[DenoiseSet, list[Any]]] = {}
+    for i, (key, concept) in enumerate(CONCEPTS.items()):
+        pics = held_out_pictures(concept, style)
+        held[key] = (denoise_set(host, [p.image for p in pics], seed=100 + i), pics)
+    items = base_prompt_items(style)
+    base = (denoise_set(host, [im for im, _ in items], seed=99), [c for _, c in items])
+    return Stage(host, held, base)
+
+
+def trigger_of(method: str, concept: Concept) -> str:
+    return concept.rare if method == "lora" else concept.trigger
+
+
+def train_one(host: DiffusersHost, concept: Concept, method: str, seed: int, work: Path,
+              overrides: dict[str, Any] | None = None, vectors: int = VECTORS) -> str:
+    trigger = trigger_of(method, concept)
+    data = write_training_folder(work / f"data-{concept.key}-{trigger}", concept, trigger)
+    if method == "lora":
+        embeddings = [EmbeddingSpec(PLACEHOLDER, 1, "")]
+    else:
+        embeddings = [EmbeddingSpec(concept.trigger, vectors, concept.init)]
+    overrides = dict(overrides or {})
+    if "embedding_lr" in overrides:  # the sweep gives it as a multiple of the UNet LR
+        overrides["embedding_lr"] *= COMMON["unet_lr"]
+    kw = {**COMMON, **METHODS[method], **overrides}
+    tag = "-".join(f"{k}{v}" for k, v in sorted((overrides or {}).items())) or "default"
+    out = work / f"out-{concept.key}-{method}-{tag}-v{vectors}-s{seed}"
+    cfg = TrainConfig(data_dir=str(data), out_dir=str(out), output_name="bundle", seed=seed,
+                      embeddings=embeddings, **kw).validate()
+    result = train(cfg, host)
+    if result.status != "completed":
+        raise RuntimeError(f"{concept.key}/{method}: training ended {result.status}: {result.message}")
+    return str(result.bundle_path)
+
+
+def measure(stage: Stage, bundle: str, concept: Concept, method: str, base_cache: dict) -> dict[str, float]:
+    """Losses and gains of every variant of ``bundle`` on ``stage``."""
+    host = stage.host
+    data, pics = stage.held_out[concept.key]
+    captions = [p.caption(concept, trigger_of(method, concept)) for p in pics]
+    parts = load_parts(host, bundle)
+    key = (id(stage), concept.key, trigger_of(method, concept))
+    if key not in base_cache:
+        with variant(parts, "base") as embs:
+            base_cache[key] = denoise_loss(host, data, captions, embs)
+    base = base_cache[key]
+    out = {"base": base}
+    for which in ("full", "emb", "unet", "te"):
+        if which != "full" and (not has_part(parts, which) or (which == "emb" and method == "lora")):
+            continue  # nothing trained there (the lora method's placeholder embedding is never used)
+        with variant(parts, which) as embs:
+            out[which] = denoise_loss(host, data, captions, embs)
+        out[f"gain_{which}"] = gain(out[which], base)
+    for which in ("emb", "unet", "te"):
+        if f"gain_{which}" in out and abs(out["gain_full"]) > 1e-9:
+            out[f"share_{which}"] = out[f"gain_{which}"] / out["gain_full"]
+    bdata, bcaps = stage.base_prompts
+    bkey = (id(stage), "base-prompts")
+    if bkey not in base_cache:
+        base_cache[bkey] = denoise_loss(host, bdata, bcaps, EmbeddingSet())
+    with variant(parts, "full") as embs:
+        out["drift_pct"] = 100.0 * (denoise_loss(host, bdata, bcaps, embs) / base_cache[bkey] - 1.0)
+    return out
+
+
+def mean_sd(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def seed_means(rows: list[dict], field: str, seeds: list[int]) -> list[float]:
+    """Per seed, the mean of ``field`` over the concepts (rows without it are skipped)."""
+    out = []
+    for s in seeds:
+        vals = [r[field] for r in rows if r["seed"] == s and field in r]
+        if vals:
+            out.append(statistics.mean(vals))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--sweep-seeds", type=int, default=1, help="seeds of the defaults sweep (time: ~20 s a run)")
+    ap.add_argument("--steps", type=int, default=COMMON["steps"])
+    ap.add_argument("--unet-lr", type=float, default=COMMON["unet_lr"],
+                    help="UNet LoRA LR of every method (the embedding LR stays 10x it, the TE LoRA's 0.1x)")
+    ap.add_argument("--concepts", nargs="+", default=list(CONCEPTS), choices=list(CONCEPTS))
+    ap.add_argument("--no-sweep", action="store_true", help="skip the defaults sweep")
+    ap.add_argument("--sweep", nargs="+", choices=sorted(SWEEP_ONLY), help="only these sweep settings")
+    ap.add_argument("--no-transfer", action="store_true", help="skip the second base model")
+    ap.add_argument("--base", default=str(tiny_world.WEIGHTS_FILE), help="the tiny-world weight file")
+    ap.add_argument("--shift-steps", type=int, default=200, help="steps continuing the base on the shifted world")
+    add_threads_arg(ap)
+    args = ap.parse_args(argv)
+    apply_threads(args.threads)
+    COMMON["steps"] = args.steps
+    COMMON.update(unet_lr=args.unet_lr, embedding_lr=10 * args.unet_lr, te_lr=0.1 * args.unet_lr)
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="pivotal-efficacy-"))
+    seeds = list(range(args.seeds))
+
+    host = DiffusersHost(tiny_world.load_parts(args.base), label="tiny-world sd1")
+    stage = make_stage(host, shifted=False)
+    stage2 = shift_note = None
+    if not args.no_transfer:
+        from _efficacy_shift import shifted_parts
+
+        t0 = time.perf_counter()
+        parts2, shift_note = shifted_parts(args.base, steps=args.shift_steps)
+        shift_note["seconds"] = time.perf_counter() - t0
+        stage2 = make_stage(DiffusersHost(parts2, label="tiny-world shifted"), shifted=True)
+    cache: dict = {}
+    rows: list[dict] = []
+    for method in METHODS:
+        for key in args.concepts:
+            concept = CONCEPTS[key]
+            for seed in seeds:
+                t0 = time.perf_counter()
+                bundle = train_one(host, concept, method, seed, work)
+                row = {"method": method, "concept": key, "seed": seed, **measure(stage, bundle, concept, method, cache)}
+                if stage2 is not None:
+                    second = measure(stage2, bundle, concept, method, cache)
+                    row.update({f"transfer_{k}": v for k, v in second.items() if k.startswith("gain_")})
+                row["seconds"] = time.perf_counter() - t0
+                rows.append(row)
+                print(f"[efficacy] {method} {key} seed {seed}: fit {row['gain_full']:.3f} drift "
+                      f"{row['drift_pct']:+.2f}% ({row['seconds']:.0f}s)", flush=True)
+                gc.collect()
+
+    sweep_rows: list[dict] = []
+    if not args.no_sweep:
+        for label, overrides, vectors in SWEEP:
+            if args.sweep and label not in args.sweep:
+                continue
+            for key in args.concepts:
+                for seed in seeds[:args.sweep_seeds]:
+                    bundle = train_one(host, CONCEPTS[key], "pivotal", seed, work, overrides, vectors)
+                    sweep_rows.append({"setting": label, "concept": key, "seed": seed,
+                                       **measure(stage, bundle, CONCEPTS[key], "pivotal", cache)})
+            fits = seed_means([r for r in sweep_rows if r["setting"] == label], "gain_full", seeds)
+            print(f"[efficacy] sweep {label}: fit {mean_sd(fits)}", flush=True)
+
+    report(rows, sweep_rows, seeds, args)
+    write_json(args.json, {"benchmark": "efficacy", "machine": machine_info(), "common": COMMON, "methods": METHODS,
+                           "vectors": VECTORS, "seeds": seeds, "concepts": {k: vars(CONCEPTS[k]) for k in args.concepts},
+                           "rows": rows, "sweep": sweep_rows, "shifted_model": shift_note,
+                           "load_average_end": load_average(), "wall_s": time.perf_counter() - started})
+    return 0
+
+
+def report(rows: list[dict], sweep_rows: list[dict], seeds: list[int], args: argparse.Namespace) -> None:
+    def pick(method: str) -> list[dict]:
+        return [r for r in rows if r["method"] == method]
+
+    print_table(["method", "fit (held-out gain)", "drift %", "emb alone share", "UNet LoRA alone share",
+                 "TE LoRA alone share", "transfer: full gain", "transfer: emb alone gain"],
+                [[m, mean_sd(seed_means(pick(m), "gain_full", seeds)), mean_sd(seed_means(pick(m), "drift_pct", seeds)),
+                  mean_sd(seed_means(pick(m), "share_emb", seeds)), mean_sd(seed_means(pick(m), "share_unet", seeds)),
+                  mean_sd(seed_means(pick(m), "share_te", seeds)),
+                  mean_sd(seed_means(pick(m), "transfer_gain_full", seeds)),
+                  mean_sd(seed_means(pick(m), "transfer_gain_emb", seeds))] for m in METHODS],
+                title=f"Efficacy ({args.steps} steps, mean ± sd over {len(seeds)} seeds of the concept mean)")
+    print_table(["method"] + [f"fit: {k}" for k in args.concepts],
+                [[m] + [mean_sd([r["gain_full"] for r in pick(m) if r["concept"] == k]) for k in args.concepts]
+                 for m in METHODS], title="Fit per concept (held-out gain, mean ± sd over seeds)")
+    if sweep_rows:
+        labels = ["pivotal (default)"] + [s[0] for s in SWEEP]
+
+        sweep_seeds = sorted({r["seed"] for r in sweep_rows})
+
+        def of(label: str) -> list[dict]:
+            rows_ = pick("pivotal") if label == "pivotal (default)" else [r for r in sweep_rows if r["setting"] == label]
+            return [r for r in rows_ if r["seed"] in sweep_seeds]  # the same seeds on every line
+
+        print_table(["setting", "fit", "drift %", "emb alone share"],
+                    [[lab, mean_sd(seed_means(of(lab), "gain_full", sweep_seeds)),
+                      mean_sd(seed_means(of(lab), "drift_pct", sweep_seeds)),
+                      mean_sd(seed_means(of(lab), "share_emb", sweep_seeds))] for lab in labels],
+                    title=f"Choosing the defaults: pivotal with one setting changed (seeds {sweep_seeds}, concept mean)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
