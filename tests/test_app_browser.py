@@ -213,7 +213,8 @@ def test_train_then_generate_in_the_browser(app_server: dict[str, Any], browser:
     _by_id(d, "pivotal-gen-refresh").click()
     _pick(d, "pivotal-gen-bundle", "pivotal.safetensors")
     _wait(d, "the bundle's embedding names", lambda d: "mychar" in _by_id(d, "pivotal-gen-names").text, 20)
-    _type(d, "pivotal-gen-prompt", "mychar on a blue background")
+    # green: a background none of the character's training pictures had (demo_data.CHARACTER_BACKGROUNDS)
+    _type(d, "pivotal-gen-prompt", "mychar on a green background, top left")
     d.save_screenshot(str(shots / "04-generate-form.png"))
     _by_id(d, "pivotal-gen-go").click()
     _wait(d, "the generated image", lambda d: d.find_elements(By.ID, "pivotal-gen-done")
@@ -221,13 +222,34 @@ def test_train_then_generate_in_the_browser(app_server: dict[str, Any], browser:
           lambda: f"info: {_by_id(d, 'pivotal-gen-info').text}\n{server_log()}")
     info = _by_id(d, "pivotal-gen-info").text
     assert d.find_elements(By.ID, "pivotal-gen-done"), info
-    assert "mychar on a blue background <lora:pivotal:1>" in info
+    assert "mychar on a green background, top left <lora:pivotal:1>" in info
     imgs = _wait(d, "the image element", lambda d: [i for i in d.find_elements(By.CSS_SELECTOR,
                                                                                   "#pivotal-gen-image img")
                                                     if i.get_attribute("src")], 30)
     assert imgs[0].get_attribute("naturalWidth") not in (None, "0")
     d.save_screenshot(str(shots / "05-generated.png"))
+    # The picture shown is the character (its orange / purple) on the asked-for, new background.
+    from pivotal.synth_world import EXAMPLE_CHARACTER
+    from pivotal.synth_world_read import read_picture
+
+    reading = read_picture(_image_of(imgs[0].get_attribute("src")))
+    assert reading.background == "green", reading
+    assert reading.colour in (EXAMPLE_CHARACTER.colour, EXAMPLE_CHARACTER.accent), reading
     print(f"screenshots: {shots}")
+
+
+def _image_of(src: str) -> Any:
+    """The PIL image an ``<img src>`` shows: a data: URL, or a file URL of the app (loopback)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    if src.startswith("data:"):
+        return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(src, timeout=30) as resp:
+        return Image.open(io.BytesIO(resp.read()))
 
 
 def test_second_tab_follows_the_run_and_interrupts_it(app_server: dict[str, Any], browser: Any, shots: Path) -> None:

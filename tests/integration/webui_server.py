@@ -117,8 +117,13 @@ def start_or_reach() -> Webui:
     if os.environ.get("PIVOTAL_WEBUI_URL"):
         return Webui(os.environ["PIVOTAL_WEBUI_URL"].rstrip("/"),
                      fault_file=os.environ.get("PIVOTAL_WEBUI_FAULT_FILE", ""))
-    port = int(os.environ.get("PIVOTAL_WEBUI_PORT", "7871"))
-    args = os.environ.get("PIVOTAL_WEBUI_ARGS", "").split() + ["--port", str(port)]
+    return start_webui(int(os.environ.get("PIVOTAL_WEBUI_PORT", "7871")))
+
+
+def start_webui(port: int, extra_args: tuple[str, ...] = ()) -> Webui:
+    """Start the webui of PIVOTAL_WEBUI_DIR on ``port`` with PIVOTAL_WEBUI_ARGS + ``extra_args``;
+    returns once it printed "Startup time:". The caller stops it (:meth:`Webui.stop`)."""
+    args = os.environ.get("PIVOTAL_WEBUI_ARGS", "").split() + list(extra_args) + ["--port", str(port)]
     fault_file = os.environ.get("PIVOTAL_WEBUI_FAULT_FILE") or os.path.join(
         tempfile.gettempdir(), f"pivotal-webui-fault-{port}-{os.getpid()}.json")
     if os.path.exists(fault_file):

@@ -1,0 +1,42 @@
+"""A webui started with ``--medvram`` (its low-VRAM mode moves modules between devices on every
+forward, which backward does not expect): a training run is refused with a message naming the flag
+and the fix, nothing trains, and the webui keeps generating. Starts a second webui of
+PIVOTAL_WEBUI_DIR on PIVOTAL_WEBUI_PORT + 1 (skipped for a webui reached at PIVOTAL_WEBUI_URL).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from conftest import EMBEDDING
+from webui_server import Webui, start_webui
+
+pytestmark = pytest.mark.skipif(bool(os.environ.get("PIVOTAL_WEBUI_URL")) or not os.environ.get("PIVOTAL_WEBUI_DIR"),
+                                reason="starts its own webui: needs PIVOTAL_WEBUI_DIR + PIVOTAL_WEBUI_PYTHON")
+
+
+@pytest.fixture(scope="module")
+def medvram() -> Iterator[Webui]:
+    webui = start_webui(int(os.environ.get("PIVOTAL_WEBUI_PORT", "7871")) + 1, ("--medvram",))
+    try:
+        webui.request("GET", "/pivotal/v1/host", timeout=300)  # waits for the model
+        yield webui
+    finally:
+        webui.stop()
+
+
+def test_training_is_refused_under_medvram(medvram: Webui, dataset: Path) -> None:
+    before, _ = medvram.txt2img("a photo of a cat")
+    config = {"data_dir": str(dataset), "output_name": "pvtmedvram", "steps": 4, "resolution": 64,
+              "bucket_step": 16, "embeddings": [{"name": EMBEDDING, "vectors": 2, "init_text": "person"}]}
+    code, body = medvram.status_of("POST", "/pivotal/v1/train", {"config": config})
+    snap = medvram.wait_run() if code == 200 else {"state": "refused", "message": str(body), "step": 0}
+    assert snap["state"] in ("failed", "refused") and snap["step"] == 0, snap
+    assert "--lowvram/--medvram" in snap["message"], snap["message"]
+    assert not medvram.request("GET", "/pivotal/v1/bundles")["bundles"] or all(
+        b["name"] != "pvtmedvram" for b in medvram.request("GET", "/pivotal/v1/bundles")["bundles"])
+    assert medvram.txt2img("a photo of a cat")[0] == before  # the webui generates as before
