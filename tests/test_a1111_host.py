@@ -166,8 +166,10 @@ def test_clip_skip_leaves_the_unread_text_encoder_layers_without_lora() -> None:
         return {int(k.split("_layers_")[1].split("_")[0]) for k, _ in host.lora_targets("te", "attn")}
 
     assert host.clip_l_layers_used() == layers and layers_with_lora() == set(range(layers))
+    key = host.text_encoding_key()
     webui.shared.opts = types.SimpleNamespace(CLIP_stop_at_last_layers=2)  # reads hidden_states[-2]
     assert host.clip_l_layers_used() == layers - 1 and layers_with_lora() == set(range(layers - 1))
+    assert host.text_encoding_key() != key  # the trainer's conditioning cache sees the change
 
 
 def test_live_embeddings_are_our_parameters_and_the_db_is_restored_exactly() -> None:

@@ -214,3 +214,24 @@ def test_text_conditioning_is_reused_only_while_the_text_side_is_frozen(host, da
         ts.StepRunner._text_frozen = original
     assert len(uncached_calls.calls) == 8 and all(grad for _, grad in uncached_calls.calls)
     torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(uncached.losses), rtol=1e-4, atol=1e-6)
+
+
+def test_a_host_setting_changed_mid_run_is_encoded_afresh(host, data_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The webui's clip skip (say) changed while the LoRA-only phase reuses conditioning: every
+    caption is encoded again once, with the new setting (``text_encoding_key``), then reused."""
+    setting = {"clip_skip": 1}
+    monkeypatch.setattr(host, "text_encoding_key", lambda: setting["clip_skip"], raising=False)
+    cfg = config(data_dir, tmp_path, phase_plan="embeddings_first", embedding_steps=2, steps=12, batch_size=4,
+                 save_every=0)
+
+    def change_at_step_7(event: ProgressEvent) -> None:
+        if event.kind == "step" and event.step == 7:
+            setting["clip_skip"] = 2
+
+    with CountingEncodes(host) as counting:
+        train(cfg, host, change_at_step_7)
+    later = [c for caps, grad in counting.calls[2:] for c in caps]
+    assert all(not grad for _, grad in counting.calls[2:])
+    # 4 captions, each encoded once before the change and once after it: never stale, never more
+    assert sorted(later) == sorted(2 * sorted(set(later))) and len(set(later)) == 4, later

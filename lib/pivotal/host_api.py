@@ -101,6 +101,10 @@ class TrainingHost(Protocol):
     # twice gives the same result in training mode (no active dropout on the text side); the
     # trainer then reuses a caption's conditioning while nothing on the text side trains. A host
     # without it is never cached.
+    #
+    # Optional: ``text_encoding_key() -> Hashable``. The host's settings outside the run that change
+    # what ``encode_prompts`` returns (the webui's clip skip, emphasis mode...); it is part of the
+    # cache key, so a setting changed mid-run is encoded afresh instead of served stale.
 
 
 def has_active_dropout(modules: Sequence[torch.nn.Module]) -> bool:

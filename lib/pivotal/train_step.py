@@ -57,6 +57,8 @@ class StepRunner:
                                 and not any(m.dropout for m in text_lora))
         self._text_cache: OrderedDict[tuple, Conditioning] = OrderedDict()
         self._text_cache_bytes = 0
+        key_of = getattr(host, "text_encoding_key", None)
+        self._host_key = key_of if callable(key_of) else (lambda: None)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -75,7 +77,7 @@ class StepRunner:
                 self._text_cache.clear()
                 self._text_cache_bytes = 0
             return self.host.encode_prompts(captions, self.embeddings, sizes)
-        versions = tuple(p._version for p in self._text_params)
+        versions = (tuple(p._version for p in self._text_params), self._host_key())  # once per batch
         rows = []
         for caption, size in zip(captions, sizes):
             key = (caption, (size.original, size.crop_top_left, size.target), versions)

@@ -6,7 +6,9 @@ infotext, the host restored bit for bit (weights fingerprint, flags, attention o
 embedding database, and the same txt2img image as before), the webui's own Interrupt stopping a
 run, generations waiting in the webui's queue while a run holds it, a second start refused, and a
 fault in the middle of a run leaving the host restored and usable, and out of memory forced at a
-step and during a preview (checklist 26) doing the same with a message that says what to change.
+step and during a preview (checklist 26) doing the same with a message that says what to change,
+and settings changed mid-run (checklist 34: clip skip applies at once, an attention-optimization
+change waits for the run).
 """
 
 from __future__ import annotations
@@ -167,3 +169,45 @@ def test_out_of_memory_stops_cleanly(webui: Webui, dataset: Path, baseline: tupl
     code, body = webui.status_of("POST", "/pivotal/v1/train", _config(dataset, _unique("pvtok"), 2))
     assert code == 200, body
     assert webui.wait_run()["result_status"] == "completed"
+
+
+def test_settings_changed_mid_run(webui: Webui, dataset: Path, baseline: tuple[bytes, dict]) -> None:
+    """Checklist 34, settings: the clip skip changed mid-run applies at once (the run's cached
+    conditioning follows it); a change of the attention optimization, which re-hijacks the model,
+    waits in the webui's queue until the run ends and is then applied; both put back, the host is
+    exactly as the same two changes leave it without a run."""
+    options = webui.request("GET", "/sdapi/v1/options")
+    old = {k: options[k] for k in ("CLIP_stop_at_last_layers", "cross_attention_optimization")}
+    other = "sub-quadratic" if baseline[1]["attention"] != "sub-quadratic" else "Doggettx"
+    # The webui's own re-hijack leaves one more module in training mode than a fresh load (seen
+    # without any run): the reference is the host after the same switch and back, with no run.
+    webui.request("POST", "/sdapi/v1/options", {"cross_attention_optimization": other})
+    webui.request("POST", "/sdapi/v1/options", old)
+    before_host = webui.request("GET", "/pivotal/v1/host")
+    before_image, _ = webui.txt2img(BASELINE_PROMPT)
+    code, body = webui.status_of("POST", "/pivotal/v1/train", _config(dataset, _unique("pvtopts"), 200,
+                                                                      phase_plan="embeddings_first", embedding_steps=2))
+    assert code == 200, body
+    try:
+        assert webui.wait_step(4)["state"] == "running"
+        webui.request("POST", "/sdapi/v1/options", {"CLIP_stop_at_last_layers": 2})
+        assert webui.request("GET", "/pivotal/v1/status")["state"] == "running"  # applied without waiting
+        done: dict = {}
+
+        def switch() -> None:
+            webui.request("POST", "/sdapi/v1/options", {"cross_attention_optimization": other})
+            done["run_state"] = webui.request("GET", "/pivotal/v1/status")["state"]
+
+        waiter = threading.Thread(target=switch)
+        waiter.start()
+        time.sleep(1.0)
+        assert waiter.is_alive(), "the attention optimization was swapped while the run held the model"
+        snap = webui.wait_run()
+        waiter.join(120)
+        assert snap["result_status"] == "completed", snap["message"]
+        assert done["run_state"] != "running"
+        assert webui.request("GET", "/pivotal/v1/host")["attention"] == other  # the user's choice, applied after
+    finally:
+        webui.request("POST", "/sdapi/v1/options", old)
+    assert webui.request("GET", "/pivotal/v1/host") == before_host
+    assert webui.txt2img(BASELINE_PROMPT)[0] == before_image

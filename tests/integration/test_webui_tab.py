@@ -66,9 +66,11 @@ def shots(tmp_path: Path) -> Path:
 
 
 WATCH_WEBUI_PROGRESS = """
-window.pivotalWatch = {bar: false, texts: []};
+window.pivotalWatch = {bar: false, texts: [], preview: false};
 var root = gradioApp().getElementById("pivotal-webui-live");
 new MutationObserver(function() {
+    var img = root.querySelector("#pivotal-webui-preview img");
+    if (img && img.getAttribute("src")) window.pivotalWatch.preview = true;
     var bar = root.querySelector(".progressDiv .progress");
     if (!bar) return;
     window.pivotalWatch.bar = true;
@@ -138,8 +140,11 @@ def _train_from_the_tab(webui: Webui, dataset: Path, d: Any, shots: Path) -> str
     name = f"pvttab{uuid.uuid4().hex[:6]}"
     for elem_id, value in (("pivotal-data-dir", str(dataset)), ("pivotal-output-name", name),
                            ("pivotal-emb0-name", EMBEDDING), ("pivotal-emb0-init", "person"),
-                           ("pivotal-steps", "12"), ("pivotal-resolution", "64")):
+                           ("pivotal-steps", "24"), ("pivotal-resolution", "64")):
         _type(d, elem_id, value)
+    d.find_element(By.CSS_SELECTOR, "#pivotal-saving .label-wrap, #pivotal-saving > button").click()
+    _wait(d, "the previews setting", lambda d: d.find_element(By.ID, "pivotal-preview-every").is_displayed(), 10)
+    _type(d, "pivotal-preview-every", "4")
     # Record whether the webui's own progress bar (its requestProgress, started by
     # javascript/pivotal.js) ever shows up in the tab, and its text: a short run may come and go
     # between two polls of this test.
@@ -150,9 +155,11 @@ def _train_from_the_tab(webui: Webui, dataset: Path, d: Any, shots: Path) -> str
     _wait(d, "the run to end", lambda d: _state(d) in ("finished", "failed"), 600)
     d.save_screenshot(str(shots / "webui-03-finished.png"))
     snap = webui.request("GET", "/pivotal/v1/status")
-    assert snap["result_status"] == "completed" and snap["step"] == 12, snap["message"]
+    assert snap["result_status"] == "completed" and snap["step"] == 24, snap["message"]
+    assert snap["preview_count"] == 6, snap
     seen = d.execute_script("return window.pivotalWatch;")
     assert seen["bar"], "the webui's progress bar never appeared in the Pivotal tab"
+    assert seen["preview"], "the webui's live preview never showed a picture in the Pivotal tab"
     assert any("Pivotal: step" in t or "%" in t for t in seen["texts"]), seen["texts"]
     assert name in {b["name"] for b in webui.request("GET", "/pivotal/v1/bundles")["bundles"]}
     assert webui.request("GET", "/pivotal/v1/host") == before_host

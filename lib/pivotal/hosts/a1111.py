@@ -41,6 +41,9 @@ from pivotal.unet_targets import unet_lora_targets
 PARAMETERIZATIONS = {"eps": "epsilon", "v": "v_prediction"}
 #: what our live embeddings are called in the webui's lists while they exist
 LIVE_FILENAME = "pivotal (training, not saved yet)"
+#: The webui options its prompt encoding reads at every call (clip skip, emphasis, chunk padding).
+TEXT_OPTIONS = ("CLIP_stop_at_last_layers", "emphasis", "use_old_emphasis_implementation",
+                "comma_padding_backtrack", "sdxl_clip_l_skip")
 DEFAULT_PREVIEW_SAMPLER = "Euler a"
 #: the webui (>= 1.9) picks the scheduler per sampler when told "Automatic"
 DEFAULT_PREVIEW_SCHEDULER = "Automatic"
@@ -239,6 +242,12 @@ class A1111Host:
                 return Conditioning(self.cond_model(prompts))
             context, y = encode_sdxl(self.sd_model, prompts, sizes, self.device, self.dtype)
         return Conditioning(context, {"y": y})
+
+    def text_encoding_key(self) -> tuple:
+        """The webui options that change what :meth:`encode_prompts` returns, as they are now (a user
+        may change them mid-run: the trainer's conditioning cache keys on this)."""
+        opts = getattr(self.webui.shared, "opts", None)
+        return tuple(getattr(opts, name, None) for name in TEXT_OPTIONS)
 
     def text_encoding_is_deterministic(self) -> bool:
         """No dropout anywhere in the webui's text side (SD's CLIP and OpenCLIP have none), so the

@@ -108,12 +108,12 @@ def build_train_tab(job: TrainingJob, host_provider: HostProvider, data_dir: str
                                                           label="together: freeze embeddings after (fraction)")
                     f["embedding_steps"] = gr.Number(init["embedding_steps"], precision=0,
                                                      label="embeddings first: steps (0 = 30%)")
-            with gr.Accordion("Saving and previews", open=False):
+            with gr.Accordion("Saving and previews", open=False, elem_id=ids("saving")):
                 with gr.Row():
                     f["save_every"] = gr.Number(init["save_every"], label="save every (steps, 0 = end only)",
                                                 precision=0)
                     f["preview_every"] = gr.Number(init["preview_every"], label="preview every (steps, 0 = off)",
-                                                   precision=0)
+                                                   precision=0, elem_id=ids("preview-every"))
                     f["on_interrupt"] = gr.Radio(list(ON_INTERRUPT), value=init["on_interrupt"],
                                                  label="on interrupt")
                 f["preview_prompts"] = gr.Textbox(init["preview_prompts"], lines=2,
