@@ -72,3 +72,31 @@ def load_webui() -> Webui:
     except ImportError:
         call_queue = None
     return Webui(networks=networks, call_queue=call_queue, **found)
+
+
+def webui_module(name: str) -> Any:
+    """``modules.<name>`` of the running webui: the one way Pivotal's webui glue reaches the
+    webui's modules. ModelLayoutError outside a webui."""
+    path = f"modules.{name}"
+    try:
+        return importlib.import_module(path)
+    except ImportError as e:
+        raise ModelLayoutError(f"not running inside an A1111-style webui: cannot import {path} ({e})") from e
+
+
+def optional_webui_module(name: str) -> Optional[Any]:
+    """``modules.<name>``, or None where this webui has no such module."""
+    try:
+        return importlib.import_module(f"modules.{name}")
+    except ImportError:
+        return None
+
+
+def webui_paths() -> dict[str, str]:
+    """The webui's folders Pivotal uses: ``lora_dir``, ``outputs`` (the run folders' parent)."""
+    import os
+
+    shared, paths_internal = webui_module("shared"), webui_module("paths_internal")
+    lora = getattr(shared.cmd_opts, "lora_dir", "") or os.path.join(paths_internal.models_path, "Lora")
+    outputs = os.path.join(paths_internal.data_path, "outputs", "pivotal")
+    return {"lora_dir": str(lora), "outputs": outputs}

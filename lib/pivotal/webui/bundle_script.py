@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from modules import scripts, shared
-
-from pivotal.hosts.a1111_webui import load_webui
+from pivotal.hosts.a1111_webui import load_webui, webui_module
 from pivotal.webui.bundle_loader import OPTION, BundleRegistrar
 from pivotal.webui.runner import webui_paths
 
+scripts, shared = webui_module("scripts"), webui_module("shared")  # this file is imported inside the webui only
 _registrar = BundleRegistrar()
 
 

@@ -70,7 +70,9 @@ def _on_ui_settings() -> None:
 
 def register() -> None:
     """Register Pivotal's callbacks with the running webui."""
-    from modules import script_callbacks
+    from pivotal.hosts.a1111_webui import webui_module
+
+    script_callbacks = webui_module("script_callbacks")
 
     script_callbacks.on_ui_settings(_on_ui_settings, name="pivotal settings")
     script_callbacks.on_app_started(_on_app_started, name="pivotal api")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pivotal.errors import ConfigError, PivotalError
+from pivotal.hosts.a1111_webui import optional_webui_module, webui_paths  # noqa: F401 (webui_paths: glue API)
 from pivotal.job import TrainingJob
 from pivotal.progress import ProgressEvent, TrainResult
 from pivotal.train_config import TrainConfig
@@ -63,15 +64,6 @@ def current_task_id() -> str:
     webui's own progress bar and live preview."""
     with _task_lock:
         return _current_task[0]
-
-
-def webui_paths() -> dict[str, str]:
-    """The webui's folders Pivotal uses: ``lora_dir``, ``outputs`` (the run folders' parent)."""
-    from modules import paths_internal, shared
-
-    lora = getattr(shared.cmd_opts, "lora_dir", "") or os.path.join(paths_internal.models_path, "Lora")
-    outputs = os.path.join(paths_internal.data_path, "outputs", "pivotal")
-    return {"lora_dir": str(lora), "outputs": outputs}
 
 
 def taken_embedding_names(webui: Any) -> dict[str, str]:
@@ -122,11 +114,7 @@ def refresh_lora_list(webui: Any) -> None:
 
 
 def _progress_api() -> Any:
-    try:
-        from modules import progress
-    except ImportError:
-        return None
-    return progress
+    return optional_webui_module("progress")
 
 
 def run_in_webui(config: TrainConfig, host: Any, on_event: Callable[[ProgressEvent], None],
