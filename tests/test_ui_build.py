@@ -249,7 +249,11 @@ def test_lora_tag_added_once() -> None:
 
 # -- pure helpers -------------------------------------------------------------------------------
 def test_form_round_trip_and_errors() -> None:
-    cfg = base_config(te_lora=True, preview_prompts=["a", "b"], phase_plan="embeddings_first", embedding_steps=2)
+    # every setting the form shows, away from its default: the form must carry each one
+    cfg = base_config(te_lora=True, preview_prompts=["a", "b"], phase_plan="embeddings_first", embedding_steps=2,
+                      te_alpha=2.0, schedule="cosine", warmup_steps=3, weight_decay=0.0, precision="bf16",
+                      gradient_checkpointing=True, grad_accum=2, min_snr_gamma=0.0, noise_offset=0.05,
+                      caption_dropout=0.1, flip=True)
     names = form_field_names()
     values = dict(zip(names, form_values(cfg)))
     values["steps"] = 4.0  # number boxes hand back floats

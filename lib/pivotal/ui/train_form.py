@@ -18,10 +18,12 @@ from pivotal.train_config import TrainConfig
 EMBEDDING_ROWS = 3
 
 INT_FIELDS = ("unet_rank", "te_rank", "embedding_steps", "steps", "batch_size", "resolution", "seed",
-              "save_every", "preview_every")
-FLOAT_FIELDS = ("unet_alpha", "unet_lr", "te_lr", "embedding_lr", "freeze_embeddings_at")
-TEXT_FIELDS = ("data_dir", "out_dir", "output_name", "lora_preset", "phase_plan", "on_interrupt")
-BOOL_FIELDS = ("te_lora",)
+              "save_every", "preview_every", "grad_accum", "warmup_steps")
+FLOAT_FIELDS = ("unet_alpha", "unet_lr", "te_alpha", "te_lr", "embedding_lr", "freeze_embeddings_at",
+                "weight_decay", "min_snr_gamma", "noise_offset", "caption_dropout")
+TEXT_FIELDS = ("data_dir", "out_dir", "output_name", "lora_preset", "phase_plan", "on_interrupt", "optimizer",
+               "schedule", "precision")
+BOOL_FIELDS = ("te_lora", "gradient_checkpointing", "flip")
 
 
 def embedding_field_names() -> list[str]:

@@ -16,7 +16,8 @@ import gradio as gr
 
 from pivotal.errors import PivotalError
 from pivotal.job import RUNNING, JobBusyError, TrainingJob
-from pivotal.train_config import LORA_PRESETS, ON_INTERRUPT, PHASE_PLANS, TrainConfig
+from pivotal.train_config import (LORA_PRESETS, ON_INTERRUPT, OPTIMIZERS, PHASE_PLANS, PRECISIONS, SCHEDULES,
+                                  TrainConfig)
 from pivotal.ui.compat import gallery_kwargs, long_event_kwargs, quick_event_kwargs
 from pivotal.ui.dataset_check import check_dataset
 from pivotal.ui.loss_chart import render_loss_chart
@@ -100,6 +101,7 @@ def build_train_tab(job: TrainingJob, host_provider: HostProvider, data_dir: str
                 with gr.Row():
                     f["te_lora"] = gr.Checkbox(init["te_lora"], label="text-encoder LoRA")
                     f["te_rank"] = gr.Number(init["te_rank"], label="TE rank", precision=0)
+                    f["te_alpha"] = gr.Number(init["te_alpha"], label="TE alpha")
                     f["te_lr"] = gr.Number(init["te_lr"], label="TE LR")
                     f["embedding_lr"] = gr.Number(init["embedding_lr"], label="embedding LR")
                 with gr.Row():
@@ -108,6 +110,23 @@ def build_train_tab(job: TrainingJob, host_provider: HostProvider, data_dir: str
                                                           label="together: freeze embeddings after (fraction)")
                     f["embedding_steps"] = gr.Number(init["embedding_steps"], precision=0,
                                                      label="embeddings first: steps (0 = 30%)")
+            with gr.Accordion("Optimizer, precision and data", open=False, elem_id=ids("optimizer")):
+                with gr.Row():
+                    f["optimizer"] = gr.Dropdown(list(OPTIMIZERS), value=init["optimizer"], label="optimizer")
+                    f["schedule"] = gr.Dropdown(list(SCHEDULES), value=init["schedule"], label="LR schedule")
+                    f["warmup_steps"] = gr.Number(init["warmup_steps"], label="warmup steps", precision=0)
+                    f["weight_decay"] = gr.Number(init["weight_decay"], label="weight decay (LoRA)")
+                with gr.Row():
+                    f["precision"] = gr.Dropdown(list(PRECISIONS), value=init["precision"],
+                                                 label="precision (bf16/fp16: autocast on a GPU)")
+                    f["gradient_checkpointing"] = gr.Checkbox(init["gradient_checkpointing"],
+                                                              label="gradient checkpointing (less memory)")
+                    f["grad_accum"] = gr.Number(init["grad_accum"], label="gradient accumulation", precision=0)
+                with gr.Row():
+                    f["min_snr_gamma"] = gr.Number(init["min_snr_gamma"], label="min-SNR gamma (0 = off)")
+                    f["noise_offset"] = gr.Number(init["noise_offset"], label="noise offset")
+                    f["caption_dropout"] = gr.Number(init["caption_dropout"], label="caption dropout")
+                    f["flip"] = gr.Checkbox(init["flip"], label="flip images (not for asymmetric characters)")
             with gr.Accordion("Saving and previews", open=False, elem_id=ids("saving")):
                 with gr.Row():
                     f["save_every"] = gr.Number(init["save_every"], label="save every (steps, 0 = end only)",
