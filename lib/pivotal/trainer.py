@@ -62,9 +62,8 @@ def train(config: TrainConfig, host: TrainingHost, on_event: EventSink | None = 
     except torch.cuda.OutOfMemoryError as err:
         detail = (str(err).splitlines() or ["out of memory"])[0]
     # Raised outside the except block on purpose: the OOM's traceback holds the run's frames, and
-    # with them every tensor the run made; leaving the block drops it, then release() the rest.
+    # with them every tensor the run made; leaving the block drops it, and `del run` the rest.
     where, saved = run.activity, run.saved
-    run.release()
     del run
     release_memory()
     raise TrainingError(f"out of GPU memory {where}: {detail}. The model is restored and the run's memory freed. "
@@ -93,12 +92,6 @@ class _Run:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.activity = "before the first step"  # for error messages: what the run was doing
         self.saved: list[str] = []
-
-    def release(self) -> None:
-        """Drop every tensor the run made (after a failure; the host's own are untouched)."""
-        for name in ("optimizer", "net", "embeddings", "params", "batches", "target_norms"):
-            if hasattr(self, name):
-                setattr(self, name, None)
 
     # -- 1-3: set up -----------------------------------------------------------------------
     def execute(self, resume: str | None, taken_names: Mapping[str, str] | None) -> TrainResult:

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pytest
 
-from webui_server import Webui, configuration_problem, start_or_reach
+from webui_server import Webui, configuration_problem, start_or_reach, start_webui
 
 EMBEDDING = "pvtchar"
 #: an SDXL checkpoint the webui lists (e.g. a tiny random one); the SDXL tests switch to it and back
@@ -27,6 +27,23 @@ def checkpoint(webui: Webui, name: str) -> Iterator[Webui]:
         yield webui
     finally:
         webui.request("POST", "/sdapi/v1/options", {"sd_model_checkpoint": previous})
+
+
+#: for tests that start a webui of their own (a reload or other flags would disturb the shared one)
+needs_own_webui = pytest.mark.skipif(
+    bool(os.environ.get("PIVOTAL_WEBUI_URL")) or not os.environ.get("PIVOTAL_WEBUI_DIR"),
+    reason="starts its own webui: needs PIVOTAL_WEBUI_DIR + PIVOTAL_WEBUI_PYTHON")
+
+
+@contextlib.contextmanager
+def own_webui(port_offset: int, extra_args: tuple[str, ...] = ()) -> Iterator[Webui]:
+    """A webui of PIVOTAL_WEBUI_DIR on PIVOTAL_WEBUI_PORT + ``port_offset``, its model loaded; stopped after."""
+    webui = start_webui(int(os.environ.get("PIVOTAL_WEBUI_PORT", "7871")) + port_offset, extra_args)
+    try:
+        webui.request("GET", "/pivotal/v1/host", timeout=300)  # waits for the model
+        yield webui
+    finally:
+        webui.stop()
 
 
 def pytest_collection_modifyitems(items: list) -> None:

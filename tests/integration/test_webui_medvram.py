@@ -6,27 +6,21 @@ PIVOTAL_WEBUI_DIR on PIVOTAL_WEBUI_PORT + 1 (skipped for a webui reached at PIVO
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from conftest import EMBEDDING
-from webui_server import Webui, start_webui
+from conftest import EMBEDDING, needs_own_webui, own_webui
+from webui_server import Webui
 
-pytestmark = pytest.mark.skipif(bool(os.environ.get("PIVOTAL_WEBUI_URL")) or not os.environ.get("PIVOTAL_WEBUI_DIR"),
-                                reason="starts its own webui: needs PIVOTAL_WEBUI_DIR + PIVOTAL_WEBUI_PYTHON")
+pytestmark = needs_own_webui
 
 
 @pytest.fixture(scope="module")
 def medvram() -> Iterator[Webui]:
-    webui = start_webui(int(os.environ.get("PIVOTAL_WEBUI_PORT", "7871")) + 1, ("--medvram",))
-    try:
-        webui.request("GET", "/pivotal/v1/host", timeout=300)  # waits for the model
+    with own_webui(1, ("--medvram",)) as webui:
         yield webui
-    finally:
-        webui.stop()
 
 
 def test_training_is_refused_under_medvram(medvram: Webui, dataset: Path) -> None:

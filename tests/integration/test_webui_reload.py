@@ -12,7 +12,6 @@ at PIVOTAL_WEBUI_URL), because a reload would disturb the other tests' webui.
 
 from __future__ import annotations
 
-import os
 import time
 import urllib.error
 from pathlib import Path
@@ -20,22 +19,17 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import EMBEDDING
-from webui_server import Webui, start_webui
+from conftest import EMBEDDING, needs_own_webui, own_webui
+from webui_server import Webui
 
-pytestmark = pytest.mark.skipif(bool(os.environ.get("PIVOTAL_WEBUI_URL")) or not os.environ.get("PIVOTAL_WEBUI_DIR"),
-                                reason="starts its own webui: needs PIVOTAL_WEBUI_DIR + PIVOTAL_WEBUI_PYTHON")
+pytestmark = needs_own_webui
 PROMPT = "a photo of a cat"
 
 
 @pytest.fixture(scope="module")
-def own_webui() -> Iterator[Webui]:
-    webui = start_webui(int(os.environ.get("PIVOTAL_WEBUI_PORT", "7871")) + 2)
-    try:
-        webui.request("GET", "/pivotal/v1/host", timeout=300)
+def own() -> Iterator[Webui]:
+    with own_webui(2) as webui:
         yield webui
-    finally:
-        webui.stop()
 
 
 def _reload_ui_fn_index(webui: Webui) -> int:
@@ -82,8 +76,8 @@ def _start_buttons(webui: Webui) -> int:
     return sum(c.get("props", {}).get("elem_id") == "pivotal-start" for c in components)
 
 
-def test_reload_ui_mid_run_stops_restores_and_registers_once(own_webui: Webui, dataset: Path) -> None:
-    webui = own_webui
+def test_reload_ui_mid_run_stops_restores_and_registers_once(own: Webui, dataset: Path) -> None:
+    webui = own
     before_image, _ = webui.txt2img(PROMPT)
     before_host = webui.request("GET", "/pivotal/v1/host")
     routes = _routes(webui)

@@ -58,19 +58,11 @@ class Webui:
 def load_webui() -> Webui:
     """Import the running webui's modules. ModelLayoutError when this is not an A1111-style webui
     (for example Forge, whose model objects differ, or a plain Python process)."""
-    found: dict[str, Any] = {}
-    for attr, path in REQUIRED_MODULES.items():
-        try:
-            found[attr] = importlib.import_module(path)
-        except ImportError as e:
-            raise ModelLayoutError(f"not running inside an A1111-style webui: cannot import {path} ({e})") from e
+    found = {attr: webui_module(path[len("modules."):]) for attr, path in REQUIRED_MODULES.items()}
     networks = sys.modules.get(LORA_MODULE)
     if networks is not None and not hasattr(networks, "load_networks"):
         networks = None  # some other module called "networks", not the Lora extension's
-    try:
-        call_queue: Any = importlib.import_module("modules.call_queue")
-    except ImportError:
-        call_queue = None
+    call_queue = optional_webui_module("call_queue")
     return Webui(networks=networks, call_queue=call_queue, **found)
 
 
