@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pivotal.hosts.demo_model import SCHEDULER_CONFIG, demo_tokenizer, vae_config
-from pivotal.hosts.pipeline_parts import PipelineParts
+from pivotal.demo.basics import SCHEDULER_CONFIG, demo_tokenizer
+from pivotal.demo.model import vae_config
+from pivotal.hosts.diffusers.parts import PipelineParts
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280),

@@ -4,7 +4,7 @@ Two sides train the same thing from the same starting point:
 
 * ``PivotalSide``: Pivotal's own trainer pieces (``BatchSource``, ``StepRunner``, ``apply_lrs``,
   ``pull_norms``) over a ``DiffusersHost``, inside the host's training session with the LoRA
-  attached: the body of ``pivotal.trainer._Run._loop`` without progress events and saves.
+  attached: the body of ``pivotal.training.trainer._Run._loop`` without progress events and saves.
 * ``ReferenceSide``: the same work written the straightforward way, as diffusers' training
   examples do it: a diffusers ``UNet2DConditionModel`` + peft LoRA (``add_adapter`` with a
   ``LoraConfig`` naming exactly Pivotal's target modules, same rank / alpha), text-encoder LoRA the
@@ -37,21 +37,32 @@ sys.path.insert(0, str(ROOT / "lib"))
 
 import torch  # noqa: E402
 
-from pivotal.demo_data import make_demo_dataset  # noqa: E402
-from pivotal.hosts.demo_model import build_demo_parts  # noqa: E402
-from pivotal.hosts.diffusers_host import DiffusersHost  # noqa: E402
-from pivotal.hosts.pipeline_parts import PipelineParts  # noqa: E402
-from pivotal.optim import apply_lrs, build_optimizer, pull_norms  # noqa: E402
-from pivotal.train_batches import BatchSource  # noqa: E402
-from pivotal.train_config import EmbeddingSpec, TrainConfig  # noqa: E402
-from pivotal.train_step import StepRunner  # noqa: E402
-from pivotal.trainer import _Run  # noqa: E402
-
 # The scripts import everything from here; these live in their own files to keep each small.
 from _arch import sd15_parts, sdxl_parts  # noqa: E402
 from _reference import ReferenceSide, share_clone  # noqa: E402,F401
-from _report import (THREADS_ENV, add_threads_arg, apply_threads, cuda_peak_mib, cuda_peak_reset,  # noqa: E402,F401
-                     load_average, machine_info, print_table, quantiles, resolve_threads, rss_mib, write_json)
+from _report import (  # noqa: E402,F401
+    THREADS_ENV,
+    add_threads_arg,
+    apply_threads,
+    cuda_peak_mib,
+    cuda_peak_reset,
+    load_average,
+    machine_info,
+    print_table,
+    quantiles,
+    resolve_threads,
+    rss_mib,
+    write_json,
+)
+from pivotal.demo.data import make_demo_dataset  # noqa: E402
+from pivotal.demo.model import build_demo_parts  # noqa: E402
+from pivotal.hosts.diffusers.host import DiffusersHost  # noqa: E402
+from pivotal.hosts.diffusers.parts import PipelineParts  # noqa: E402
+from pivotal.training.batches import BatchSource  # noqa: E402
+from pivotal.training.config import EmbeddingSpec, TrainConfig  # noqa: E402
+from pivotal.training.optim import apply_lrs, build_optimizer, pull_norms  # noqa: E402
+from pivotal.training.step import StepRunner  # noqa: E402
+from pivotal.training.trainer import _Run  # noqa: E402
 
 #: The two embeddings of the "pivotal" cases: (name, vectors, init text).
 EMBEDDINGS = (("mychar", 2, "woman"), ("mystyle", 2, "painting"))

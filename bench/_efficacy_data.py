@@ -1,6 +1,6 @@
 """The held-out concepts of the efficacy benchmark and their pictures.
 
-Three concepts the tiny-world base model never saw in a caption (``pivotal.synth_world`` keeps
+Three concepts the tiny-world base model never saw in a caption (``pivotal.demo.world`` keeps
 them out of its training world):
 
 * ``shape``: a new shape (the star), in any solid colour;
@@ -24,8 +24,17 @@ from typing import Sequence
 
 from PIL import Image
 
-from pivotal.synth_world import (BASE_STYLE, BASE_WORLD, EXAMPLE_CHARACTER, Scene, SceneObject, WorldStyle,
-                                 background_words, render, world_item)
+from pivotal.demo.world import (
+    BASE_STYLE,
+    BASE_WORLD,
+    EXAMPLE_CHARACTER,
+    Scene,
+    SceneObject,
+    WorldStyle,
+    background_words,
+    render,
+    world_item,
+)
 
 TRAIN_COUNT = 12
 HELD_OUT_COUNT = 16

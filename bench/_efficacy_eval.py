@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pivotal.bundle_load import load_bundle_for_model
-from pivotal.embeddings import EmbeddingSet
-from pivotal.hosts.diffusers_host import DiffusersHost
-from pivotal.lora_network import LoraNetwork
+from pivotal.adapters.network import LoraNetwork
+from pivotal.hosts.diffusers.host import DiffusersHost
+from pivotal.inference.bundle_load import load_bundle_for_model
+from pivotal.text.embeddings import EmbeddingSet
 
 #: Timesteps every picture is noised at (SD's 1000-step schedule), spread over the range.
 TIMESTEPS = (100, 250, 400, 550, 700, 850)

@@ -1,7 +1,7 @@
 """The second base model of the transfer measure: the tiny-world model continued on a shifted world.
 
 Same architecture and VAE; its UNet and text encoder are trained further, by the same pre-training
-code (``pivotal.pretrain_diffusion.train_diffusion``), on the world drawn in
+code (``pivotal.demo.pretrain.diffusion.train_diffusion``), on the world drawn in
 ``synth_world.SHIFTED_STYLE`` (a warm tint and grain; same captions). A bundle trained on the
 first model is then applied to this one, as users apply a LoRA or an embedding to another
 checkpoint of the same family. Built once and cached (``$PIVOTAL_CACHE_DIR/bench/``), keyed by
@@ -20,15 +20,15 @@ from typing import Callable
 
 import torch
 
-from pivotal.hosts import tiny_world
-from pivotal.hosts.demo_model import SCHEDULER_CONFIG, default_cache_dir, demo_tokenizer
-from pivotal.hosts.pipeline_parts import PipelineParts
-from pivotal.pretrain import alphas_cumprod
-from pivotal.pretrain_data import prompt_ids, render_world_set
-from pivotal.pretrain_diffusion import DiffusionSettings, train_diffusion
-from pivotal.pretrain_vae import encode_world
-from pivotal.safetensors_io import atomic_save
-from pivotal.synth_world import BASE_WORLD, SHIFTED_STYLE
+from pivotal.demo import tiny_world
+from pivotal.demo.basics import SCHEDULER_CONFIG, default_cache_dir, demo_tokenizer
+from pivotal.demo.pretrain.data import prompt_ids, render_world_set
+from pivotal.demo.pretrain.diffusion import DiffusionSettings, train_diffusion
+from pivotal.demo.pretrain.run import alphas_cumprod
+from pivotal.demo.pretrain.vae import encode_world
+from pivotal.demo.world import BASE_WORLD, SHIFTED_STYLE
+from pivotal.formats.safetensors_io import atomic_save
+from pivotal.hosts.diffusers.parts import PipelineParts
 
 SHIFT_WORLD_SEED = 4242
 SHIFT_IMAGES = 2048

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from pivotal.hosts.diffusers_host import DiffusersHost
-from pivotal.train_config import TrainConfig
-
-if TYPE_CHECKING:
-    from _common import PivotalSide
+from pivotal.hosts.diffusers.host import DiffusersHost
+from pivotal.training.config import TrainConfig
 
 
 def share_clone(module: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
@@ -47,8 +44,9 @@ class ReferenceSide:
 
     name = "reference"
 
-    def __init__(self, config: TrainConfig, host: DiffusersHost, pivotal: PivotalSide,
+    def __init__(self, config: TrainConfig, host: DiffusersHost, pivotal: Any,
                  data: list[tuple[torch.Tensor, list[str], list]]) -> None:
+        # ``pivotal``: _common.PivotalSide, duck-typed (_common imports this module, not the reverse)
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -131,7 +129,7 @@ class ReferenceSide:
         for te in self.text_encoders.values():
             te.train()
 
-    def _copy_lora(self, pivotal: PivotalSide, part: str, model: nn.Module, names: list[str]) -> None:
+    def _copy_lora(self, pivotal: Any, part: str, model: nn.Module, names: list[str]) -> None:
         with torch.no_grad():
             for m, name in zip(pivotal.net.modules_of(part), names):
                 layer = model.get_submodule(name)

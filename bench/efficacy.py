@@ -1,6 +1,6 @@
 """Efficacy: does pivotal tuning do what its users expect? Embeddings vs LoRA vs pivotal, measured.
 
-On the tiny pre-trained model (``pivotal.hosts.tiny_world``, which follows its prompts) and three
+On the tiny pre-trained model (``pivotal.demo.tiny_world``, which follows its prompts) and three
 concepts it never saw (``_efficacy_data``: a new shape, a new texture, a character), each method
 trains with Pivotal's own trainer at the same step budget, batch, data and seed:
 
@@ -44,17 +44,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import add_threads_arg, apply_threads, load_average, machine_info, print_table, write_json  # noqa: E402
-from _efficacy_data import (CONCEPTS, Concept, base_prompt_items, held_out_pictures,  # noqa: E402
-                            write_training_folder)
-from _efficacy_eval import (DenoiseSet, denoise_loss, denoise_set, gain, has_part, load_parts,  # noqa: E402
-                            variant)
-
-from pivotal.embeddings import EmbeddingSet  # noqa: E402
-from pivotal.hosts import tiny_world  # noqa: E402
-from pivotal.hosts.diffusers_host import DiffusersHost  # noqa: E402
-from pivotal.synth_world import BASE_STYLE, SHIFTED_STYLE  # noqa: E402
-from pivotal.train_config import EmbeddingSpec, TrainConfig  # noqa: E402
-from pivotal.trainer import train  # noqa: E402
+from _efficacy_data import CONCEPTS, Concept, base_prompt_items, held_out_pictures, write_training_folder  # noqa: E402
+from _efficacy_eval import DenoiseSet, denoise_loss, denoise_set, gain, has_part, load_parts, variant  # noqa: E402
+from pivotal.demo import tiny_world  # noqa: E402
+from pivotal.demo.world import BASE_STYLE, SHIFTED_STYLE  # noqa: E402
+from pivotal.hosts.diffusers.host import DiffusersHost  # noqa: E402
+from pivotal.text.embeddings import EmbeddingSet  # noqa: E402
+from pivotal.training.config import EmbeddingSpec, TrainConfig  # noqa: E402
+from pivotal.training.trainer import train  # noqa: E402
 
 #: Settings every run shares. The tiny model learns a concept in ~150 steps at these LRs; at a
 #: UNet LR of 1e-3 (pilot runs) the LoRA overfits: +33-48 % loss on ordinary prompts, and the

@@ -28,19 +28,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import add_threads_arg, apply_threads, load_average, machine_info, print_table, quantiles, write_json  # noqa: E402
-
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from pivotal.bundle import BundleEmbedding, read_bundle, write_bundle  # noqa: E402
-from pivotal.bundle_load import load_bundle_for_model  # noqa: E402
-from pivotal.bundle_metadata import TrainingInfo  # noqa: E402
-from pivotal.generate import WIDEST_PRESET, find_bundle, generate_image  # noqa: E402
-from pivotal.hosts.diffusers_host import build_demo_host  # noqa: E402
-from pivotal.lora_network import LoraNetwork  # noqa: E402
-from pivotal.name_registry import bundle_embedding_names, lora_folder_names  # noqa: E402
-from pivotal.safetensors_io import addnet_hash  # noqa: E402
+from _common import add_threads_arg, apply_threads, load_average, machine_info, print_table, quantiles, write_json  # noqa: E402
+from pivotal.adapters.network import LoraNetwork  # noqa: E402
+from pivotal.demo.host import build_demo_host  # noqa: E402
+from pivotal.formats.bundle import BundleEmbedding, read_bundle, write_bundle  # noqa: E402
+from pivotal.formats.bundle_metadata import TrainingInfo  # noqa: E402
+from pivotal.formats.name_registry import bundle_embedding_names, lora_folder_names  # noqa: E402
+from pivotal.formats.safetensors_io import addnet_hash  # noqa: E402
+from pivotal.inference.bundle_load import load_bundle_for_model  # noqa: E402
+from pivotal.inference.generate import WIDEST_PRESET, find_bundle, generate_image  # noqa: E402
 
 
 def rchar() -> int:

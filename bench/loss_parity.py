@@ -29,8 +29,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (add_threads_arg, apply_threads, CASE_LABELS, CASES, MODELS, ModelSpec, build_host, load_average, loss_agreement,  # noqa: E402
-                     machine_info, make_pair, print_table, write_json)
+from _common import (  # noqa: E402
+    CASE_LABELS,
+    CASES,
+    MODELS,
+    ModelSpec,
+    add_threads_arg,
+    apply_threads,
+    build_host,
+    load_average,
+    loss_agreement,
+    machine_info,
+    make_pair,
+    print_table,
+    write_json,
+)
 
 #: learning rates that move the losses visibly within 20 steps (as the trainer's own tests use)
 LRS = dict(unet_lr=1e-3, te_lr=1e-4, embedding_lr=1e-2)

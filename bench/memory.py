@@ -3,7 +3,7 @@
 Each measurement runs in its own subprocess, so peaks are clean. Model: the SD1.5 architecture
 with random weights (diffusers' SD1.5 UNet, CLIP ViT-L/14 text encoder, SD's VAE), fp32.
 
-* ``pivotal``: load the model, then ``pivotal.trainer.train`` for ``--steps`` steps at 256 px,
+* ``pivotal``: load the model, then ``pivotal.training.trainer.train`` for ``--steps`` steps at 256 px,
   batch 1, UNet LoRA + 2 embeddings (dataset pre-flight, latent cache, the steps, the bundle
   and resume file written at the end);
 * ``pivotal_te``: the same with text-encoder LoRA;
@@ -33,10 +33,24 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import (add_threads_arg, apply_threads, ROOT, cuda_peak_mib, cuda_peak_reset, load_average, machine_info,  # noqa: E402
-                     make_config, make_dataset, make_pair, print_table, rss_mib, write_json, ModelSpec)
-
 import torch  # noqa: E402
+
+from _common import (  # noqa: E402
+    ROOT,
+    ModelSpec,
+    add_threads_arg,
+    apply_threads,
+    cuda_peak_mib,
+    cuda_peak_reset,
+    load_average,
+    machine_info,
+    make_config,
+    make_dataset,
+    make_pair,
+    print_table,
+    rss_mib,
+    write_json,
+)
 
 SPEC = ModelSpec("sd15-arch", "sd1", 256, 1, "SD1.5 architecture (random, full VAE), 256 px, batch 1")
 MODES = ("pivotal", "pivotal_te", "reference", "second_copy")
@@ -53,7 +67,7 @@ def reset_peak() -> bool:
 
 def load_model():
     from _common import sd15_parts
-    from pivotal.hosts.diffusers_host import DiffusersHost
+    from pivotal.hosts.diffusers.host import DiffusersHost
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     parts = sd15_parts(0, full_vae=True)
@@ -81,7 +95,7 @@ def child(mode: str, steps: int) -> dict:
         gc.collect()
         out["extra_objects"] = type(host2).__name__
     elif mode in ("pivotal", "pivotal_te"):
-        from pivotal.trainer import train
+        from pivotal.training.trainer import train
 
         data = make_dataset(work / "data", SPEC, count=2)
         cfg = make_config(SPEC, "pivotal_te_lora" if mode == "pivotal_te" else "pivotal", data, str(work / "out"),

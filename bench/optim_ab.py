@@ -24,14 +24,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (add_threads_arg, apply_threads, CASE_LABELS, MODELS, PivotalSide, build_host, fmt_spread, interleave_sides,  # noqa: E402
-                     load_average, loss_agreement, machine_info, make_config, make_dataset, print_table,
-                     quantiles, share_clone, write_json)
-
 from diffusers import UNet2DConditionModel  # noqa: E402
 
-from pivotal.hosts.diffusers_host import DiffusersHost  # noqa: E402
-from pivotal.hosts.pipeline_parts import PipelineParts  # noqa: E402
+from _common import (  # noqa: E402
+    CASE_LABELS,
+    MODELS,
+    PivotalSide,
+    add_threads_arg,
+    apply_threads,
+    build_host,
+    fmt_spread,
+    interleave_sides,
+    load_average,
+    loss_agreement,
+    machine_info,
+    make_config,
+    make_dataset,
+    print_table,
+    quantiles,
+    share_clone,
+    write_json,
+)
+from pivotal.hosts.diffusers.host import DiffusersHost  # noqa: E402
+from pivotal.hosts.diffusers.parts import PipelineParts  # noqa: E402
 
 #: (model, case, (warm-up, pairs, steps per run))
 PLAN = (("sd1-tiny", "unet_lora", (3, 12, 4)), ("sd1-tiny", "pivotal", (3, 12, 4)),

@@ -21,13 +21,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (add_threads_arg, apply_threads, CASE_LABELS, CASES, GPU_MODELS, MODELS, build_host, fmt_spread, interleaved,  # noqa: E402
-                     load_average, loss_agreement, machine_info, make_pair, print_table, quantiles,
-                     write_json)
-
 import torch  # noqa: E402
 
-from pivotal.hosts.diffusers_host import DiffusersHost  # noqa: E402
+from _common import (  # noqa: E402
+    CASE_LABELS,
+    CASES,
+    GPU_MODELS,
+    MODELS,
+    add_threads_arg,
+    apply_threads,
+    build_host,
+    fmt_spread,
+    interleaved,
+    load_average,
+    loss_agreement,
+    machine_info,
+    make_pair,
+    print_table,
+    quantiles,
+    write_json,
+)
+from pivotal.hosts.diffusers.host import DiffusersHost  # noqa: E402
 
 #: model key -> (warm-up steps per side, timed pairs, steps per timed run)
 PLANS = {"sd1-tiny": (3, 12, 4), "sdxl-tiny": (3, 12, 4), "sd15-arch": (1, 5, 1),

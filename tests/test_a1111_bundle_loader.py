@@ -9,10 +9,15 @@ from typing import Any
 
 import torch
 
-from pivotal.bundle import BundleEmbedding, write_bundle
-from pivotal.bundle_metadata import TrainingInfo
+from pivotal.formats.bundle import BundleEmbedding, write_bundle
+from pivotal.formats.bundle_metadata import TrainingInfo
 from pivotal.webui import bundle_loader
-from pivotal.webui.bundle_loader import INFOTEXT_KEY, BundleRegistrar, builtin_registers_bundles, parse_bundle_embeddings
+from pivotal.webui.bundle_loader import (
+    INFOTEXT_KEY,
+    BundleRegistrar,
+    builtin_registers_bundles,
+    parse_bundle_embeddings,
+)
 from test_a1111_host import FakeDb, FakeEmbedding
 
 LORA = {"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2),

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from pivotal.embeddings import EmbeddingSet
+from pivotal.adapters.network import LoraNetwork
 from pivotal.errors import ModelLayoutError
-from pivotal.hosts import a1111_session as session
-from pivotal.hosts.a1111 import A1111Host, detect_base, unwrapped_token_embedding
-from pivotal.hosts.a1111_webui import Webui
-from pivotal.lora_network import LoraNetwork
+from pivotal.hosts.a1111 import session
+from pivotal.hosts.a1111.host import A1111Host, detect_base, unwrapped_token_embedding
+from pivotal.hosts.a1111.webui import Webui
+from pivotal.text.embeddings import EmbeddingSet
 from tiny_text import hf_text_model
 from tiny_unets import ldm_unet, sample_inputs
 

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 import torch
 
-from pivotal.bundle import BundleEmbedding, write_bundle
-from pivotal.bundle_metadata import TrainingInfo
 from pivotal.errors import ConfigError
-from pivotal.progress import ProgressEvent, TrainResult
-from pivotal.safetensors_io import atomic_save
-from pivotal.train_config import TrainConfig
+from pivotal.formats.bundle import BundleEmbedding, write_bundle
+from pivotal.formats.bundle_metadata import TrainingInfo
+from pivotal.formats.safetensors_io import atomic_save
+from pivotal.training.config import TrainConfig
+from pivotal.training.progress import ProgressEvent, TrainResult
 from pivotal.webui import runner
 from pivotal.webui.api import config_from_request, list_bundles, preview_options
 

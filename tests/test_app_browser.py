@@ -202,7 +202,7 @@ def test_train_then_generate_in_the_browser(app_server: dict[str, Any], browser:
     d.save_screenshot(str(shots / "03-finished.png"))
     state, result, text = _progress(d)
     assert (state, result) == ("finished", "completed"), f"{text}\n{server_log()}"
-    from pivotal.train_config import DEMO_SETTINGS  # the app's demo runs these steps
+    from pivotal.training.config import DEMO_SETTINGS  # the app's demo runs these steps
 
     assert f"step {DEMO_SETTINGS['steps']}/{DEMO_SETTINGS['steps']}" in text
     assert (out / "pivotal.safetensors").is_file()
@@ -229,8 +229,8 @@ def test_train_then_generate_in_the_browser(app_server: dict[str, Any], browser:
     assert imgs[0].get_attribute("naturalWidth") not in (None, "0")
     d.save_screenshot(str(shots / "05-generated.png"))
     # The picture shown is the character (its orange / purple) on the asked-for, new background.
-    from pivotal.synth_world import EXAMPLE_CHARACTER
-    from pivotal.synth_world_read import read_picture
+    from pivotal.demo.world import EXAMPLE_CHARACTER
+    from pivotal.demo.world_read import read_picture
 
     reading = read_picture(_image_of(imgs[0].get_attribute("src")))
     assert reading.background == "green", reading

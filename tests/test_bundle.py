@@ -12,11 +12,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pivotal.bundle import BundleEmbedding, read_bundle, write_bundle
-from pivotal.bundle_metadata import TrainingInfo
-from pivotal.cli import main
+from pivotal.cli.main import main
 from pivotal.errors import BundleError, EmbeddingNameError, SaveError
-from pivotal.export import export_embeddings, safe_output_path
+from pivotal.formats.bundle import BundleEmbedding, read_bundle, write_bundle
+from pivotal.formats.bundle_metadata import TrainingInfo
+from pivotal.formats.export import export_embeddings, safe_output_path
 
 
 def lora_tensors(prefixes: tuple[str, ...], rank: int = 4, alpha: float = 2.0) -> dict[str, torch.Tensor]:

@@ -9,13 +9,17 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from pivotal.bundle import BundleEmbedding, write_bundle
-from pivotal.bundle_load import load_bundle_for_model
-from pivotal.bundle_metadata import TrainingInfo
+from pivotal.adapters.network import LoraNetwork
 from pivotal.errors import BundleError, EmbeddingNameError, LoraTargetError
-from pivotal.lora_network import LoraNetwork
-from pivotal.name_registry import (bundle_embedding_names, check_new_names, embedding_folder_names,
-                                   lora_folder_names)
+from pivotal.formats.bundle import BundleEmbedding, write_bundle
+from pivotal.formats.bundle_metadata import TrainingInfo
+from pivotal.formats.name_registry import (
+    bundle_embedding_names,
+    check_new_names,
+    embedding_folder_names,
+    lora_folder_names,
+)
+from pivotal.inference.bundle_load import load_bundle_for_model
 
 
 class TwoLayer(nn.Module):

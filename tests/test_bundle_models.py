@@ -19,16 +19,16 @@ from safetensors.torch import load_file
 
 import tiny_text
 import tiny_unets
-from pivotal.bundle import BundleEmbedding, write_bundle
-from pivotal.bundle_load import load_bundle_for_model
-from pivotal.bundle_metadata import TrainingInfo
-from pivotal.cli import main
-from pivotal.embedding_inject import encode_plain
-from pivotal.embeddings import EmbeddingSet
-from pivotal.export import export_embeddings
-from pivotal.lora_network import LoraNetwork
-from pivotal.te_names import openclip_to_hf_state_dict, text_encoder_lora_targets, token_embedding_of
-from pivotal.unet_targets import unet_lora_targets
+from pivotal.adapters.network import LoraNetwork
+from pivotal.adapters.te_names import openclip_to_hf_state_dict, text_encoder_lora_targets, token_embedding_of
+from pivotal.adapters.unet_targets import unet_lora_targets
+from pivotal.cli.main import main
+from pivotal.formats.bundle import BundleEmbedding, write_bundle
+from pivotal.formats.bundle_metadata import TrainingInfo
+from pivotal.formats.export import export_embeddings
+from pivotal.inference.bundle_load import load_bundle_for_model
+from pivotal.text.embeddings import EmbeddingSet
+from pivotal.text.inject import encode_plain
 
 EMBEDDINGS = {"mychar": (2, "woman"), "my-style": (1, "")}
 

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("diffusers", reason="the standalone host needs diffusers (not part of the webui environment)")
 
-from pivotal.cli import main  # noqa: E402
+from pivotal.cli.main import main  # noqa: E402
 
 
 def run_json(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[dict]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pivotal.clip_vocab import (
+from pivotal.text.clip_vocab import (
     BOS_TOKEN,
     EOS_TOKEN,
     VOCAB_SIZE,
@@ -19,7 +19,6 @@ from pivotal.clip_vocab import (
     find_open_clip_bpe,
     write_clip_tokenizer_files,
 )
-
 from tiny_text import clip_tokenizer, open_clip_transformer_module, openclip_text_tower
 
 BPE = find_open_clip_bpe()
@@ -39,7 +38,7 @@ def test_bytes_to_unicode_covers_all_bytes_once() -> None:
 def test_find_bpe_does_not_import_open_clip() -> None:
     # A fresh interpreter, so modules other tests imported do not hide an import made here.
     code = (
-        "import sys; from pivotal.clip_vocab import find_open_clip_bpe; p = find_open_clip_bpe(); "
+        "import sys; from pivotal.text.clip_vocab import find_open_clip_bpe; p = find_open_clip_bpe(); "
         "print(p is not None and p.is_file(), 'open_clip' in sys.modules, 'torchvision' in sys.modules)"
     )
     out = subprocess.run(

@@ -12,10 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pivotal.dataset import Dataset, DatasetOptions, prepare_dataset, run_preflight
-from pivotal.dataset_images import IMAGE_EXTENSIONS, load_pixels
+from pivotal.data.dataset import Dataset, DatasetOptions, prepare_dataset, run_preflight
+from pivotal.data.images import IMAGE_EXTENSIONS, load_pixels
 from pivotal.errors import DatasetError
-
 from tiny_text import bpe_path, clip_tokenizer
 
 needs_bpe = pytest.mark.skipif(bpe_path() is None, reason="open_clip_torch (its BPE file) is not installed")

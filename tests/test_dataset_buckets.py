@@ -6,8 +6,15 @@ import math
 
 import pytest
 
-from pivotal.dataset_buckets import (BucketBatches, closest_bucket, default_side_limits, make_buckets, plan_crop,
-                                     seeded_rng, upscale_factor)
+from pivotal.data.buckets import (
+    BucketBatches,
+    closest_bucket,
+    default_side_limits,
+    make_buckets,
+    plan_crop,
+    seeded_rng,
+    upscale_factor,
+)
 from pivotal.errors import DatasetError
 
 

@@ -8,11 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from pivotal.dataset_buckets import seeded_rng
-from pivotal.dataset_captions import (TOKEN_LIMIT, CaptionFinder, TokenCounter, apply_trigger, caption_for_step,
-                                      normalize_caption, read_caption, shuffle_tags, split_tags)
+from pivotal.data.buckets import seeded_rng
+from pivotal.data.captions import (
+    TOKEN_LIMIT,
+    CaptionFinder,
+    TokenCounter,
+    apply_trigger,
+    caption_for_step,
+    normalize_caption,
+    read_caption,
+    shuffle_tags,
+    split_tags,
+)
 from pivotal.errors import DatasetError
-
 from tiny_text import bpe_path, clip_tokenizer
 
 needs_bpe = pytest.mark.skipif(bpe_path() is None, reason="open_clip_torch (its BPE file) is not installed")

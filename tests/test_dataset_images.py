@@ -13,8 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pivotal.dataset_images import (ImageItem, ImageRejected, decode_image, deep_to_8bit, load_pixels,
-                                    read_image_bytes, to_rgb)
+from pivotal.data.images import (
+    ImageItem,
+    ImageRejected,
+    decode_image,
+    deep_to_8bit,
+    load_pixels,
+    read_image_bytes,
+    to_rgb,
+)
 from pivotal.errors import DatasetError
 
 WHITE = (255, 255, 255)

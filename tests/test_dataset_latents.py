@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pivotal.dataset import DatasetOptions, prepare_dataset
-from pivotal.demo_data import make_demo_dataset
+from pivotal.data.dataset import DatasetOptions, prepare_dataset
+from pivotal.data.latent_cache import LatentCache
+from pivotal.demo.data import make_demo_dataset
 from pivotal.errors import DatasetError, ModelLayoutError
-from pivotal.latent_cache import LatentCache
-from pivotal.safetensors_io import stray_temp_files
+from pivotal.formats.safetensors_io import stray_temp_files
 
 
 class CountingEncoder:

@@ -1,6 +1,6 @@
 """The sd1 demo really learns its held-out character: ``pivotal app --demo``'s own dataset and
 settings, trained on the pre-trained tiny-world model, then sampled with the bundle on backgrounds
-none of the training pictures had. The pictures are read back (:mod:`pivotal.synth_world_read`):
+none of the training pictures had. The pictures are read back (:mod:`pivotal.demo.world_read`):
 with the bundle the object takes the character's colours (orange, striped purple); without it the
 model draws something else for the same prompt (mostly a white blob). This is the automatic form of "train in the Train tab, then
 prompt the Generate tab with the embedding name"."""
@@ -15,11 +15,11 @@ import pytest
 
 pytest.importorskip("diffusers", reason="the demo model's UNet and VAE are diffusers modules")
 
-from pivotal.generate import generate_image  # noqa: E402
-from pivotal.synth_world import COLOURS, EXAMPLE_CHARACTER  # noqa: E402
+from pivotal.demo.world import COLOURS, EXAMPLE_CHARACTER  # noqa: E402
+from pivotal.inference.generate import generate_image  # noqa: E402
 
 PLACES = ("top left", "bottom right")
-from pivotal.synth_world_read import read_picture  # noqa: E402
+from pivotal.demo.world_read import read_picture  # noqa: E402
 
 SEEDS = range(4)
 #: Share of pictures (with the bundle) whose object reads as one of the character's colours, and
@@ -36,8 +36,8 @@ def _training_backgrounds(data_dir: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from pivotal.hosts.diffusers_host import build_demo_host
-    from pivotal.trainer import train
+    from pivotal.demo.host import build_demo_host
+    from pivotal.training.trainer import train
     from pivotal.ui.app import demo_setup
 
     out = tmp_path_factory.mktemp("demo")

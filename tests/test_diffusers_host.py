@@ -13,12 +13,15 @@ import torch
 pytest.importorskip("diffusers", reason="the standalone diffusers host is not used in the webui "
                                         "environment, which has no diffusers")
 
-from pivotal.embeddings import EmbeddingSet  # noqa: E402
+from pivotal.adapters.network import LoraNetwork  # noqa: E402
+from pivotal.demo import basics as demo_basics  # noqa: E402
+from pivotal.demo import model as demo_model  # noqa: E402
+from pivotal.demo.basics import SCHEDULER_CONFIG  # noqa: E402
+from pivotal.demo.host import build_demo_host, load_host  # noqa: E402
 from pivotal.errors import ConfigError, ModelLayoutError  # noqa: E402
 from pivotal.host_api import SizeInfo  # noqa: E402
-from pivotal.hosts import demo_model  # noqa: E402
-from pivotal.hosts.diffusers_host import DiffusersHost, build_demo_host, load_diffusers_folder, load_host  # noqa: E402
-from pivotal.lora_network import LoraNetwork  # noqa: E402
+from pivotal.hosts.diffusers.host import DiffusersHost, load_diffusers_folder  # noqa: E402
+from pivotal.text.embeddings import EmbeddingSet  # noqa: E402
 
 BASES = ["sd1", "sdxl"]
 CONTEXT = {"sd1": 64, "sdxl": 96}  # sd1: the pre-trained tiny-world model's 64-wide clip_l
@@ -141,7 +144,7 @@ def test_encoding_matches_diffusers_pipelines(hosts: dict[str, DiffusersHost]) -
 
     sd1, sdxl = hosts["sd1"], hosts["sdxl"]
     prompt = "a red house by the sea, oil painting"
-    sched = EulerDiscreteScheduler.from_config({k: v for k, v in demo_model.SCHEDULER_CONFIG.items() if k[0] != "_"})
+    sched = EulerDiscreteScheduler.from_config({k: v for k, v in SCHEDULER_CONFIG.items() if k[0] != "_"})
     pipe = StableDiffusionPipeline(vae=sd1.vae, text_encoder=sd1._encoders["clip_l"], tokenizer=sd1.tokenizer("clip_l"),
                                    unet=sd1.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -293,7 +296,7 @@ def test_demo_build_is_deterministic(cache_dir: Path) -> None:
 
 
 def test_demo_tokenizer_needs_open_clip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(demo_model, "find_open_clip_bpe", lambda: None)
+    monkeypatch.setattr(demo_basics, "find_open_clip_bpe", lambda: None)
     with pytest.raises(ConfigError, match="pip install --no-deps open_clip_torch"):
         build_demo_host("sd1", cache_dir=tmp_path / "empty")
 

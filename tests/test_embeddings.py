@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pivotal.embedding_inject import PromptTokenizer, encode_plain, injected_embeddings, splice_vectors
-from pivotal.embeddings import EmbeddingSet
+from pivotal.adapters.te_names import token_embedding_of
 from pivotal.errors import EmbeddingNameError, ModelLayoutError
-from pivotal.names import validate_embedding_name
-from pivotal.te_names import token_embedding_of
-
+from pivotal.text.embeddings import EmbeddingSet
+from pivotal.text.inject import PromptTokenizer, encode_plain, injected_embeddings, splice_vectors
+from pivotal.text.names import validate_embedding_name
 from tiny_text import bpe_path, clip_tokenizer, encode_hf, encode_openclip, hf_text_model, openclip_text_tower
 
 needs_bpe = pytest.mark.skipif(bpe_path() is None, reason="open_clip_torch (its BPE file) is not installed")

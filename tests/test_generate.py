@@ -13,14 +13,14 @@ from PIL import Image
 
 import tiny_text
 import tiny_unets
-from pivotal.bundle import BundleEmbedding, write_bundle
-from pivotal.bundle_metadata import TrainingInfo
-from pivotal.embeddings import EmbeddingSet
+from pivotal.adapters.network import LoraNetwork
+from pivotal.adapters.te_names import text_encoder_lora_targets, token_embedding_of
+from pivotal.adapters.unet_targets import unet_lora_targets
 from pivotal.errors import BundleError, ConfigError
-from pivotal.generate import find_bundle, format_infotext, generate_image, parse_lora_tags
-from pivotal.lora_network import LoraNetwork
-from pivotal.te_names import text_encoder_lora_targets, token_embedding_of
-from pivotal.unet_targets import unet_lora_targets
+from pivotal.formats.bundle import BundleEmbedding, write_bundle
+from pivotal.formats.bundle_metadata import TrainingInfo
+from pivotal.inference.generate import find_bundle, format_infotext, generate_image, parse_lora_tags
+from pivotal.text.embeddings import EmbeddingSet
 
 NEEDS_DIFFUSERS = "the standalone diffusers host is not used in the webui environment, which has no diffusers"
 
@@ -206,7 +206,7 @@ def test_format_infotext() -> None:
 @pytest.fixture(scope="module")
 def demo_sd1(tmp_path_factory: pytest.TempPathFactory) -> Any:
     pytest.importorskip("diffusers", reason=NEEDS_DIFFUSERS)
-    from pivotal.hosts.diffusers_host import build_demo_host
+    from pivotal.demo.host import build_demo_host
 
     cache = tmp_path_factory.mktemp("pivotal-cache")
     return cache, build_demo_host("sd1", seed=0, device="cpu", cache_dir=cache)
@@ -228,7 +228,7 @@ def test_generate_image_on_the_demo_host(demo_sd1: Any, tmp_path: Path) -> None:
 
 def test_cli_generate_writes_png(demo_sd1: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    from pivotal.cli import main
+    from pivotal.cli.main import main
 
     cache, host = demo_sd1
     monkeypatch.setenv("PIVOTAL_CACHE_DIR", str(cache))

@@ -14,9 +14,9 @@ from typing import Any, Callable, Optional
 import pytest
 
 from pivotal.errors import ConfigError, TrainingError
-from pivotal.job import FAILED, FINISHED, IDLE, MAX_PREVIEWS, RUNNING, JobBusyError, TrainingJob
-from pivotal.progress import LossSmoother, ProgressEvent, TrainResult
-from pivotal.train_config import EmbeddingSpec, TrainConfig
+from pivotal.training.config import EmbeddingSpec, TrainConfig
+from pivotal.training.job import FAILED, FINISHED, IDLE, MAX_PREVIEWS, RUNNING, JobBusyError, TrainingJob
+from pivotal.training.progress import LossSmoother, ProgressEvent, TrainResult
 
 HOST = object()
 

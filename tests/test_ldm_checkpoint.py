@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from pivotal.cli import main
+from pivotal.adapters.te_names import hf_text_model_prefix
+from pivotal.cli.main import main
+from pivotal.demo import tiny_world
+from pivotal.demo.checkpoint import TEXT_KEY, UNET_KEY, VAE_KEY, export_checkpoint
 from pivotal.errors import ConfigError, ModelLayoutError, SaveError
-from pivotal.hosts import tiny_world
-from pivotal.ldm_checkpoint import TEXT_KEY, UNET_KEY, VAE_KEY, export_checkpoint
-from pivotal.safetensors_io import load_tensors, read_header
-from pivotal.te_names import hf_text_model_prefix
-from pivotal.vae_names import vae_name_to_ldm, vae_state_to_ldm
+from pivotal.formats.safetensors_io import load_tensors, read_header
+from pivotal.formats.vae_names import vae_name_to_ldm, vae_state_to_ldm
 
 pytest.importorskip("omegaconf", reason="reading the exported yaml needs omegaconf")
 pytest.importorskip("ldm", reason="the LDM classes come from stable-diffusion-sdkit")
@@ -101,7 +101,7 @@ def test_files_and_config(exported: dict[str, Any]) -> None:
 def test_the_clip_folder_gives_the_demo_tokenizer(exported: dict[str, Any]) -> None:
     from transformers import CLIPTokenizer
 
-    from pivotal.hosts.demo_model import demo_tokenizer
+    from pivotal.demo.basics import demo_tokenizer
 
     ours = CLIPTokenizer.from_pretrained(str(exported["clip"]))
     demo = demo_tokenizer("clip_l")

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from pivotal.adapters.lora_layers import LoraConv2d, LoraLinear, part_of_key
+from pivotal.adapters.lora_mha import LoraMultiheadAttention
+from pivotal.adapters.network import LoraNetwork, count_parts, create_lora_module
 from pivotal.errors import LoraTargetError
-from pivotal.lora_layers import LoraConv2d, LoraLinear, create_lora_module, part_of_key
-from pivotal.lora_mha import LoraMultiheadAttention
-from pivotal.lora_network import LoraNetwork, count_parts
 
 
 class Host(nn.Module):

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pivotal.pretrain_data import render_world_set
-from pivotal.pretrain_diffusion import layout_noise, min_snr_weights, noisy_latents
-from pivotal.pretrain_vae import colour_guide, lr_at, random_crops, salience
-from pivotal.synth_world import BASE_STYLE, FULL_WORLD, SHIFTED_STYLE, world_item
+from pivotal.demo.pretrain.data import render_world_set
+from pivotal.demo.pretrain.diffusion import layout_noise, min_snr_weights, noisy_latents
+from pivotal.demo.pretrain.vae import colour_guide, lr_at, random_crops, salience
+from pivotal.demo.world import BASE_STYLE, FULL_WORLD, SHIFTED_STYLE, world_item
 
 
 def test_world_set_renders_the_world_items() -> None:

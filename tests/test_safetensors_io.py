@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pivotal import safetensors_io as sio
 from pivotal.errors import BundleError, SaveError, UnsafeFileError
+from pivotal.formats import safetensors_io as sio
 
 
 def raw_file(path: Path, header: dict | bytes, data: bytes = b"", size_field: int | None = None) -> Path:

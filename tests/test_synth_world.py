@@ -9,12 +9,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pivotal.demo_data import make_demo_dataset
+from pivotal.demo.data import make_demo_dataset
+from pivotal.demo.world import (
+    BASE_FILLS,
+    BASE_SHAPES,
+    BASE_WORLD,
+    EXAMPLE_CHARACTER,
+    FILLS,
+    FULL_WORLD,
+    HELD_OUT_FILLS,
+    HELD_OUT_SHAPES,
+    SHAPES,
+    SHIFTED_STYLE,
+    Scene,
+    SceneObject,
+    WorldSpec,
+    caption,
+    render,
+    sample_scene,
+    world_item,
+)
+from pivotal.demo.world_read import read_picture
 from pivotal.errors import ConfigError
-from pivotal.synth_world import (BASE_FILLS, BASE_SHAPES, BASE_WORLD, EXAMPLE_CHARACTER, FILLS, FULL_WORLD,
-                                 HELD_OUT_FILLS, HELD_OUT_SHAPES, SHAPES, SHIFTED_STYLE, Scene, SceneObject, WorldSpec,
-                                 caption, render, sample_scene, world_item)
-from pivotal.synth_world_read import read_picture
 
 HELD_OUT_WORDS = re.compile(r"\b(" + "|".join(HELD_OUT_SHAPES + HELD_OUT_FILLS) + r")s?\b")
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pivotal.errors import LoraTargetError, ModelLayoutError
-from pivotal.te_names import (
+from pivotal.adapters.te_names import (
     MHA_SUBKEYS,
     expand_lora_keys,
     hf_text_model_prefix,
@@ -16,7 +15,7 @@ from pivotal.te_names import (
     text_encoder_lora_targets,
     token_embedding_of,
 )
-
+from pivotal.errors import LoraTargetError, ModelLayoutError
 from tiny_text import (
     bpe_path,
     clip_tokenizer,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pivotal.demo import tiny_world
 from pivotal.errors import BundleError
-from pivotal.hosts import tiny_world
 
 # Thresholds of the prompt-following checks, well below what the shipped model measures
 # (README: loss gap and sampling accuracy) and far above what a model ignoring its prompt gets.
@@ -33,7 +33,7 @@ def test_shipped_file_is_small_and_sparse() -> None:
 def test_shipped_file_records_the_default_settings() -> None:
     """``tools/train_base_model.py`` with no options reproduces the shipped weights only while the
     defaults are the settings they were trained with."""
-    from pivotal.pretrain import PretrainSettings
+    from pivotal.demo.pretrain.run import PretrainSettings
 
     _, meta = tiny_world.read_weight_file()
     assert meta["settings"] == PretrainSettings().to_dict()
@@ -44,7 +44,7 @@ def test_text_encoder_loads_in_this_transformers(tmp_path: Path) -> None:
     4.30 nests them under text_model, 5 does not); the sparse rows are put back exactly."""
     from transformers import CLIPTextModel
 
-    from pivotal.te_names import hf_text_model_prefix
+    from pivotal.adapters.te_names import hf_text_model_prefix
 
     tensors, meta = tiny_world.read_weight_file()
     state = tiny_world.full_text_state(tensors, meta["token_seed"])
@@ -61,7 +61,7 @@ def test_text_encoder_loads_in_this_transformers(tmp_path: Path) -> None:
 
 
 def test_refuses_files_that_are_not_ours(tmp_path: Path) -> None:
-    from pivotal.safetensors_io import atomic_save
+    from pivotal.formats.safetensors_io import atomic_save
 
     with pytest.raises(BundleError, match="train_base_model"):
         tiny_world.read_weight_file(tmp_path / "missing.safetensors")
@@ -77,15 +77,15 @@ diffusers_only = pytest.mark.skipif(__import__("importlib").util.find_spec("diff
 
 @pytest.fixture(scope="module")
 def host():
-    from pivotal.hosts.diffusers_host import build_demo_host
+    from pivotal.demo.host import build_demo_host
 
     return build_demo_host("sd1", device="cpu")
 
 
 @diffusers_only
 def test_demo_sd1_is_the_pretrained_model() -> None:
+    from pivotal.demo.model import build_demo_parts
     from pivotal.errors import ConfigError
-    from pivotal.hosts.demo_model import build_demo_parts
 
     parts = build_demo_parts("sd1")
     assert "tiny-world" in parts.source
@@ -99,7 +99,7 @@ def test_demo_sd1_is_the_pretrained_model() -> None:
 
 @diffusers_only
 def test_follows_prompts_loss_gap(host) -> None:
-    from pivotal.pretrain_check import loss_gap
+    from pivotal.demo.pretrain.check import loss_gap
 
     gap = loss_gap(host, count=64)
     assert gap["right"] < gap["shuffled"] and gap["right"] < gap["empty"]
@@ -108,7 +108,7 @@ def test_follows_prompts_loss_gap(host) -> None:
 
 @diffusers_only
 def test_follows_prompts_when_sampling(host) -> None:
-    from pivotal.pretrain_check import sampling_accuracy
+    from pivotal.demo.pretrain.check import sampling_accuracy
 
     result = sampling_accuracy(host, count=16, steps=12)
     for attribute, floor in MIN_ACCURACY.items():
@@ -119,7 +119,7 @@ def test_follows_prompts_when_sampling(host) -> None:
 @diffusers_only
 def test_pretraining_is_reproducible(tmp_path: Path) -> None:
     """The same settings give the same file, byte for byte (a few steps only, on one thread)."""
-    from pivotal.pretrain import QUICK, pretrain
+    from pivotal.demo.pretrain.run import QUICK, pretrain
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from pivotal.errors import ConfigError, TrainingError
-from pivotal.losses import add_noise, min_snr_weights, training_target
-from pivotal.optim import GroupSpec, apply_lrs, build_optimizer, phase_of, pull_norms, schedule_factor
-from pivotal.train_config import EmbeddingSpec, TrainConfig, load_config_file
-from pivotal.train_state import RunState, load_state, model_fingerprint, save_state
+from pivotal.training.config import EmbeddingSpec, TrainConfig, load_config_file
+from pivotal.training.losses import add_noise, min_snr_weights, training_target
+from pivotal.training.optim import GroupSpec, apply_lrs, build_optimizer, phase_of, pull_norms, schedule_factor
+from pivotal.training.state import RunState, load_state, model_fingerprint, save_state
 
 
 def cfg(**kw) -> TrainConfig:

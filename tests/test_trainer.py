@@ -12,13 +12,13 @@ import torch
 
 pytest.importorskip("diffusers", reason="the standalone host needs diffusers (not part of the webui environment)")
 
-from pivotal.bundle import read_bundle  # noqa: E402
-from pivotal.demo_data import make_demo_dataset  # noqa: E402
+from pivotal.demo.data import make_demo_dataset  # noqa: E402
+from pivotal.demo.host import build_demo_host  # noqa: E402
 from pivotal.errors import DatasetError, EmbeddingNameError, TrainingError  # noqa: E402
-from pivotal.hosts.diffusers_host import build_demo_host  # noqa: E402
-from pivotal.progress import ProgressEvent  # noqa: E402
-from pivotal.train_config import EmbeddingSpec, TrainConfig  # noqa: E402
-from pivotal.trainer import train  # noqa: E402
+from pivotal.formats.bundle import read_bundle  # noqa: E402
+from pivotal.training.config import EmbeddingSpec, TrainConfig  # noqa: E402
+from pivotal.training.progress import ProgressEvent  # noqa: E402
+from pivotal.training.trainer import train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_text_conditioning_is_reused_only_while_the_text_side_is_frozen(host, da
     assert sorted(c for caps, _ in later for c in caps) == sorted({c for caps, _ in later for c in caps})
     assert 1 <= len(later) <= 4
     # and the reuse changes nothing: the same run with the cache switched off gives the same losses
-    import pivotal.train_step as ts
+    import pivotal.training.step as ts
     original = ts.StepRunner._text_frozen
     ts.StepRunner._text_frozen = lambda self: False
     try:

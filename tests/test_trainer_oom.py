@@ -1,5 +1,5 @@
 """Out of memory at any point of a run (reliability checklist 26), forced by the fault-injection
-hook (:mod:`pivotal.faults`): at the first step, mid-run, during a preview, during a save. Each
+hook (:mod:`pivotal.training.faults`): at the first step, mid-run, during a preview, during a save. Each
 ends in a TrainingError that says where and what to change; the host is exactly as before; no
 LoRA network, optimizer or embedding of the run is left alive; a generation works afterwards; a
 save that failed left no file or temp file behind."""
@@ -15,13 +15,12 @@ import pytest
 
 pytest.importorskip("diffusers", reason="the standalone host needs diffusers (not part of the webui environment)")
 
-from test_trainer import config, data_dir, host, host_state  # noqa: E402,F401 (fixtures shared)
-
-from pivotal.embeddings import EmbeddingSet  # noqa: E402
+from pivotal.adapters.network import LoraNetwork  # noqa: E402
 from pivotal.errors import TrainingError  # noqa: E402
-from pivotal.faults import ENV  # noqa: E402
-from pivotal.lora_network import LoraNetwork  # noqa: E402
-from pivotal.trainer import train  # noqa: E402
+from pivotal.text.embeddings import EmbeddingSet  # noqa: E402
+from pivotal.training.faults import ENV  # noqa: E402
+from pivotal.training.trainer import train  # noqa: E402
+from test_trainer import config, data_dir, host, host_state  # noqa: E402,F401 (fixtures shared)
 
 CASES = {  # fault spec -> where the error says it happened, the saves (every 2 steps) kept
     "first step": ({"point": "step", "step": 0}, "at step 1 of 6", []),
@@ -48,7 +47,7 @@ def test_out_of_memory_stops_cleanly(case: str, host, data_dir: Path, tmp_path: 
     monkeypatch.setenv(ENV, str(fault_file))
     before = host_state(host)
     networks = _live_networks()
-    import pivotal.trainer as trainer_module
+    import pivotal.training.trainer as trainer_module
 
     at_release: list[int] = []
     original = trainer_module.release_memory

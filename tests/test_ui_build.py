@@ -18,9 +18,9 @@ gr = pytest.importorskip("gradio")
 torch = pytest.importorskip("torch")
 
 from pivotal.errors import ConfigError  # noqa: E402
-from pivotal.job import TrainingJob  # noqa: E402
-from pivotal.progress import ProgressEvent, TrainResult  # noqa: E402
-from pivotal.train_config import EmbeddingSpec, TrainConfig  # noqa: E402
+from pivotal.training.config import EmbeddingSpec, TrainConfig  # noqa: E402
+from pivotal.training.job import TrainingJob  # noqa: E402
+from pivotal.training.progress import ProgressEvent, TrainResult  # noqa: E402
 from pivotal.ui.app import build_app, cached_host_provider  # noqa: E402
 from pivotal.ui.bundle_list import find_bundles  # noqa: E402
 from pivotal.ui.generate_tab import NO_BUNDLE, _with_lora_tag, build_generate_tab  # noqa: E402
@@ -102,7 +102,7 @@ def test_tabs_embed_in_an_existing_blocks(tmp_path: Path) -> None:
 
 
 def test_parser_and_package_do_not_import_gradio() -> None:
-    code = ("import sys; import pivotal.ui, pivotal.job; from pivotal.cli import build_parser; build_parser(); "
+    code = ("import sys; import pivotal.ui, pivotal.training.job; from pivotal.cli.main import build_parser; build_parser(); "
             "print('gradio' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={"PYTHONPATH": str(LIB), "PATH": "/usr/bin:/bin"})
@@ -180,7 +180,7 @@ def test_interrupt_handler(tmp_path: Path) -> None:
 
 
 def test_check_dataset_reports_a_missing_folder(tmp_path: Path) -> None:
-    pytest.importorskip("pivotal.dataset")
+    pytest.importorskip("pivotal.data.dataset")
     job = TrainingJob(trainer=fake_trainer)
     with gr.Blocks():  # a host without a tokenizer: token counts are left out of the report
         tab = build_train_tab(job, lambda: None, data_dir="/data", out_dir=str(tmp_path), base=base_config())

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from pivotal.lora_network import LoraNetwork
-from pivotal.unet_names import UNetLayout, convert_diffusers_unet_to_ldm
-from pivotal.unet_targets import unet_lora_targets
+from pivotal.adapters.network import LoraNetwork
+from pivotal.adapters.unet_names import UNetLayout, convert_diffusers_unet_to_ldm
+from pivotal.adapters.unet_targets import unet_lora_targets
 from tiny_unets import BASES, diffusers_unet, ldm_unet, run_diffusers, run_ldm, sample_inputs
 
 NEEDS_DIFFUSERS = "diffusers is not installed (webui environment); the cross-check trains on diffusers"

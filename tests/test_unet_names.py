@@ -10,15 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from pivotal.errors import LoraTargetError, ModelLayoutError
-from pivotal.unet_names import (
+from pivotal.adapters.unet_names import (
     UNetLayout,
     convert_diffusers_unet_to_ldm,
     convert_ldm_unet_to_diffusers,
     is_diffusers_unet,
     is_ldm_unet,
 )
-from pivotal.unet_targets import PRESETS, unet_lora_targets
+from pivotal.adapters.unet_targets import PRESETS, unet_lora_targets
+from pivotal.errors import LoraTargetError, ModelLayoutError
 from tiny_unets import BASES, diffusers_unet, ldm_unet, run_diffusers, run_ldm, sample_inputs
 
 NEEDS_DIFFUSERS = "diffusers is not installed (webui environment); diffusers-side checks need it"

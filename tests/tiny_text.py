@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pivotal.clip_vocab import find_open_clip_bpe, write_clip_tokenizer_files
+from pivotal.text.clip_vocab import find_open_clip_bpe, write_clip_tokenizer_files
 
 # (hidden, heads) of the "clip_l"-like and "clip_g"-like tiny encoders.
 TINY_DIMS = {"clip_l": (32, 4), "clip_g": (64, 4)}

@@ -1,4 +1,4 @@
-"""Measure how well a tiny-world weight file follows its prompts (see :mod:`pivotal.pretrain_check`).
+"""Measure how well a tiny-world weight file follows its prompts (see :mod:`pivotal.demo.pretrain.check`).
 
     .venv/bin/python tools/check_base_model.py [--weights FILE] [--count 64] [--sheet samples.png]
 
@@ -20,15 +20,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lib"))
 
 import torch  # noqa: E402
 
-from pivotal.hosts.tiny_world import WEIGHTS_FILE  # noqa: E402
+from pivotal.demo.tiny_world import WEIGHTS_FILE  # noqa: E402
 
 
 def run_checks(weights: str, cache_dir: str | None = None, count: int = 64, loss_count: int = 256,
                guidance: float = 4.0, steps: int = 20, sheet: str | None = None,
                log: Callable[[str], None] = print) -> dict[str, Any]:
-    from pivotal.hosts.diffusers_host import DiffusersHost
-    from pivotal.hosts.tiny_world import load_parts
-    from pivotal.pretrain_check import contact_sheet, loss_gap, sampling_accuracy
+    from pivotal.demo.pretrain.check import contact_sheet, loss_gap, sampling_accuracy
+    from pivotal.demo.tiny_world import load_parts
+    from pivotal.hosts.diffusers.host import DiffusersHost
 
     host = DiffusersHost(load_parts(weights, cache_dir))
     t0 = time.perf_counter()

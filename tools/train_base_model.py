@@ -1,13 +1,13 @@
 """Pre-train the tiny-world SD1 demo model and write its weights (by default over the shipped file,
-``lib/pivotal/hosts/weights/tiny-world-sd1.safetensors``), then prove it follows prompts.
+``lib/pivotal/demo/weights/tiny-world-sd1.safetensors``), then prove it follows prompts.
 
     .venv/bin/python tools/train_base_model.py                 # the shipped weights, ~20 min on 1 CPU thread
     .venv/bin/python tools/train_base_model.py --out /tmp/m.safetensors --report /tmp/m.json
 
 Deterministic: on one thread (the default) the same libraries write the same file byte for byte.
-The settings are :class:`pivotal.pretrain.PretrainSettings`; ``--quick`` trains a few steps only
+The settings are :class:`pivotal.demo.pretrain.run.PretrainSettings`; ``--quick`` trains a few steps only
 (to test the pipeline). ``--no-check`` skips the prompt-following checks
-(:mod:`pivotal.pretrain_check`, also ``tools/check_base_model.py``).
+(:mod:`pivotal.demo.pretrain.check`, also ``tools/check_base_model.py``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lib"))
 
 import torch  # noqa: E402
 
-from pivotal.hosts.tiny_world import WEIGHTS_FILE  # noqa: E402
-from pivotal.pretrain import QUICK, PretrainSettings, pretrain  # noqa: E402
+from pivotal.demo.pretrain.run import QUICK, PretrainSettings, pretrain  # noqa: E402
+from pivotal.demo.tiny_world import WEIGHTS_FILE  # noqa: E402
 
 
 def log(message: str) -> None:

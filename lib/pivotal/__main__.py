@@ -2,7 +2,7 @@
 
 import sys
 
-from pivotal.cli import main
+from pivotal.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

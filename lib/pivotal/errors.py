@@ -53,7 +53,7 @@ class DatasetError(PivotalError):
     """The training images or captions cannot be used as they are, or a dataset setting is invalid.
 
     The message names the folder, file or setting at fault and the fix. ``report`` is the
-    pre-flight report (``pivotal.dataset.PreflightReport``) when the refusal came from one, so a
+    pre-flight report (``pivotal.data.dataset.PreflightReport``) when the refusal came from one, so a
     UI can still show everything that was found.
     """
 

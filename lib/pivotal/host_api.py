@@ -1,6 +1,6 @@
 """The seam between the trainer and a host (standalone diffusers, the A1111 webui, later Forge).
 
-The trainer (``pivotal.trainer``) only ever talks to a :class:`TrainingHost`. A host owns the
+The trainer (``pivotal.training.trainer``) only ever talks to a :class:`TrainingHost`. A host owns the
 model: it says which modules can carry LoRA, encodes images and prompts (splicing the trainable
 embeddings in), runs the UNet, and restores itself afterwards. Nothing in the core imports a host.
 
@@ -19,8 +19,8 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
-from pivotal.embeddings import EmbeddingSet
-from pivotal.lora_network import Target
+from pivotal.adapters.network import Target
+from pivotal.text.embeddings import EmbeddingSet
 
 
 @dataclass

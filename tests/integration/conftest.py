@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from webui_server import Webui, configuration_problem, start_or_reach, start_webui
 
 EMBEDDING = "pvtchar"
@@ -68,7 +67,7 @@ def webui() -> Iterator[Webui]:
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six tiny captioned images of the synthetic demo concept, captions naming the embedding."""
-    from pivotal.demo_data import make_demo_dataset
+    from pivotal.demo.data import make_demo_dataset
 
     folder = tmp_path_factory.mktemp("pivotal-webui-data")
     make_demo_dataset(folder, [EMBEDDING], count=6, size=64, seed=0)

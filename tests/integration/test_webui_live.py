@@ -22,9 +22,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from webui_server import Webui, untrained_parts
 
 from conftest import EMBEDDING
-from webui_server import Webui, untrained_parts
 
 BASELINE_PROMPT = "a photo of a cat"
 SETTINGS = {"resolution": 64, "bucket_step": 16, "unet_lr": 5e-4, "embedding_lr": 5e-3, "preview_steps": 4,

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from webui_server import Webui
 
 from conftest import EMBEDDING, needs_own_webui, own_webui
-from webui_server import Webui
 
 pytestmark = needs_own_webui
 PROMPT = "a photo of a cat"

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from webui_server import Webui, untrained_parts
 
 from conftest import EMBEDDING, SDXL_CHECKPOINT, SDXL_MISSING, checkpoint
-from webui_server import Webui, untrained_parts
 
 CHECKPOINT = SDXL_CHECKPOINT
 pytestmark = pytest.mark.skipif(not CHECKPOINT, reason=SDXL_MISSING)

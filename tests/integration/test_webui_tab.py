@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from webui_server import Webui
 
 from conftest import EMBEDDING, SDXL_CHECKPOINT, SDXL_MISSING, checkpoint
-from webui_server import Webui
 
 CHROMIUM = os.environ.get("PIVOTAL_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("PIVOTAL_CHROMEDRIVER", "/usr/bin/chromedriver")

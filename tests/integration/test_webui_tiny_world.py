@@ -4,7 +4,7 @@ names the exported checkpoint as the webui lists it (e.g. ``tiny-world-sd1.safet
 with its ``.yaml`` and ``-clip/`` folder into ``models/Stable-diffusion``).
 
 Proves what no random-weight checkpoint can: the webui's own LDM code, loading our export, draws
-what the prompt says (pictures read back by :mod:`pivotal.synth_world_read`); and a bundle trained
+what the prompt says (pictures read back by :mod:`pivotal.demo.world_read`); and a bundle trained
 from the webui on the held-out character makes the webui draw that character, in its colour, on
 backgrounds none of the training pictures had, with the host restored afterwards.
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from webui_server import Webui
 
 from conftest import checkpoint
-from webui_server import Webui
 
 CHECKPOINT = os.environ.get("PIVOTAL_WEBUI_TINY_WORLD_CHECKPOINT", "")
 pytestmark = pytest.mark.skipif(not CHECKPOINT, reason="set PIVOTAL_WEBUI_TINY_WORLD_CHECKPOINT to the exported "
@@ -33,7 +33,7 @@ STEPS = 12
 def _read(png: bytes):
     from PIL import Image
 
-    from pivotal.synth_world_read import read_picture
+    from pivotal.demo.world_read import read_picture
 
     return read_picture(Image.open(io.BytesIO(png)))
 
@@ -46,8 +46,8 @@ def tiny_world(webui: Webui) -> Iterator[Webui]:
 
 @pytest.fixture(scope="module")
 def character_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pivotal.demo_data import make_demo_dataset
-    from pivotal.synth_world import EXAMPLE_CHARACTER
+    from pivotal.demo.data import make_demo_dataset
+    from pivotal.demo.world import EXAMPLE_CHARACTER
 
     folder = tmp_path_factory.mktemp("pivotal-character")
     make_demo_dataset(folder, [NAME], count=8, size=64, seed=0, character=EXAMPLE_CHARACTER)
@@ -68,7 +68,7 @@ def test_the_webui_draws_what_the_prompt_says(tiny_world: Webui) -> None:
 
 
 def test_a_bundle_trained_in_the_webui_draws_the_character(tiny_world: Webui, character_data: Path) -> None:
-    from pivotal.synth_world import COLOURS, EXAMPLE_CHARACTER
+    from pivotal.demo.world import COLOURS, EXAMPLE_CHARACTER
 
     before_host = tiny_world.request("GET", "/pivotal/v1/host")
     name = f"pvtw{uuid.uuid4().hex[:6]}"

@@ -9,7 +9,7 @@ Configured by environment variables, nothing else:
   here: CPU, checkpoint, ``--api``...) plus ``--port PIVOTAL_WEBUI_PORT`` (default 7871), and stop it
   afterwards. The checkout must already have this extension in ``extensions/``.
 
-Fault injection (:mod:`pivotal.faults`): a webui the tests start gets ``PIVOTAL_FAULT_FILE`` (a
+Fault injection (:mod:`pivotal.training.faults`): a webui the tests start gets ``PIVOTAL_FAULT_FILE`` (a
 temp path, or ``PIVOTAL_WEBUI_FAULT_FILE`` when set) in its environment, and ``Webui.fault_file``
 names it; for a webui reached at a URL, ``PIVOTAL_WEBUI_FAULT_FILE`` must name the file that webui
 was started with, or the fault tests skip.

@@ -1,7 +1,7 @@
 """The standalone app: the Train and Generate tabs on one page, served on 127.0.0.1 only.
 
 ``pivotal app [--demo {sd1,sdxl} | --model PATH] [--out DIR] [--port 7860] [--no-browser]``
-(:func:`run_app`; the flags are defined in :mod:`pivotal.cli`, which imports no gradio). The
+(:func:`run_app`; the flags are defined in :mod:`pivotal.cli.main`, which imports no gradio). The
 model is loaded before the server starts, so a bad path is one error line on the terminal, not a
 broken page. ``--demo`` uses a tiny model (sd1: pre-trained on a synthetic world of coloured shapes;
 sdxl: random weights) and a synthetic dataset of a character that model never saw, so the whole
@@ -20,10 +20,10 @@ from typing import Any, Callable, Optional
 
 import gradio as gr
 
-from pivotal.job import TrainingJob
-from pivotal.train_config import DEMO_EMBEDDING as CORE_DEMO_EMBEDDING
-from pivotal.train_config import DEMO_SETTINGS as CORE_DEMO_SETTINGS
-from pivotal.train_config import EmbeddingSpec, TrainConfig
+from pivotal.training.config import DEMO_EMBEDDING as CORE_DEMO_EMBEDDING
+from pivotal.training.config import DEMO_SETTINGS as CORE_DEMO_SETTINGS
+from pivotal.training.config import EmbeddingSpec, TrainConfig
+from pivotal.training.job import TrainingJob
 from pivotal.ui.compat import enable_queue, launch_kwargs
 from pivotal.ui.generate_tab import build_generate_tab
 from pivotal.ui.train_tab import build_train_tab
@@ -101,8 +101,8 @@ def cached_host_provider(load: Callable[[], Any]) -> HostProvider:
 def demo_setup(out_dir: Path) -> tuple[TrainConfig, str]:
     """(Train form settings, dataset folder) for ``--demo``: writes the synthetic captioned dataset
     to ``<out>/demo_data`` unless a dataset is already there."""
-    from pivotal.demo_data import make_demo_dataset
-    from pivotal.synth_world import EXAMPLE_CHARACTER
+    from pivotal.demo.data import make_demo_dataset
+    from pivotal.demo.world import EXAMPLE_CHARACTER
 
     folder = out_dir / "demo_data"
     if not folder.is_dir() or not any(folder.iterdir()):
@@ -118,8 +118,8 @@ def run_app(args: argparse.Namespace) -> int:
     """``pivotal app``: load the model, build the page, serve it until Ctrl-C."""
     # gradio would otherwise try to report usage to its servers (no network here, and no need)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from pivotal.hosts.demo_model import is_pretrained
-    from pivotal.hosts.diffusers_host import load_host
+    from pivotal.demo.host import load_host
+    from pivotal.demo.model import is_pretrained
 
     out_dir = Path(args.out)
     if args.demo:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pivotal.errors import BundleError
-from pivotal.name_registry import bundle_embedding_names
+from pivotal.formats.name_registry import bundle_embedding_names
 
 RESUME_SUFFIX = ".resume.safetensors"
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pivotal.train_config import TrainConfig
+from pivotal.training.config import TrainConfig
 
 
 def dataset_options(config: TrainConfig) -> Any:
-    """The :class:`~pivotal.dataset.DatasetOptions` that ``config`` trains with."""
-    from pivotal.dataset import DatasetOptions  # imports torch: only when the button is pressed
+    """The :class:`~pivotal.data.dataset.DatasetOptions` that ``config`` trains with."""
+    from pivotal.data.dataset import DatasetOptions  # imports torch: only when the button is pressed
 
     return DatasetOptions(folder=config.data_dir, resolution=config.resolution, bucket_step=config.bucket_step,
                           bucketing=config.bucketing, batch_size=config.batch_size,
@@ -29,7 +29,7 @@ def check_dataset(config: TrainConfig, host: Any) -> str:
     ``host`` gives the tokenizer, so caption lengths are counted in real tokens. Raises
     DatasetError only when the folder cannot be checked at all (a bad setting, no images).
     """
-    from pivotal.dataset import run_preflight
+    from pivotal.data.dataset import run_preflight
 
     vectors = {e.name: e.vectors for e in config.embeddings}
     tokenizer = host.tokenizer(host.encoder_keys()[0]) if host is not None else None

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import gradio as gr
 
 from pivotal.errors import BundleError, ConfigError, PivotalError
-from pivotal.job import JobBusyError, TrainingJob
+from pivotal.training.job import JobBusyError, TrainingJob
 from pivotal.ui.bundle_list import BundleEntry, describe, find_bundles
 from pivotal.ui.progress_view import message_html
 
@@ -97,7 +97,7 @@ def build_generate_tab(job: TrainingJob, host_provider: HostProvider, out_dir: s
             entry = _entry(folder_text or out_dir, label)
             full_prompt = _with_lora_tag(prompt_text or "", entry, w)
             lora_dirs = [str(Path(entry.path).parent)] if entry else []
-            from pivotal.generate import format_infotext, generate_image  # the pipeline code, only when used
+            from pivotal.inference.generate import format_infotext, generate_image  # the pipeline code, only when used
 
             with job.using_host():  # never while a run (or another image) has the model
                 img, meta = generate_image(host_provider(), full_prompt, negative_text or "", lora_dirs, *numbers)

@@ -12,7 +12,7 @@ import math
 from typing import Any, Mapping
 
 from pivotal.errors import ConfigError
-from pivotal.train_config import TrainConfig
+from pivotal.training.config import TrainConfig
 
 #: rows of the embeddings table (name, vectors, init text); empty names are skipped
 EMBEDDING_ROWS = 3

@@ -15,9 +15,16 @@ from typing import Any, Callable, Iterator, Optional
 import gradio as gr
 
 from pivotal.errors import PivotalError
-from pivotal.job import RUNNING, JobBusyError, TrainingJob
-from pivotal.train_config import (LORA_PRESETS, ON_INTERRUPT, OPTIMIZERS, PHASE_PLANS, PRECISIONS, SCHEDULES,
-                                  TrainConfig)
+from pivotal.training.config import (
+    LORA_PRESETS,
+    ON_INTERRUPT,
+    OPTIMIZERS,
+    PHASE_PLANS,
+    PRECISIONS,
+    SCHEDULES,
+    TrainConfig,
+)
+from pivotal.training.job import RUNNING, JobBusyError, TrainingJob
 from pivotal.ui.compat import gallery_kwargs, long_event_kwargs, quick_event_kwargs
 from pivotal.ui.dataset_check import check_dataset
 from pivotal.ui.loss_chart import render_loss_chart

@@ -2,7 +2,7 @@
 
 * ``POST /pivotal/v1/train``: start a run from ``{"config": {...}, "resume": "...", "preview_sampler":
   "...", "preview_scheduler": "...", "preview_cfg": 7}``; ``config`` has the CLI's TOML schema
-  (:class:`pivotal.train_config.TrainConfig` fields); the preview keys pick how the webui renders
+  (:class:`pivotal.training.config.TrainConfig` fields); the preview keys pick how the webui renders
   previews. 409 while a run is going, 422 for a bad setting.
 * ``GET /pivotal/v1/status``: the run's snapshot (progress, loss history, messages, bundle path,
   ``webui_task``: the running run's id in the webui's ``/internal/progress``);
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pivotal.errors import ConfigError, PivotalError
-from pivotal.job import JobBusyError, TrainingJob
-from pivotal.train_config import TrainConfig
+from pivotal.training.config import TrainConfig
+from pivotal.training.job import JobBusyError, TrainingJob
 
 PREFIX = "/pivotal/v1"
 TAGS = ["pivotal"]
@@ -65,7 +65,7 @@ def list_bundles(lora_dir: str) -> list[dict[str, Any]]:
     """Every ``.safetensors`` in ``lora_dir`` (recursively) that carries ``bundle_emb.*`` tensors or
     Pivotal metadata: name, path, base model and embedding names. Unreadable files are listed
     with their error instead of being skipped silently."""
-    from pivotal.safetensors_io import read_header
+    from pivotal.formats.safetensors_io import read_header
 
     out: list[dict[str, Any]] = []
     root = Path(lora_dir)
@@ -92,7 +92,7 @@ def list_bundles(lora_dir: str) -> list[dict[str, Any]]:
 
 def host_state(webui: Any) -> dict[str, Any]:
     """A summary of the loaded model for restoration checks (hashing takes seconds on big models)."""
-    from pivotal.hosts.a1111_session import module_flags, weights_fingerprint
+    from pivotal.hosts.a1111.session import module_flags, weights_fingerprint
 
     model = webui.sd_model
     grads, training, forwards = module_flags(model)

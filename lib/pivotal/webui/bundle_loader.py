@@ -48,7 +48,7 @@ def parse_bundle_embeddings(path: str) -> list[BundleEmbeddingData]:
     """The ``bundle_emb.<name>.<rest>`` tensors of a safetensors file, grouped per embedding as the
     webui's loader groups them (``string_to_param.<k>`` nested, other keys flat). BundleError for a
     file that cannot be read."""
-    from pivotal.safetensors_io import load_tensors, read_header
+    from pivotal.formats.safetensors_io import load_tensors, read_header
 
     header = read_header(path)
     keys = [k for k in header.tensors if k.startswith("bundle_emb.") and k.count(".") >= 2]
@@ -138,7 +138,7 @@ class BundleRegistrar:
         from_tags = not builtin_registers_bundles(webui.networks)
         if not always and not from_tags:
             if self._last_signature:  # the option was just switched off: conds cached with our vectors are stale
-                from pivotal.hosts.a1111_session import clear_cond_cache
+                from pivotal.hosts.a1111.session import clear_cond_cache
 
                 clear_cond_cache(webui)
                 self._last_signature = ()
@@ -181,7 +181,7 @@ class BundleRegistrar:
         # set lent to prompts changes (option toggled, bundle rewritten), cached conds are stale.
         signature = tuple((n, available[n].path, self.index.stamp(available[n].path)) for n in registered)
         if signature != self._last_signature:
-            from pivotal.hosts.a1111_session import clear_cond_cache
+            from pivotal.hosts.a1111.session import clear_cond_cache
 
             clear_cond_cache(webui)
             self._last_signature = signature

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pivotal.hosts.a1111_webui import load_webui, webui_module
+from pivotal.hosts.a1111.webui import load_webui, webui_module
 from pivotal.webui.bundle_loader import OPTION, BundleRegistrar
 from pivotal.webui.runner import webui_paths
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pivotal.job import TrainingJob
+from pivotal.training.job import TrainingJob
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +24,13 @@ log = logging.getLogger(__name__)
 def host_provider(**preview: Any) -> Any:
     """A host over the model the webui has loaded now (built in the run's thread); ``preview``:
     ``preview_sampler`` / ``preview_scheduler`` / ``preview_cfg`` for the webui-rendered previews."""
-    from pivotal.hosts.a1111 import A1111Host
+    from pivotal.hosts.a1111.host import A1111Host
 
     return A1111Host(**preview)
 
 
 def _on_app_started(_demo: Any, app: Any) -> None:
-    from pivotal.hosts.a1111_webui import load_webui
+    from pivotal.hosts.a1111.webui import load_webui
     from pivotal.webui.api import add_routes
     from pivotal.webui.runner import webui_job, webui_paths
 
@@ -70,7 +70,7 @@ def _on_ui_settings() -> None:
 
 def register() -> None:
     """Register Pivotal's callbacks with the running webui."""
-    from pivotal.hosts.a1111_webui import webui_module
+    from pivotal.hosts.a1111.webui import webui_module
 
     script_callbacks = webui_module("script_callbacks")
 

@@ -1,6 +1,6 @@
 """Runs Pivotal's trainer inside the webui: through its queue, on its progress state, into its Lora folder.
 
-One :class:`pivotal.job.TrainingJob` per webui process (:func:`webui_job`), whose trainer is
+One :class:`pivotal.training.job.TrainingJob` per webui process (:func:`webui_job`), whose trainer is
 :func:`run_in_webui`. That function
 
 * holds the webui's ``queue_lock`` for the whole run, so txt2img/img2img/API generations requested
@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pivotal.errors import ConfigError, PivotalError
-from pivotal.hosts.a1111_webui import optional_webui_module, webui_paths  # noqa: F401 (webui_paths: glue API)
-from pivotal.job import TrainingJob
-from pivotal.progress import ProgressEvent, TrainResult
-from pivotal.train_config import TrainConfig
+from pivotal.hosts.a1111.webui import optional_webui_module, webui_paths  # noqa: F401 (webui_paths: glue API)
+from pivotal.training.config import TrainConfig
+from pivotal.training.job import TrainingJob
+from pivotal.training.progress import ProgressEvent, TrainResult
 
 #: the prefix of the task ids Pivotal runs register with the webui's progress API
 TASK_PREFIX = "task(pivotal-"
@@ -90,7 +90,7 @@ def check_publishable(config: TrainConfig, lora_dir: str) -> None:
 
 
 def _made_by_pivotal(path: Path) -> bool:
-    from pivotal.safetensors_io import read_header
+    from pivotal.formats.safetensors_io import read_header
 
     try:
         return "pivotal.format" in read_header(path).metadata
@@ -122,7 +122,7 @@ def run_in_webui(config: TrainConfig, host: Any, on_event: Callable[[ProgressEve
                  lora_dir: Optional[str] = None) -> TrainResult:
     """The trainer, run through the webui's queue and progress state (see the module docstring)."""
     if train_fn is None:
-        from pivotal.trainer import train as train_fn
+        from pivotal.training.trainer import train as train_fn
     webui = host.webui
     lora_dir = lora_dir if lora_dir is not None else webui_paths()["lora_dir"]
     check_publishable(config, lora_dir)

@@ -1,0 +1,286 @@
+"""The bundle: one safetensors file holding a kohya-keyed LoRA and ``bundle_emb.*`` embeddings.
+
+Canonical keys written (what the webui's built-in Lora extension, v1.7+, loads):
+
+* LoRA: ``lora_unet_*`` / ``lora_te_*`` (SD1) / ``lora_te1_*`` + ``lora_te2_*`` (SDXL), each module
+  with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``;
+* SD1 embedding ``<name>``: ``bundle_emb.<name>.string_to_param.*`` (N, 768);
+* SDXL embedding ``<name>``: ``bundle_emb.<name>.clip_l`` (N, 768) + ``bundle_emb.<name>.clip_g`` (N, 1280);
+
+and nothing else per embedding. Reading is lenient about other writers' spellings
+(``emb_params``, OneTrainer's SD1 ``clip_l``) but strict about safety: names, dtypes, shapes and
+finiteness are checked per tensor, and every key nobody claimed is reported.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pivotal.adapters.lora_layers import PART_PREFIXES
+from pivotal.errors import BundleError, EmbeddingNameError, SaveError
+from pivotal.formats.bundle_metadata import TrainingInfo, build_metadata
+from pivotal.formats.safetensors_io import (
+    FLOAT_DTYPES,
+    Header,
+    addnet_hash,
+    atomic_save,
+    data_hash,
+    load_tensors,
+    read_header,
+)
+from pivotal.text.names import validate_embedding_name
+
+EMB_PREFIX = "bundle_emb."
+LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+#: The webui splits a prompt into 75-token chunks; an embedding must fit in one.
+MAX_VECTORS = 75
+ENCODER_KEYS = {"sd1": ("clip_l",), "sdxl": ("clip_l", "clip_g")}
+
+
+@dataclass
+class BundleEmbedding:
+    """One embedding: N vectors per text encoder (``clip_l`` always; ``clip_g`` on SDXL)."""
+
+    name: str
+    vectors: dict[str, torch.Tensor]  # key -> (N, dim)
+    init_text: str = ""
+    #: encoder key -> the file key it was read from (for messages that name the tensor)
+    source_keys: dict[str, str] = field(default_factory=dict)
+
+    def key_of(self, encoder: str) -> str:
+        return self.source_keys.get(encoder, f"{EMB_PREFIX}{self.name}.{encoder}")
+
+    @property
+    def num_vectors(self) -> int:
+        return int(next(iter(self.vectors.values())).shape[0])
+
+
+@dataclass
+class Bundle:
+    """A bundle read from disk (or about to be written)."""
+
+    base_model: str  # "sd1" | "sdxl"
+    lora: dict[str, torch.Tensor]
+    embeddings: dict[str, BundleEmbedding]
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: str = ""
+    unknown_keys: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def lora_modules(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{kohya module name: {"lora_down.weight": t, "lora_up.weight": t, "alpha": t}}."""
+        mods: dict[str, dict[str, torch.Tensor]] = {}
+        for k, t in self.lora.items():
+            name, _, rest = k.partition(".")
+            mods.setdefault(name, {})[rest] = t
+        return mods
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+def embedding_keys(base_model: str, emb: BundleEmbedding) -> dict[str, torch.Tensor]:
+    """The canonical bundle keys of one embedding."""
+    want = ENCODER_KEYS[base_model]
+    if tuple(sorted(emb.vectors)) != tuple(sorted(want)):
+        raise BundleError("<bundle>", f"embedding {emb.name!r} has encoder vectors {sorted(emb.vectors)}; "
+                                      f"a {base_model} bundle needs exactly {list(want)}")
+    if base_model == "sd1":
+        return {f"{EMB_PREFIX}{emb.name}.string_to_param.*": emb.vectors["clip_l"]}
+    return {f"{EMB_PREFIX}{emb.name}.{k}": emb.vectors[k] for k in want}
+
+
+def write_bundle(path: str | os.PathLike, base_model: str, lora: dict[str, torch.Tensor],
+                 embeddings: list[BundleEmbedding], info: TrainingInfo,
+                 dtype: torch.dtype | None = None) -> Header:
+    """Validate everything, then write the bundle atomically. Returns the written file's header.
+
+    ``dtype``: save precision of LoRA weights and embedding vectors (alphas stay fp32).
+    """
+    if base_model not in ENCODER_KEYS:
+        raise SaveError(f"cannot save {path}: unknown base model {base_model!r} (expected sd1 or sdxl)")
+    tensors: dict[str, torch.Tensor] = {}
+    allowed = ("lora_unet_", "lora_te_") if base_model == "sd1" else ("lora_unet_", "lora_te1_", "lora_te2_")
+    for k, t in lora.items():
+        if not k.startswith(tuple(p for p, _ in PART_PREFIXES)) or not k.endswith(LORA_SUFFIXES):
+            raise SaveError(f"cannot save {path}: {k!r} is not a kohya LoRA key")
+        if not k.startswith(allowed):
+            raise SaveError(f"cannot save {path}: {k!r} does not belong in a {base_model} LoRA "
+                            f"(allowed prefixes: {', '.join(allowed)})")
+        tensors[k] = t if (dtype is None or k.endswith(".alpha")) else t.to(dtype)
+    records = []
+    for emb in embeddings:
+        validate_embedding_name(emb.name)
+        for k, t in embedding_keys(base_model, emb).items():
+            if k in tensors:
+                raise SaveError(f"cannot save {path}: embedding {emb.name!r} appears twice")
+            tensors[k] = t.detach().float() if dtype is None else t.detach().to(dtype)
+        records.append({"name": emb.name, "vectors": emb.num_vectors, "init_text": emb.init_text,
+                        "encoders": sorted(emb.vectors)})
+    tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+    for k, t in tensors.items():
+        if not torch.isfinite(t).all():
+            # Never write a broken file: the last good save must stay the newest one.
+            raise SaveError(f"cannot save {path}: tensor {k} holds NaN or infinite values "
+                            "(training diverged? lower the learning rate)")
+    # Validate what we are about to write with the same checks a reader applies.
+    emb_tensors = {k: t for k, t in tensors.items() if k.startswith(EMB_PREFIX)}
+    _check_embeddings(str(path), _parse_embeddings(str(path), emb_tensors)[0], base_model)
+    _check_lora(str(path), {k: t for k, t in tensors.items() if k not in emb_tensors})
+    model_hash = data_hash(tensors)
+    meta = build_metadata(base_model, lora, records, info, model_hash)
+    header = atomic_save(path, tensors, meta)
+    if addnet_hash(path, header.header_size) != model_hash:
+        raise SaveError(f"saved {path} but its data hash differs from the one recorded; please report this")
+    return header
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+def read_bundle(path: str | os.PathLike) -> Bundle:
+    """Read and fully validate a bundle (or a plain LoRA, or a bundle from another writer)."""
+    header = read_header(path)
+    p = header.path
+    for k, info in header.tensors.items():
+        if info.dtype not in FLOAT_DTYPES:
+            raise BundleError(p, f"dtype {info.dtype} is not a float type", key=k)
+    tensors = load_tensors(header)
+    for k, t in tensors.items():
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise BundleError(p, f"{bad} of {t.numel()} values are NaN or infinite; this file is broken "
+                                 "(a training run that diverged?) and must not be loaded", key=k)
+    lora = {k: t for k, t in tensors.items()
+            if k.startswith(tuple(pre for pre, _ in PART_PREFIXES)) and k.endswith(LORA_SUFFIXES)}
+    emb_tensors = {k: t for k, t in tensors.items() if k.startswith(EMB_PREFIX)}
+    unknown = sorted(k for k in tensors if k not in lora and k not in emb_tensors)
+    embeddings, emb_unknown, warnings = _parse_embeddings(p, emb_tensors)
+    unknown = sorted(unknown + emb_unknown)
+    _check_lora(p, lora)
+    base, base_warnings = infer_base_model(header.metadata, list(lora), embeddings)
+    warnings += base_warnings
+    _check_embeddings(p, embeddings, base)
+    if unknown:
+        warnings.append(f"{len(unknown)} unknown key(s) ignored (first: {', '.join(unknown[:5])})")
+    stored = header.metadata.get("sshs_model_hash")
+    if stored and stored != addnet_hash(p, header.header_size):
+        warnings.append("sshs_model_hash in the metadata does not match the file's data; "
+                        "the webui will show a wrong hash (file edited after saving?)")
+    if not lora and not embeddings:
+        raise BundleError(p, "holds neither LoRA weights nor bundle_emb embeddings")
+    return Bundle(base, lora, embeddings, dict(header.metadata), p, unknown, warnings)
+
+
+def _parse_embeddings(p: str, tensors: dict[str, torch.Tensor]
+                      ) -> tuple[dict[str, BundleEmbedding], list[str], list[str]]:
+    """Group ``bundle_emb.<name>.<rest>`` tensors into embeddings. Returns (embeddings, unknown, warnings)."""
+    out: dict[str, BundleEmbedding] = {}
+    unknown: list[str] = []
+    warnings: list[str] = []
+    for k, t in tensors.items():
+        name, sep, rest = k[len(EMB_PREFIX):].partition(".")
+        if not sep or not rest:
+            raise BundleError(p, "embedding key must be bundle_emb.<name>.<vector key>", key=k)
+        try:
+            validate_embedding_name(name)
+        except EmbeddingNameError as e:
+            raise BundleError(p, f"bad embedding name: {e}", key=k) from e
+        if rest.startswith("string_to_param.") or rest == "emb_params":
+            enc = "clip_l"
+        elif rest in ("clip_l", "clip_g"):
+            enc = rest
+        else:
+            unknown.append(k)
+            warnings.append(f"embedding {name!r}: extra key {rest!r} ignored; the webui refuses SD1 "
+                            "embeddings with more than one tensor")
+            continue
+        if t.dim() == 1:
+            t = t.unsqueeze(0)
+        if t.dim() != 2:
+            raise BundleError(p, f"embedding tensor must be (vectors, dim), got shape {tuple(t.shape)}", key=k)
+        emb = out.setdefault(name, BundleEmbedding(name, {}))
+        if enc in emb.vectors:
+            raise BundleError(p, f"embedding {name!r} has more than one {enc} tensor", key=k)
+        emb.vectors[enc] = t
+        emb.source_keys[enc] = k
+    return out, unknown, warnings
+
+
+def _check_embeddings(p: str, embeddings: dict[str, BundleEmbedding], base: str) -> None:
+    dims: dict[str, int] = {}
+    for emb in embeddings.values():
+        where = f"{EMB_PREFIX}{emb.name}"
+        if "clip_l" not in emb.vectors:
+            raise BundleError(p, "embedding has no clip_l / string_to_param vectors", key=where)
+        if base == "sdxl" and "clip_g" not in emb.vectors:
+            raise BundleError(p, "SDXL embedding needs both clip_l and clip_g", key=where)
+        counts = {int(t.shape[0]) for t in emb.vectors.values()}
+        if len(counts) != 1:
+            raise BundleError(p, f"clip_l and clip_g have different vector counts {sorted(counts)}", key=where)
+        n = counts.pop()
+        if not 1 <= n <= MAX_VECTORS:
+            raise BundleError(p, f"{n} vectors; an embedding needs 1 to {MAX_VECTORS}", key=where)
+        for enc, t in emb.vectors.items():
+            d = int(t.shape[1])
+            if dims.setdefault(enc, d) != d:
+                raise BundleError(p, f"{enc} vectors are {d}-dimensional but other embeddings "
+                                     f"in this file have {dims[enc]}", key=where)
+
+
+def _check_lora(p: str, lora: dict[str, torch.Tensor]) -> None:
+    mods: dict[str, dict[str, torch.Tensor]] = {}
+    for k, t in lora.items():
+        name, _, rest = k.partition(".")
+        mods.setdefault(name, {})[rest] = t
+    for name, parts in mods.items():
+        down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
+        if down is None or up is None:
+            missing = "lora_down.weight" if down is None else "lora_up.weight"
+            raise BundleError(p, f"LoRA module lacks {missing}", key=name)
+        if down.dim() not in (2, 4) or up.dim() != down.dim():
+            raise BundleError(p, f"lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)} are not "
+                                 "a Linear or Conv2d pair", key=name)
+        if down.shape[0] != up.shape[1]:
+            raise BundleError(p, f"rank mismatch: lora_down has {down.shape[0]} rows, lora_up "
+                                 f"{up.shape[1]} columns", key=name)
+        alpha = parts.get("alpha")
+        if alpha is not None and alpha.numel() != 1:
+            raise BundleError(p, f"alpha must be a single number, got shape {tuple(alpha.shape)}", key=name)
+
+
+def infer_base_model(metadata: dict[str, str], lora_keys: list[str],
+                     embeddings: dict[str, BundleEmbedding]) -> tuple[str, list[str]]:
+    """("sd1" | "sdxl", warnings) from metadata, cross-checked against the keys."""
+    by_keys = None
+    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in lora_keys) or \
+            any("clip_g" in e.vectors for e in embeddings.values()):
+        by_keys = "sdxl"
+    elif any(k.startswith("lora_te_") for k in lora_keys) or embeddings:
+        by_keys = "sd1"
+    version = metadata.get("ss_base_model_version", "")
+    by_meta = ("sdxl" if version.startswith("sdxl") else "sd1") if version else None
+    warnings = []
+    if metadata.get("ss_v2") == "True":
+        warnings.append("made for SD2 (ss_v2=True); Pivotal supports SD1 and SDXL")
+    if by_meta and by_keys and by_meta != by_keys:
+        warnings.append(f"metadata says {by_meta} (ss_base_model_version={version!r}) but the keys "
+                        f"look like {by_keys}; trusting the keys")
+        return by_keys, warnings
+    if by_meta:
+        return by_meta, warnings
+    if by_keys:
+        return by_keys, warnings
+    # UNet-only LoRA without metadata: SDXL kohya names use LDM paths.
+    ldm_style = any(k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks",
+                                  "lora_unet_middle_block")) for k in lora_keys)
+    return ("sdxl" if ldm_style else "sd1"), warnings
+
+
+def bundle_name(path: str | os.PathLike) -> str:
+    """The name the webui gives a LoRA file: its file name without the extension."""
+    return Path(path).stem

@@ -1,0 +1,85 @@
+"""Which embedding names are already taken, and refusing clashes before a run starts.
+
+The CLIP tokenizer lower-cases prompts, so ``MyChar`` and ``mychar`` are the same trigger: names
+are compared case-insensitively. Sources of taken names, as the webui sees them:
+
+* files in an embeddings folder (recursively): the file name without extension is the name;
+* ``bundle_emb.<name>.*`` keys in LoRA files (read from headers only; tensors are never loaded);
+* LoRA aliases (file stems): a trigger equal to a LoRA's name is confusing in prompts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from pivotal.errors import BundleError, EmbeddingNameError
+from pivotal.formats.safetensors_io import read_header
+from pivotal.text.names import validate_embedding_name
+
+#: Files the webui's embedding loader reads from an embeddings folder.
+EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors", ".png", ".webp", ".jxl", ".avif")
+EMB_PREFIX = "bundle_emb."
+
+
+def embedding_folder_names(folder: str | os.PathLike) -> dict[str, str]:
+    """{lower-cased name: file} for every embedding file under ``folder`` (missing folder: none)."""
+    root = Path(folder)
+    taken: dict[str, str] = {}
+    if not root.is_dir():
+        return taken
+    for p in sorted(root.rglob("*")):
+        # ``x.preview.png`` is a card preview, not an embedding
+        if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES and not p.stem.endswith(".preview"):
+            taken.setdefault(p.stem.lower(), str(p))
+    return taken
+
+
+def bundle_embedding_names(path: str | os.PathLike) -> list[str]:
+    """Embedding names in a bundle, from its header alone (fast: no tensor is read)."""
+    names = []
+    for key in read_header(path).tensors:
+        if key.startswith(EMB_PREFIX):
+            name = key[len(EMB_PREFIX):].split(".", 1)[0]
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def lora_folder_names(folder: str | os.PathLike) -> tuple[dict[str, str], list[str]]:
+    """({lower-cased name: source} for bundled embeddings and LoRA aliases, warnings).
+
+    Unreadable files do not stop the scan; each gives one warning naming it.
+    """
+    root = Path(folder)
+    taken: dict[str, str] = {}
+    warnings: list[str] = []
+    if not root.is_dir():
+        return taken, warnings
+    for p in sorted(root.rglob("*.safetensors")):
+        taken.setdefault(p.stem.lower(), f"LoRA {p}")
+        try:
+            for name in bundle_embedding_names(p):
+                taken.setdefault(name.lower(), f"{p} (bundled embedding)")
+        except BundleError as e:
+            warnings.append(f"skipped while looking for embedding names: {e}")
+    return taken, warnings
+
+
+def check_new_names(names: Iterable[str], taken: Mapping[str, str]) -> None:
+    """Refuse invalid names, repeats, and names already used elsewhere (EmbeddingNameError).
+
+    ``taken``: {lower-cased name: where it is used}, e.g. merged results of the scanners above.
+    """
+    seen: dict[str, str] = {}
+    for name in names:
+        validate_embedding_name(name)
+        low = name.lower()
+        if low in seen:
+            raise EmbeddingNameError(f"embedding names {seen[low]!r} and {name!r} are the same trigger "
+                                     "(prompts are case-insensitive); give each embedding its own name")
+        seen[low] = name
+        if low in taken:
+            raise EmbeddingNameError(f"embedding name {name!r} is already used by {taken[low]}; "
+                                     "rename the new embedding (or move that file away)")

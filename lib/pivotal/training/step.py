@@ -1,0 +1,139 @@
+"""One optimizer step: gradient accumulation over micro-batches, mixed precision, the
+non-finite guard, and the update."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+
+from pivotal.adapters.network import LoraNetwork
+from pivotal.host_api import Conditioning, SizeInfo, TrainingHost
+from pivotal.text.embeddings import EmbeddingSet
+from pivotal.training.batches import BatchSource
+from pivotal.training.config import TrainConfig
+from pivotal.training.losses import (
+    add_noise,
+    diffusion_loss,
+    min_snr_weights,
+    sample_noise,
+    sample_timesteps,
+    training_target,
+)
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: Bytes of prompt conditioning kept while the text side is frozen (SD1: ~240 KB per caption in
+#: fp32, SDXL ~640 KB): a typical dataset's captions fit; a larger one evicts the oldest.
+TEXT_CACHE_BYTES = 128 * 2**20
+
+
+def _grad_scaler(enabled: bool):
+    """A CUDA GradScaler for fp16 (torch >= 2.3 spells it torch.amp, the webui's 2.1 torch.cuda.amp)."""
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
+class StepRunner:
+    """Computes the loss of one optimizer step and applies the update (or refuses to)."""
+
+    def __init__(self, config: TrainConfig, host: TrainingHost, net: LoraNetwork, embeddings: EmbeddingSet,
+                 batches: BatchSource, generator: torch.Generator) -> None:
+        self.config = config
+        self.host = host
+        self.net = net
+        self.embeddings = embeddings
+        self.batches = batches
+        self.generator = generator
+        self.alphas = host.alphas_cumprod().float()
+        self.prediction = config.prediction_type if config.prediction_type != "auto" else host.prediction_type
+        self.device = host.device
+        autocast_dtype = AUTOCAST_DTYPES.get(config.precision)
+        self.autocast_dtype = autocast_dtype
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it.
+        self.scaler = _grad_scaler(config.precision == "fp16" and self.device.type == "cuda")
+        # Everything that could change the prompt conditioning between steps: the embedding
+        # vectors and the text-encoder LoRA. While none of it trains (the "lora_only" phase, or
+        # frozen embeddings), a caption's conditioning is the same every step and is computed once.
+        text_lora = [m for m in net.modules_of() if m.part != "unet"]
+        self._text_params = [p for m in text_lora for p in m.parameters()] + list(embeddings.parameters())
+        deterministic = getattr(host, "text_encoding_is_deterministic", None)
+        self._text_cacheable = (callable(deterministic) and bool(deterministic())
+                                and not any(m.dropout for m in text_lora))
+        self._text_cache: OrderedDict[tuple, Conditioning] = OrderedDict()
+        self._text_cache_bytes = 0
+        key_of = getattr(host, "text_encoding_key", None)
+        self._host_key = key_of if callable(key_of) else (lambda: None)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _text_frozen(self) -> bool:
+        return self._text_cacheable and not any(p.requires_grad for p in self._text_params)
+
+    def _encode(self, captions: list[str], sizes: Sequence[SizeInfo]) -> Conditioning:
+        """The host's conditioning for the batch; from the per-caption cache while the text side is
+        frozen (each caption encoded alone, so a value never depends on its batch-mates, and a
+        resumed run gets the same bits)."""
+        if not self._text_frozen():
+            if self._text_cache:
+                self._text_cache.clear()
+                self._text_cache_bytes = 0
+            return self.host.encode_prompts(captions, self.embeddings, sizes)
+        versions = (tuple(p._version for p in self._text_params), self._host_key())  # once per batch
+        rows = []
+        for caption, size in zip(captions, sizes):
+            key = (caption, (size.original, size.crop_top_left, size.target), versions)
+            cond = self._text_cache.get(key)
+            if cond is None:
+                with torch.no_grad():
+                    cond = self.host.encode_prompts([caption], self.embeddings, [size])
+                self._remember(key, cond)
+            else:
+                self._text_cache.move_to_end(key)
+            rows.append(cond)
+        if len(rows) == 1:
+            return Conditioning(rows[0].context, dict(rows[0].extra))
+        return Conditioning(torch.cat([c.context for c in rows]),
+                            {k: torch.cat([c.extra[k] for c in rows]) for k in rows[0].extra})
+
+    def _remember(self, key: tuple, cond: Conditioning) -> None:
+        size = sum(t.numel() * t.element_size() for t in (cond.context, *cond.extra.values()))
+        if size > TEXT_CACHE_BYTES:
+            return
+        while self._text_cache and self._text_cache_bytes + size > TEXT_CACHE_BYTES:
+            _, old = self._text_cache.popitem(last=False)
+            self._text_cache_bytes -= sum(t.numel() * t.element_size() for t in (old.context, *old.extra.values()))
+        self._text_cache[key] = cond
+        self._text_cache_bytes += size
+
+    def run(self, step: int, optimizer: torch.optim.Optimizer) -> float | None:
+        """Loss of optimizer step ``step`` (mean over accumulated micro-batches) after applying the
+        update; None when the loss was NaN/inf, in which case nothing was updated."""
+        cfg = self.config
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for k in range(cfg.grad_accum):
+            latents, captions, sizes = self.batches.get(step * cfg.grad_accum + k)
+            t = sample_timesteps(latents.shape[0], self.alphas.shape[0], self.generator)
+            noise = sample_noise(latents.shape, self.generator, cfg.noise_offset)
+            noisy = add_noise(latents.cpu(), noise, t, self.alphas)
+            target = training_target(self.prediction, latents.cpu(), noise, t, self.alphas).to(self.device)
+            weights = min_snr_weights(t, self.alphas, cfg.min_snr_gamma, self.prediction)
+            with self._autocast():
+                cond = self._encode(captions, sizes)
+                pred = self.host.predict(noisy.to(self.device, self.host.dtype), t.to(self.device), cond)
+            loss = diffusion_loss(pred, target, weights) / cfg.grad_accum
+            if not torch.isfinite(loss):
+                # Nothing reaches the weights: the gradients of this step are dropped whole.
+                optimizer.zero_grad(set_to_none=True)
+                return None
+            self.scaler.scale(loss).backward()
+            total += float(loss.detach())
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return total
