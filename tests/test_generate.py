@@ -19,38 +19,10 @@ from pivotal.adapters.unet_targets import unet_lora_targets
 from pivotal.errors import BundleError, ConfigError
 from pivotal.formats.bundle import BundleEmbedding, write_bundle
 from pivotal.formats.bundle_metadata import TrainingInfo
-from pivotal.inference.generate import find_bundle, format_infotext, generate_image, parse_lora_tags
+from pivotal.inference.generate import find_bundle, format_infotext, generate_image
 from pivotal.text.embeddings import EmbeddingSet
 
 NEEDS_DIFFUSERS = "the standalone diffusers host is not used in the webui environment, which has no diffusers"
-
-
-@pytest.mark.parametrize("prompt, clean, tags", [
-    ("a cat", "a cat", []),
-    ("<lora:style>", "", [("style", 1.0)]),
-    ("a <lora:style:0.6> cat", "a cat", [("style", 0.6)]),
-    ("a cat, <lora: my style v2 : -0.25 >", "a cat,", [("my style v2", -0.25)]),
-    ("<LoRA:A:1e-1>x<lora:b.v1:2>", "x", [("A", 0.1), ("b.v1", 2.0)]),
-    ("line one <lora:a>\n  line two", "line one\nline two", [("a", 1.0)]),
-    ("<hypernet:h:1> <lora:a", "<hypernet:h:1> <lora:a", []),  # not a lora tag / unterminated: text
-])
-def test_parse_lora_tags(prompt: str, clean: str, tags: list) -> None:
-    assert parse_lora_tags(prompt) == (clean, tags)
-
-
-@pytest.mark.parametrize("prompt, message", [
-    ("<lora:>", "no LoRA name"),
-    ("<lora: :1>", "no LoRA name"),
-    ("<lora:a:strong>", "'strong' is not a number"),
-    ("<lora:a:>", "is not a number"),
-    ("<lora:a:inf>", "finite"),
-    ("<lora:a:nan>", "finite"),
-    ("<lora:a:1:0.5>", "only <lora:NAME> and <lora:NAME:WEIGHT>"),
-    ("<lora:a:1> <lora:A:0.5>", "tagged twice"),
-])
-def test_parse_lora_tag_errors(prompt: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        parse_lora_tags(prompt)
 
 
 def test_find_bundle(tmp_path: Path) -> None:
@@ -169,6 +141,18 @@ def test_generate_image_two_bundles_and_name_clash(fake: FakeHost, tmp_path: Pat
     with pytest.raises(ConfigError, match="change the same layers"):
         generate_image(fake, "<lora:mine> <lora:other>", "", [tmp_path], 2, 0, 64, 64, 7.0)
     assert fake.attached() == {}
+
+
+@pytest.mark.parametrize("tag, unet, te", [("<lora:mine:te=0:unet=0.5>", 0.5, 0.0), ("<lora:mine:0.3:0>", 0.0, 0.3),
+                                          ("<lora:mine:0>", 0.0, 0.0)])
+def test_generate_image_applies_each_part_at_its_strength(fake: FakeHost, tmp_path: Path, tag: str, unet: float,
+                                                          te: float) -> None:
+    _, info = generate_image(fake, f"mychar {tag}", "", [tmp_path], 2, 0, 64, 64, 7.0)
+    attached = fake.calls[-1]["attached"]
+    assert {v for k, v in attached.items() if k.startswith("lora_unet")} == {unet}
+    assert {v for k, v in attached.items() if k.startswith("lora_te")} == {te}
+    # the embeddings come with the tag at any strength, 0 included (the grid's "embeddings only")
+    assert info["embeddings"] == ["mychar"] and info["loras"][0]["unet"] == unet and info["loras"][0]["te"] == te
 
 
 def test_generate_image_detaches_when_the_host_fails(fake: FakeHost, tmp_path: Path) -> None:

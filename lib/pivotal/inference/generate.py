@@ -1,17 +1,16 @@
 """Generate an image with bundles applied from ``<lora:NAME:weight>`` prompt tags, on any host.
 
-The prompt syntax is the webui's: ``<lora:NAME>`` (weight 1) or ``<lora:NAME:WEIGHT>`` anywhere in
-the prompt; the tag is removed from the text, ``NAME.safetensors`` is found in the LoRA folders,
-its LoRA attached at that strength and its bundled embeddings made available by name. Everything
+The prompt syntax is the webui's (:mod:`pivotal.inference.lora_tags`): ``<lora:NAME>``,
+``<lora:NAME:WEIGHT>`` or ``<lora:NAME:te=T:unet=U>`` anywhere in the prompt; the tag is removed from
+the text, ``NAME.safetensors`` is found in the LoRA folders, its text-encoder and UNet parts attached
+at those strengths and its bundled embeddings made available by name (also at strength 0). Everything
 is detached again when the image is done, however that ends. No host is imported here: the host
 object passed in provides ``lora_targets``, ``vocabulary``, ``tokenizer`` and ``generate``.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,11 +20,10 @@ from pivotal.errors import ConfigError
 from pivotal.formats.safetensors_io import addnet_hash
 from pivotal.host_api import TrainingHost
 from pivotal.inference.bundle_load import load_bundle_for_model
+from pivotal.inference.lora_tags import OTHER_TAG, parse_lora_tags
 from pivotal.text.embeddings import EmbeddingSet
 from pivotal.text.inject import PromptTokenizer
 
-LORA_TAG = re.compile(r"<lora:([^<>]*)>", re.IGNORECASE)
-OTHER_TAG = re.compile(r"<([A-Za-z_]\w*):[^<>]*>")
 #: Load with the widest preset, so a bundle trained with any preset finds all its modules.
 WIDEST_PRESET = "attn-mlp-conv"
 PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
@@ -33,46 +31,6 @@ DEFAULT_RESOLUTION = {"sd1": 512, "sdxl": 1024}
 SAMPLER_NAMES = {"euler": "Euler", "ddim": "DDIM"}
 #: length of the LoRA hash the webui shows ("Lora hashes" in infotext)
 SHORT_HASH = 12
-
-
-def parse_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """``(prompt without the tags, [(name, weight), ...])`` in prompt order.
-
-    ``<lora:NAME>`` has weight 1.0; the tag word is case-insensitive, spaces around the name and
-    weight are ignored, and spaces left where a tag was are collapsed. ConfigError for a tag
-    without a name, a weight that is not a finite number, more than one weight, or a name given
-    twice (case-insensitively).
-    """
-    tags: list[tuple[str, float]] = []
-    seen: dict[str, str] = {}
-
-    def take(match: re.Match[str]) -> str:
-        name, sep, rest = match.group(1).partition(":")
-        name = name.strip()
-        if not name:
-            raise ConfigError(f"prompt tag {match.group(0)!r} has no LoRA name; write <lora:NAME:WEIGHT>")
-        weight = 1.0
-        if sep:
-            if ":" in rest:
-                raise ConfigError(f"prompt tag {match.group(0)!r}: only <lora:NAME> and <lora:NAME:WEIGHT> "
-                                  "are supported (separate text-encoder / UNet weights are not)")
-            try:
-                weight = float(rest.strip())
-            except ValueError as e:
-                raise ConfigError(f"prompt tag {match.group(0)!r}: weight {rest.strip()!r} is not a number") from e
-            if not math.isfinite(weight):
-                raise ConfigError(f"prompt tag {match.group(0)!r}: weight must be a finite number")
-        if name.lower() in seen:
-            raise ConfigError(f"LoRA {name!r} is tagged twice ({seen[name.lower()]!r} and {match.group(0)!r}); "
-                              "give it once, with the weight you want")
-        seen[name.lower()] = match.group(0)
-        tags.append((name, weight))
-        return " "
-
-    clean = LORA_TAG.sub(take, prompt)
-    clean = re.sub(r"[ \t]{2,}", " ", clean)
-    clean = "\n".join(line.strip() for line in clean.split("\n")).strip()
-    return clean, tags
 
 
 def _check_name(name: str) -> None:
@@ -134,7 +92,7 @@ def generate_image(host: TrainingHost, prompt: str, negative: str, lora_dirs: Se
     neg_clean, neg_tags = parse_lora_tags(negative)
     warnings: list[str] = []
     if neg_tags:
-        warnings.append(f"LoRA tags in the negative prompt are ignored ({', '.join(n for n, _ in neg_tags)})")
+        warnings.append(f"LoRA tags in the negative prompt are ignored ({', '.join(t.name for t in neg_tags)})")
     for text in (clean, neg_clean):
         for m in OTHER_TAG.finditer(text):
             warnings.append(f"{m.group(0)!r}: only <lora:...> tags are applied; this one stays in the prompt as text")
@@ -149,7 +107,8 @@ def generate_image(host: TrainingHost, prompt: str, negative: str, lora_dirs: Se
         targets = host.lora_targets("unet", WIDEST_PRESET) + host.lora_targets("te", WIDEST_PRESET)
         dims = {k: int(host.vocabulary(k).shape[1]) for k in host.encoder_keys()}
     try:
-        for name, weight in tags:
+        for tag in tags:
+            name = tag.name
             path = find_bundle(name, lora_dirs)
             loaded = load_bundle_for_model(path, host.base_model, targets, dims)
             warnings.extend(loaded.warnings)
@@ -168,10 +127,10 @@ def generate_image(host: TrainingHost, prompt: str, negative: str, lora_dirs: Se
                                           "several LoRAs at once is not supported yet, use one per image")
                 net.to(host.device)
                 for part in net.parts:
-                    net.set_multiplier(part, weight)
+                    net.set_multiplier(part, tag.unet if part == "unet" else tag.te)
                 net.attach()
                 attached.append((name, net))
-            loras.append({"name": name, "weight": weight, "path": str(path),
+            loras.append({"name": name, "weight": tag.weight, "te": tag.te, "unet": tag.unet, "path": str(path),
                           "hash": addnet_hash(path)[:SHORT_HASH], "has_lora": net is not None,
                           "embeddings": sorted(loaded.embeddings)})
         warnings.extend(_prompt_warnings(host, embeddings, clean, neg_clean))
