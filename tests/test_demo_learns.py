@@ -78,3 +78,29 @@ def test_the_demo_character_appears_on_new_backgrounds(trained: dict[str, Any]) 
     assert shares["bundle"] - shares["base"] >= MIN_LIFT, detail
     assert shares["main colour"] >= 0.25, detail  # not only the purple a bare unknown word often gets
     assert shares["background"] >= 0.75, detail  # the prompt still decides the rest of the picture
+
+
+def test_the_ablation_grid_shows_where_the_character_comes_from(trained: dict[str, Any]) -> None:
+    """The grid's cells read back from the sheet itself: the character's colours in the full-bundle
+    and embeddings-only columns, not in the base column (names as plain text)."""
+    from PIL import Image
+
+    from pivotal.demo.data import GRID_CONTEXTS
+    from pivotal.inference.grid import bundle_grid_plan, host_renderer, render_grid
+    from pivotal.inference.grid_sheet import save_grid
+
+    host, out = trained["host"], trained["out"]
+    plan = bundle_grid_plan(str(out / "pivotal.safetensors"), [], auto_prompts=4, contexts=GRID_CONTEXTS)
+    assert len(plan.rows) == 4, plan.rows  # backgrounds the demo pictures never had
+    png, record_path = save_grid(out / "grid.png", render_grid(plan, host_renderer(host, [str(out)], 12, 64, 64, 4.0)))
+    record = __import__("json").loads(record_path.read_text(encoding="utf-8"))
+    colours = (EXAMPLE_CHARACTER.colour, EXAMPLE_CHARACTER.accent)
+    hits: dict[str, int] = {c: 0 for c in plan.columns}
+    with Image.open(png) as sheet:
+        for cell in record["cells"]:
+            box = cell["box"]
+            crop = sheet.convert("RGB").crop((box["x"], box["y"], box["x"] + box["width"], box["y"] + box["height"]))
+            hits[cell["column"]] += read_picture(crop.resize(tuple(cell["size"]), Image.NEAREST)).colour in colours
+    rows = len(plan.rows)
+    assert hits["full"] >= rows - 1 and hits["emb"] >= rows - 1, hits
+    assert hits["base"] <= 1, hits

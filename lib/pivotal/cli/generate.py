@@ -7,13 +7,12 @@ as a "parameters" text chunk in the webui's infotext style, so the webui's PNG I
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
-from pivotal.errors import ConfigError, SaveError
+from pivotal.errors import ConfigError
+from pivotal.formats.png import write_png
 
 # The same names as pivotal.hosts.diffusers.sampling.SAMPLERS, repeated so that building the
 # parser imports no torch.
@@ -59,31 +58,3 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"pivotal: warning: {w}", file=sys.stderr)
     print(out)
     return 0
-
-
-def write_png(path: str | os.PathLike, image: Any, parameters: str) -> None:
-    """Save ``image`` (PIL) as PNG with a "parameters" text chunk, atomically: the previous file
-    at ``path``, if any, stays intact unless the new one is complete. SaveError on failure."""
-    from PIL.PngImagePlugin import PngInfo
-
-    target = Path(path)
-    meta = PngInfo()
-    meta.add_text("parameters", parameters)
-    tmp = target.parent / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        # os.open with 0o666, not mkstemp (0o600): the image gets the permissions any new file
-        # gets under the user's umask.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    except OSError as e:
-        raise SaveError(f"cannot save {target}: {e.strerror or e}") from e
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG", pnginfo=meta)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except OSError as e:
-        raise SaveError(f"cannot save {target}: {e.strerror or e} (the previous file, if any, is unchanged)") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()

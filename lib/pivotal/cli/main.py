@@ -14,6 +14,7 @@ from typing import Sequence
 
 from pivotal import __version__
 from pivotal.cli.generate import add_generate_command
+from pivotal.cli.grid import add_grid_command
 from pivotal.errors import PivotalError
 
 EXIT_USAGE = 2
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
     add_generate_command(sub)
+    add_grid_command(sub)
     return parser
 
 
