@@ -218,7 +218,7 @@ def make_pair(spec: ModelSpec, case: str, host: DiffusersHost, work: Path, total
         gen = torch.Generator().manual_seed(seed + 12345)
         with torch.no_grad():
             for m in piv.net.modules_of():
-                m.up.weight.copy_(torch.randn(m.up.weight.shape, generator=gen) * lora_up_std)
+                m.algorithm.up.copy_(torch.randn(m.algorithm.up.shape, generator=gen) * lora_up_std)
     data = piv.data(total_steps)
     ref_cfg = dataclasses.replace(cfg, **reference_overrides) if reference_overrides else cfg
     ref = ReferenceSide(ref_cfg, host, piv, data)

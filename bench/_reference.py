@@ -133,8 +133,8 @@ class ReferenceSide:
         with torch.no_grad():
             for m, name in zip(pivotal.net.modules_of(part), names):
                 layer = model.get_submodule(name)
-                layer.lora_A["default"].weight.copy_(m.down.weight)
-                layer.lora_B["default"].weight.copy_(m.up.weight)
+                layer.lora_A["default"].weight.copy_(m.algorithm.down)
+                layer.lora_B["default"].weight.copy_(m.algorithm.up)
 
     def __enter__(self) -> "ReferenceSide":
         return self

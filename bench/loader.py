@@ -67,7 +67,7 @@ def make_bundle(host, path: Path) -> None:
         torch.manual_seed(0)
         net = LoraNetwork(targets, 8, 8.0)
         for m in net.modules_of():
-            torch.nn.init.normal_(m.up.weight, std=0.01)
+            torch.nn.init.normal_(m.algorithm.up, std=0.01)
     vocab = host.vocabulary("clip_l")
     embs = [BundleEmbedding("mychar", {"clip_l": vocab[[320, 1125]].clone()}, "woman"),
             BundleEmbedding("mystyle", {"clip_l": vocab[[1400, 2200]].clone()}, "painting")]

@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pivotal.adapters.lora_layers import LoraConv2d, LoraLinear, part_of_key
-from pivotal.adapters.lora_mha import LoraMultiheadAttention
+from pivotal.adapters.lora_layers import LoraConv2d, LoraLinear, LoraMultiheadAttention, part_of_key
 from pivotal.adapters.network import LoraNetwork, count_parts, create_lora_module
 from pivotal.errors import LoraTargetError
 
@@ -84,9 +83,9 @@ def test_linear_math_matches_kohya_formula() -> None:
     lin = nn.Linear(6, 5)
     mod = LoraLinear("lora_unet_x", lin, rank=2, alpha=1.0)
     with torch.no_grad():
-        mod.up.weight.normal_()
+        mod.algorithm.up.normal_()
     x = torch.randn(3, 6)
-    expected = lin(x) + (x @ mod.down.weight.T @ mod.up.weight.T) * (1.0 / 2)
+    expected = lin(x) + (x @ mod.algorithm.down.T @ mod.algorithm.up.T) * (1.0 / 2)
     mod.attach()
     try:
         torch.testing.assert_close(lin(x), expected)
@@ -159,7 +158,7 @@ def test_fp16_host_gets_fp32_lora_gradients() -> None:
         mod.detach()
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
-    assert mod.up.weight.grad is not None and mod.up.weight.grad.dtype == torch.float32
+    assert mod.algorithm.up.grad is not None and mod.algorithm.up.grad.dtype == torch.float32
 
 
 def test_multiplier_per_part() -> None:

@@ -1,88 +1,115 @@
-"""LoRA layers that attach to a host model without replacing any of its modules.
+"""Adapters that attach to a host model without replacing any of its modules.
 
-One abstraction, :class:`LoraModule`, with one subclass per kind of host layer:
-
-* :class:`LoraLinear` for ``nn.Linear``;
-* :class:`LoraConv2d` for ``nn.Conv2d`` (1x1 and 3x3; kohya "LoCon" layout: the down conv has the
-  host's kernel/stride/padding, the up conv is 1x1);
-* :class:`~pivotal.adapters.lora_mha.LoraMultiheadAttention` for ``nn.MultiheadAttention`` with a packed
-  ``in_proj_weight`` (open_clip's text tower, SDXL's clip_g in the webui), saved as four kohya
-  modules ``_q_proj`` / ``_k_proj`` / ``_v_proj`` / ``_out_proj``.
+One wrapper, :class:`LoraModule`, for every algorithm and every layer kind: it holds the
+algorithm module(s) (one per host weight: one for a Linear or Conv2d, four for a packed
+MultiheadAttention) and the host's :class:`~pivotal.adapters.layer_kinds.LayerKind`.
 
 Attaching sets an instance attribute ``forward`` on the host module that calls the host's own
-forward and adds the low-rank term. Detaching deletes that attribute again. The host module keeps
-its identity, its parameters, its hooks and its ``state_dict``; LoRA parameters live in this
-module, never in the host's. That is what lets the webui's model come back bit-identical.
+forward and lets the kind add the delta. Detaching deletes that attribute again. The host module
+keeps its identity, its parameters, its hooks and its ``state_dict``; adapter parameters live in
+this module, never in the host's. That is what lets the webui's model come back bit-identical.
+
+:func:`create_lora_module` builds one for training; :meth:`LoraModule.from_kohya_tensors` from a
+file's tensors. ``LoraLinear`` / ``LoraConv2d`` / ``LoraMultiheadAttention`` are plain LoRA on
+each kind, kept as short names.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
+from pivotal.adapters.algorithms import FULL_PRECISION, Algorithm, AlgorithmSpec, algorithm_class
+from pivotal.adapters.algorithms import describe_module as _describe
+from pivotal.adapters.kohya_keys import PART_PREFIXES, group_by_module, part_of_key
+from pivotal.adapters.layer_kinds import LayerKind, layer_kind_of
 from pivotal.errors import LoraTargetError
 
-#: Kohya key prefix → part of the model. Order matters: ``lora_te1_`` before ``lora_te_``.
-PART_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("lora_unet_", "unet"),
-    ("lora_te1_", "te1"),
-    ("lora_te2_", "te2"),
-    ("lora_te_", "te"),
-)
-
-
-def part_of_key(key: str) -> str:
-    """The model part ("unet", "te", "te1", "te2") a kohya key belongs to."""
-    for prefix, part in PART_PREFIXES:
-        if key.startswith(prefix):
-            return part
-    raise LoraTargetError(f"LoRA key {key!r} has no known prefix (expected one of "
-                          f"{', '.join(p for p, _ in PART_PREFIXES)})")
+__all__ = ["PART_PREFIXES", "LoraModule", "LoraLinear", "LoraConv2d", "LoraMultiheadAttention",
+           "create_lora_module", "part_of_key"]
 
 
 class LoraModule(nn.Module):
-    """Base class: a low-rank delta for one host module, attachable and detachable.
+    """The adapter on one host module: algorithm(s) + layer kind, attachable and detachable.
 
-    ``scale = alpha / rank`` as kohya and the webui compute it; ``multiplier`` is the user's
-    strength (per part, set by :class:`LoraNetwork`).
+    ``multiplier`` is the user's strength (per part, set by the network).
     """
 
-    def __init__(self, key: str, host: nn.Module, rank: int, alpha: float, dropout: float) -> None:
+    def __init__(self, key: str, host: nn.Module, kind: LayerKind, algorithms: list[Algorithm]) -> None:
         super().__init__()
-        if rank < 1:
-            raise LoraTargetError(f"LoRA rank must be >= 1, got {rank} (setting: rank)")
-        if not 0.0 <= dropout < 1.0:
-            raise LoraTargetError(f"LoRA dropout must be in [0, 1), got {dropout} (setting: dropout)")
+        if len(algorithms) != len(kind.weight_suffixes()):
+            raise LoraTargetError(f"{key}: a {kind.name} layer needs {len(kind.weight_suffixes())} "
+                                  f"algorithm module(s), got {len(algorithms)}")
         self.key = key
         self.part = part_of_key(key)
-        self.rank = rank
-        self.alpha = float(alpha)
-        self.dropout = float(dropout)
+        self.kind = kind
+        self.algorithms = nn.ModuleList(algorithms)
         self.multiplier = 1.0
         # A list, not an attribute, so nn.Module does not register the host as our child:
-        # our state_dict / parameters() must hold only LoRA tensors.
+        # our state_dict / parameters() must hold only adapter tensors.
         self._host: list[nn.Module] = [host]
         self._saved_forward: list[Callable[..., torch.Tensor] | None] = []
         self._attached = False
 
+    @classmethod
+    def from_kohya_tensors(cls, key: str, host: nn.Module, tensors: Mapping[str, torch.Tensor],
+                           dropout: float = 0.0) -> "LoraModule":
+        """The module a file's tensors (full kohya keys of this host's module names) describe."""
+        kind = layer_kind_of(key, host)
+        groups = group_by_module(dict(tensors))
+        algos = []
+        for suffix, shape in zip(kind.weight_suffixes(), kind.weight_shapes(host)):
+            name = key + suffix
+            parts = groups.get(name)
+            if not parts:
+                raise LoraTargetError(f"{key}: the file has no tensors for {name}")
+            try:
+                algo_cls = _describe_class(parts)
+            except ValueError as e:
+                raise LoraTargetError(f"{name}: {e}") from None
+            algos.append(algo_cls.from_tensors(name, shape, parts, dropout))
+        return cls(key, host, kind, algos)
+
+    # -- properties ----------------------------------------------------------------------------
     @property
     def host(self) -> nn.Module:
         return self._host[0]
 
     @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    @property
     def attached(self) -> bool:
         return self._attached
 
+    @property
+    def algorithm(self) -> Algorithm:
+        """The algorithm module of a one-weight layer (the first one of a packed attention)."""
+        return self.algorithms[0]  # type: ignore[return-value]
+
+    @property
+    def rank(self) -> int:
+        return self.algorithm.rank
+
+    @property
+    def alpha(self) -> float:
+        return self.algorithm.alpha
+
+    @property
+    def scale(self) -> float:
+        return self.algorithm.scale
+
+    def module_names(self) -> list[str]:
+        """The kohya module names (key before the first '.') this adapter reads and writes."""
+        return [self.key + s for s in self.kind.weight_suffixes()]
+
+    def delta_weights(self) -> dict[str, torch.Tensor]:
+        """{kohya module name: ΔW} at multiplier 1, each shaped like its host weight."""
+        hosts = self.kind.host_weights(self.host)
+        return {n: a.delta_weight(w) for n, a, w in zip(self.module_names(), self.algorithms, hosts)}
+
     # -- attach / detach ---------------------------------------------------------------------
     def attach(self) -> None:
-        """Route the host's forward through this module. Refuses to stack on another LoRA."""
+        """Route the host's forward through this module. Refuses to stack on another adapter."""
         host = self.host
         if self._attached or getattr(host, "_pivotal_lora", None) is not None:
             raise LoraTargetError(f"{self.key}: a Pivotal LoRA is already attached to this module")
@@ -90,9 +117,10 @@ class LoraModule(nn.Module):
         # called, and put back on detach.
         self._saved_forward = [host.__dict__.get("forward")]
         base_forward = host.forward
+        kind = self.kind
 
         def forward(*args, **kwargs):
-            return self.lora_forward(base_forward, *args, **kwargs)
+            return kind.forward(self, base_forward, args, kwargs)
 
         host.forward = forward
         # object.__setattr__: nn.Module.__setattr__ would register us as the host's child and
@@ -112,91 +140,57 @@ class LoraModule(nn.Module):
         del host.__dict__["_pivotal_lora"]
         self._attached = False
 
-    # -- math --------------------------------------------------------------------------------
-    def lora_forward(self, base_forward: Callable[..., torch.Tensor], *args, **kwargs):
-        raise NotImplementedError
+    # -- kohya tensors -------------------------------------------------------------------------
+    def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Tensors under full kohya keys, on CPU and contiguous; ``dtype`` casts all but alpha
+        and dora_scale."""
+        out: dict[str, torch.Tensor] = {}
+        for name, algo in zip(self.module_names(), self.algorithms):
+            for tname, t in algo.tensors().items():  # type: ignore[operator]
+                t = t.detach().to("cpu")
+                if dtype is not None and tname not in FULL_PRECISION:
+                    t = t.to(dtype)
+                out[f"{name}.{tname}"] = t.contiguous()
+        return out
 
-    def kohya_state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors under kohya keys: ``{key}.lora_down.weight``, ``.lora_up.weight``, ``.alpha``."""
-        raise NotImplementedError
-
-    def load_kohya_state_dict(self, tensors: dict[str, torch.Tensor]) -> set[str]:
-        """Copy tensors in; return the keys used. Shapes must match (LoraTargetError)."""
-        raise NotImplementedError
-
-    def _alpha_tensor(self) -> torch.Tensor:
-        return torch.tensor(self.alpha, dtype=torch.float32)
-
-
-class _DownUp(LoraModule):
-    """Shared body of Linear and Conv2d LoRA: ``host(x) + up(dropout(down(x))) * scale * mult``."""
-
-    down: nn.Module
-    up: nn.Module
-
-    def lora_forward(self, base_forward, *args, **kwargs):
-        out = base_forward(*args, **kwargs)
-        x = args[0] if args else kwargs["input"]
-        if self.multiplier == 0.0:
-            return out
-        # Train in the LoRA's own dtype (fp32 master weights) and cast the result back, so an
-        # fp16 host still gets fp32 gradients on the LoRA tensors.
-        h = self.down(x.to(self.down.weight.dtype))
-        if self.dropout and self.training:
-            h = nn.functional.dropout(h, p=self.dropout)
-        delta = self.up(h) * (self.scale * self.multiplier)
-        return out + delta.to(out.dtype)
-
-    def kohya_state_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            f"{self.key}.lora_down.weight": self.down.weight.detach(),
-            f"{self.key}.lora_up.weight": self.up.weight.detach(),
-            f"{self.key}.alpha": self._alpha_tensor(),
-        }
-
-    def load_kohya_state_dict(self, tensors: dict[str, torch.Tensor]) -> set[str]:
-        used = set()
-        for name, param in (("lora_down.weight", self.down.weight), ("lora_up.weight", self.up.weight)):
-            k = f"{self.key}.{name}"
-            if k not in tensors:
-                raise LoraTargetError(f"{self.key}: missing tensor {k}")
-            t = tensors[k]
-            if tuple(t.shape) != tuple(param.shape):
-                raise LoraTargetError(f"{k}: shape {tuple(t.shape)} does not fit this model's "
-                                      f"module (expected {tuple(param.shape)})")
-            with torch.no_grad():
-                param.copy_(t.to(param.dtype))
-            used.add(k)
-        ak = f"{self.key}.alpha"
-        if ak in tensors:
-            self.alpha = float(tensors[ak].float().item())
-            used.add(ak)
+    def load_kohya_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> set[str]:
+        """Copy tensors in (full kohya keys); return the keys used. LoraTargetError names the key
+        that is missing or does not fit."""
+        groups = group_by_module(dict(tensors))
+        used: set[str] = set()
+        for name, algo in zip(self.module_names(), self.algorithms):
+            parts = groups.get(name, {})
+            used |= {f"{name}.{t}" for t in algo.load_tensors(name, parts)}  # type: ignore[operator]
         return used
 
-    def _init_weights(self) -> None:
-        # kohya / PEFT convention: down random, up zero, so a fresh LoRA is an exact no-op.
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.up.weight)
+
+def _describe_class(parts: Mapping[str, torch.Tensor]) -> type[Algorithm]:
+    return algorithm_class(_describe(parts).algorithm)
 
 
-class LoraLinear(_DownUp):
-    """LoRA for ``nn.Linear``: down (rank, in), up (out, rank)."""
+def create_lora_module(key: str, host: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
+                       spec: AlgorithmSpec | None = None) -> LoraModule:
+    """A fresh adapter for ``host`` (its layer kind detected) with ``spec``'s algorithm (LoRA by
+    default); LoraTargetError for a layer no kind supports."""
+    kind = layer_kind_of(key, host)
+    spec = spec or AlgorithmSpec()
+    cls = algorithm_class(spec.name)
+    algos = [cls.create(shape, rank, alpha, dropout, spec, host_weight=w)
+             for shape, w in zip(kind.weight_shapes(host), kind.host_weights(host))]
+    return LoraModule(key, host, kind, algos)
 
-    def __init__(self, key: str, host: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
-        super().__init__(key, host, rank, alpha, dropout)
-        self.down = nn.Linear(host.in_features, rank, bias=False)
-        self.up = nn.Linear(rank, host.out_features, bias=False)
-        self._init_weights()
+
+def LoraLinear(key: str, host: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> LoraModule:
+    """Plain LoRA on a Linear: down (rank, in), up (out, rank)."""
+    return create_lora_module(key, host, rank, alpha, dropout)
 
 
-class LoraConv2d(_DownUp):
-    """LoRA for ``nn.Conv2d``: down (rank, in, kh, kw) with the host's stride/padding, up (out, rank, 1, 1)."""
+def LoraConv2d(key: str, host: nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0) -> LoraModule:
+    """Plain LoRA on a Conv2d: down (rank, in, kh, kw) with the host's geometry, up (out, rank, 1, 1)."""
+    return create_lora_module(key, host, rank, alpha, dropout)
 
-    def __init__(self, key: str, host: nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0) -> None:
-        super().__init__(key, host, rank, alpha, dropout)
-        if host.groups != 1:
-            raise LoraTargetError(f"{key}: grouped convolutions (groups={host.groups}) are not supported")
-        self.down = nn.Conv2d(host.in_channels, rank, host.kernel_size, host.stride, host.padding,
-                              host.dilation, bias=False, padding_mode=host.padding_mode)
-        self.up = nn.Conv2d(rank, host.out_channels, 1, bias=False)
-        self._init_weights()
+
+def LoraMultiheadAttention(key: str, host: nn.MultiheadAttention, rank: int, alpha: float,
+                           dropout: float = 0.0) -> LoraModule:
+    """Plain LoRA on q/k/v/out of a packed MultiheadAttention, saved as four kohya modules."""
+    return create_lora_module(key, host, rank, alpha, dropout)

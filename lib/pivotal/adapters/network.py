@@ -1,17 +1,22 @@
-"""A set of LoRA modules over one or more model parts, attached and detached together."""
+"""A set of adapters (LoRA or another algorithm) over one or more model parts, attached and
+detached together, saved and loaded under kohya keys."""
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from pivotal.adapters.lora_layers import LoraConv2d, LoraLinear, LoraModule, part_of_key
-from pivotal.adapters.lora_mha import MHA_PROJECTIONS, LoraMultiheadAttention
+from pivotal.adapters.algorithms import AlgorithmSpec
+from pivotal.adapters.kohya_keys import count_parts, group_by_module, split_key
+from pivotal.adapters.layer_kinds import layer_kind_of
+from pivotal.adapters.lora_layers import LoraModule, create_lora_module
 from pivotal.errors import LoraTargetError
+
+__all__ = ["Target", "LoadReport", "LoraNetwork", "create_lora_module", "count_parts", "kohya_module_names"]
 
 #: (full kohya key, host module) as returned by the target finders.
 Target = tuple[str, nn.Module]
@@ -29,70 +34,68 @@ class LoadReport:
 
 def kohya_module_names(module: LoraModule) -> list[str]:
     """The kohya module names (key before the first '.') this module reads and writes."""
-    if isinstance(module, LoraMultiheadAttention):
-        return [f"{module.key}_{p}" for p in MHA_PROJECTIONS]
-    return [module.key]
-
-
-def create_lora_module(key: str, host: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> LoraModule:
-    """The LoRA module for ``host``'s type; LoraTargetError for a type that has none."""
-    if isinstance(host, nn.Linear):
-        return LoraLinear(key, host, rank, alpha, dropout)
-    if isinstance(host, nn.Conv2d):
-        return LoraConv2d(key, host, rank, alpha, dropout)
-    if isinstance(host, nn.MultiheadAttention):
-        return LoraMultiheadAttention(key, host, rank, alpha, dropout)
-    raise LoraTargetError(f"{key}: no LoRA layer for module type {type(host).__name__} "
-                          "(supported: Linear, Conv2d, MultiheadAttention)")
+    return module.module_names()
 
 
 class LoraNetwork(nn.Module):
-    """LoRA modules keyed by kohya name, with a strength multiplier per part.
+    """Adapter modules keyed by kohya name, with a strength multiplier per part.
 
-    ``parameters()`` yields only LoRA tensors. The host modules are never children of this one.
+    ``parameters()`` yields only adapter tensors. The host modules are never children of this one.
     """
 
     def __init__(self, targets: Sequence[Target], rank: int, alpha: float, dropout: float = 0.0,
-                 ranks: dict[str, int] | None = None, alphas: dict[str, float] | None = None) -> None:
-        """``ranks`` / ``alphas``: per-key overrides (used when building from a file)."""
+                 ranks: dict[str, int] | None = None, alphas: dict[str, float] | None = None,
+                 spec: AlgorithmSpec | None = None, specs: Mapping[str, AlgorithmSpec] | None = None) -> None:
+        """``ranks`` / ``alphas`` / ``specs``: per-key overrides of ``rank`` / ``alpha`` / ``spec``
+        (the algorithm; plain LoRA when None)."""
         super().__init__()
         if not targets:
             raise LoraTargetError("no LoRA targets given: the chosen preset matched no module")
-        self.lora_modules = nn.ModuleDict()
+        modules = []
         for key, host in targets:
-            if key in self.lora_modules:
-                raise LoraTargetError(f"duplicate LoRA key {key!r}")
             r = (ranks or {}).get(key, rank)
             a = (alphas or {}).get(key, alpha)
-            self.lora_modules[key] = create_lora_module(key, host, r, a, dropout)
+            modules.append(create_lora_module(key, host, r, a, dropout, (specs or {}).get(key, spec)))
+        self._add(modules)
+
+    def _add(self, modules: Sequence[LoraModule]) -> None:
+        self.lora_modules = nn.ModuleDict()
+        for m in modules:
+            if m.key in self.lora_modules:
+                raise LoraTargetError(f"duplicate LoRA key {m.key!r}")
+            self.lora_modules[m.key] = m
         self.multipliers: dict[str, float] = {}
+
+    @classmethod
+    def from_modules(cls, modules: Sequence[LoraModule]) -> "LoraNetwork":
+        net = cls.__new__(cls)
+        nn.Module.__init__(net)
+        net._add(modules)
+        return net
 
     # -- construction from a file ------------------------------------------------------------
     @classmethod
     def from_kohya_state_dict(cls, targets: Sequence[Target], tensors: dict[str, torch.Tensor],
                               dropout: float = 0.0) -> tuple["LoraNetwork", LoadReport]:
-        """Build a network with each module's rank and alpha read from ``tensors``, then load it.
+        """Build a network whose modules (algorithm, rank, alpha, layout) are read from
+        ``tensors``, then load it.
 
         Targets the file has no tensors for are left out. Zero matches is an error, not a
         silent no-op.
         """
-        ranks: dict[str, int] = {}
-        alphas: dict[str, float] = {}
-        present = []
+        groups = group_by_module(tensors)
+        modules = []
         for key, host in targets:
-            name = f"{key}_q_proj" if isinstance(host, nn.MultiheadAttention) else key
-            down = tensors.get(f"{name}.lora_down.weight")
-            if down is None:
+            names = [key + s for s in layer_kind_of(key, host).weight_suffixes()]
+            if not any(n in groups for n in names):
                 continue
-            ranks[key] = int(down.shape[0])
-            alpha = tensors.get(f"{name}.alpha")
-            alphas[key] = float(alpha.float().item()) if alpha is not None else float(down.shape[0])
-            present.append((key, host))
-        if not present:
-            sample = ", ".join(sorted({k.split(".", 1)[0] for k in tensors})[:5])
+            modules.append(LoraModule.from_kohya_tensors(key, host, {k: t for k, t in tensors.items()
+                                                                      if split_key(k)[0] in names}, dropout))
+        if not modules:
+            sample = ", ".join(sorted(groups)[:5])
             raise LoraTargetError(f"none of the file's LoRA modules matches this model "
                                   f"(first file modules: {sample or 'none'})")
-        net = cls(present, rank=1, alpha=1.0, dropout=dropout, ranks=ranks, alphas=alphas)
+        net = cls.from_modules(modules)
         report = net.load_kohya_state_dict(tensors)
         return net, report
 
@@ -142,26 +145,23 @@ class LoraNetwork(nn.Module):
 
     # -- kohya state dict ----------------------------------------------------------------------
     def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """All tensors under kohya keys, on CPU, contiguous, optionally cast (alpha stays fp32)."""
+        """All tensors under kohya keys, on CPU, contiguous, optionally cast (alpha and
+        dora_scale stay fp32)."""
         out: dict[str, torch.Tensor] = {}
         for m in self.modules_of():
-            for k, t in m.kohya_state_dict().items():
-                t = t.detach().to("cpu")
-                if dtype is not None and not k.endswith(".alpha"):
-                    t = t.to(dtype)
-                out[k] = t.contiguous()
+            out.update(m.kohya_state_dict(dtype))
         return out
 
     def load_kohya_state_dict(self, tensors: dict[str, torch.Tensor]) -> LoadReport:
         """Copy matching tensors in. Zero matches raises; unmatched keys are reported."""
         owner: dict[str, LoraModule] = {}
         for m in self.modules_of():
-            for name in kohya_module_names(m):
+            for name in m.module_names():
                 owner[name] = m
         by_module: dict[LoraModule, dict[str, torch.Tensor]] = {}
         report = LoadReport()
         for k, t in tensors.items():
-            m = owner.get(k.split(".", 1)[0])
+            m = owner.get(split_key(k)[0])
             if m is None:
                 report.unmatched.append(k)
             else:
@@ -176,13 +176,3 @@ class LoraNetwork(nn.Module):
                 report.missing.append(m.key)
         report.unmatched.sort()
         return report
-
-
-def count_parts(keys: Sequence[str]) -> dict[str, int]:
-    """Number of kohya *modules* per part among tensor ``keys``."""
-    names = {k.split(".", 1)[0] for k in keys}
-    counts: dict[str, int] = {}
-    for n in names:
-        p = part_of_key(n)
-        counts[p] = counts.get(p, 0) + 1
-    return counts

@@ -20,12 +20,14 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from pivotal.adapters.kohya_keys import MHA_PROJECTIONS, mha_module_names, part_prefix
+from pivotal.adapters.layer_kinds import LinearKind
 from pivotal.errors import LoraTargetError, ModelLayoutError
 
 PARTS = ("te", "te1", "te2")
 PRESETS = ("attn", "attn-mlp", "attn-mlp-conv")
 # Sub-keys a LoRA on a packed nn.MultiheadAttention emits under its ``..._self_attn`` prefix.
-MHA_SUBKEYS = ("q_proj", "k_proj", "v_proj", "out_proj")
+MHA_SUBKEYS = MHA_PROJECTIONS
 # Attributes through which wrappers (A1111 hijacks, sgm embedders, CLIP models) reach the encoder.
 _WRAPPER_ATTRS = ("wrapped", "transformer", "model", "text_model", "text")
 _IGNORED_OPENCLIP_PREFIXES = ("visual.", "logit_scale", "logit_bias", "attn_mask")
@@ -100,7 +102,8 @@ def _layer_targets(kind: str, index: int, layer: nn.Module, prefix: str, mlp: bo
             names["mlp_fc1"] = getattr(getattr(layer, "mlp", None), "fc1", None)
             names["mlp_fc2"] = getattr(getattr(layer, "mlp", None), "fc2", None)
         for suffix, mod in names.items():
-            if not isinstance(mod, nn.Linear):
+            # Duck-typed (layer_kinds.LinearKind): Forge's ForgeOperations.Linear is no nn.Linear.
+            if mod is None or not LinearKind.matches(mod):
                 raise LoraTargetError(f"{prefix}_{suffix}: text-encoder layer {index} has no nn.Linear there")
             out.append((f"{prefix}_{suffix}", mod))
         return out
@@ -114,7 +117,7 @@ def _layer_targets(kind: str, index: int, layer: nn.Module, prefix: str, mlp: bo
     if mlp:
         for suffix, attr in (("mlp_fc1", "c_fc"), ("mlp_fc2", "c_proj")):
             mod = getattr(getattr(layer, "mlp", None), attr, None)
-            if not isinstance(mod, nn.Linear):
+            if mod is None or not LinearKind.matches(mod):
                 raise LoraTargetError(f"{prefix}_{suffix}: open_clip block {index} has no mlp.{attr} nn.Linear")
             out.append((f"{prefix}_{suffix}", mod))
     return out
@@ -150,7 +153,7 @@ def text_encoder_lora_targets(te: nn.Module, part: str, preset: str,
         raise LoraTargetError(f"lora_{part}: {count} layers used of {len(layout.layers)}")
     targets: list[tuple[str, nn.Module]] = []
     for i, layer in enumerate(layout.layers[:count]):
-        prefix = f"lora_{part}_text_model_encoder_layers_{i}"
+        prefix = f"{part_prefix(part)}text_model_encoder_layers_{i}"
         targets.extend(_layer_targets(layout.kind, i, layer, prefix, mlp))
     return targets
 
@@ -161,7 +164,7 @@ def expand_lora_keys(targets: list[tuple[str, nn.Module]]) -> list[str]:
     keys: list[str] = []
     for key, mod in targets:
         if isinstance(mod, nn.MultiheadAttention):
-            keys.extend(f"{key}_{s}" for s in MHA_SUBKEYS)
+            keys.extend(mha_module_names(key))
         else:
             keys.append(key)
     return keys

@@ -15,6 +15,8 @@ import re
 
 from torch import nn
 
+from pivotal.adapters.kohya_keys import part_prefix
+from pivotal.adapters.layer_kinds import Conv2dKind, LinearKind
 from pivotal.adapters.unet_names import UNetLayout, is_diffusers_unet, is_ldm_unet
 from pivotal.errors import LoraTargetError, ModelLayoutError
 
@@ -46,7 +48,7 @@ def kohya_unet_key(diffusers_name: str, layout: UNetLayout, base: str) -> str:
     """The kohya key of the UNet module with this diffusers name, for ``base``."""
     naming = _naming(base)
     path = diffusers_name if naming == "diffusers" else layout.to_ldm(diffusers_name)
-    return "lora_unet_" + path.replace(".", "_")
+    return part_prefix("unet") + path.replace(".", "_")
 
 
 def unet_lora_targets(unet: nn.Module, base: str, preset: str) -> list[tuple[str, nn.Module]]:
@@ -69,7 +71,8 @@ def unet_lora_targets(unet: nn.Module, base: str, preset: str) -> list[tuple[str
         raise ModelLayoutError(f"{type(unet).__name__} is neither a diffusers nor an LDM UNet")
     found: list[tuple[str, nn.Module]] = []
     for name, module in unet.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        # Duck-typed Linear (layer_kinds.LinearKind): Forge's ForgeOperations.Linear is no nn.Linear.
+        if not (Conv2dKind.matches(module) or LinearKind.matches(module)):
             continue
         if side == "diffusers":
             diffusers_name = name

@@ -3,7 +3,8 @@
 Canonical keys written (what the webui's built-in Lora extension, v1.7+, loads):
 
 * LoRA: ``lora_unet_*`` / ``lora_te_*`` (SD1) / ``lora_te1_*`` + ``lora_te2_*`` (SDXL), each module
-  with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``;
+  with its algorithm's tensors (LoRA: ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``; LoHa,
+  LoKr, DoRA: see :mod:`pivotal.adapters.algorithms`);
 * SD1 embedding ``<name>``: ``bundle_emb.<name>.string_to_param.*`` (N, 768);
 * SDXL embedding ``<name>``: ``bundle_emb.<name>.clip_l`` (N, 768) + ``bundle_emb.<name>.clip_g`` (N, 1280);
 
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from pivotal.adapters.lora_layers import PART_PREFIXES
+from pivotal.adapters.algorithms import FULL_PRECISION, describe_module, is_adapter_key
+from pivotal.adapters.kohya_keys import BASE_PREFIXES, group_by_module, split_key
 from pivotal.errors import BundleError, EmbeddingNameError, SaveError
 from pivotal.formats.bundle_metadata import TrainingInfo, build_metadata
 from pivotal.formats.safetensors_io import (
@@ -35,10 +37,11 @@ from pivotal.formats.safetensors_io import (
 from pivotal.text.names import validate_embedding_name
 
 EMB_PREFIX = "bundle_emb."
-LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 #: The webui splits a prompt into 75-token chunks; an embedding must fit in one.
 MAX_VECTORS = 75
-ENCODER_KEYS = {"sd1": ("clip_l",), "sdxl": ("clip_l", "clip_g")}
+#: Base model -> its text-encoder keys, in the order the UNet context concatenates them (also the
+#: embedding vector keys of a bundle).
+ENCODER_KEYS: dict[str, tuple[str, ...]] = {"sd1": ("clip_l",), "sdxl": ("clip_l", "clip_g")}
 
 
 @dataclass
@@ -72,12 +75,8 @@ class Bundle:
     warnings: list[str] = field(default_factory=list)
 
     def lora_modules(self) -> dict[str, dict[str, torch.Tensor]]:
-        """{kohya module name: {"lora_down.weight": t, "lora_up.weight": t, "alpha": t}}."""
-        mods: dict[str, dict[str, torch.Tensor]] = {}
-        for k, t in self.lora.items():
-            name, _, rest = k.partition(".")
-            mods.setdefault(name, {})[rest] = t
-        return mods
+        """{kohya module name: {tensor name: t}}, e.g. ``{"lora_down.weight": t, "lora_up.weight": t, "alpha": t}``."""
+        return group_by_module(self.lora)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,14 +103,14 @@ def write_bundle(path: str | os.PathLike, base_model: str, lora: dict[str, torch
     if base_model not in ENCODER_KEYS:
         raise SaveError(f"cannot save {path}: unknown base model {base_model!r} (expected sd1 or sdxl)")
     tensors: dict[str, torch.Tensor] = {}
-    allowed = ("lora_unet_", "lora_te_") if base_model == "sd1" else ("lora_unet_", "lora_te1_", "lora_te2_")
+    allowed = BASE_PREFIXES[base_model]
     for k, t in lora.items():
-        if not k.startswith(tuple(p for p, _ in PART_PREFIXES)) or not k.endswith(LORA_SUFFIXES):
+        if not is_adapter_key(k):
             raise SaveError(f"cannot save {path}: {k!r} is not a kohya LoRA key")
         if not k.startswith(allowed):
             raise SaveError(f"cannot save {path}: {k!r} does not belong in a {base_model} LoRA "
                             f"(allowed prefixes: {', '.join(allowed)})")
-        tensors[k] = t if (dtype is None or k.endswith(".alpha")) else t.to(dtype)
+        tensors[k] = t if (dtype is None or split_key(k)[1] in FULL_PRECISION) else t.to(dtype)
     records = []
     for emb in embeddings:
         validate_embedding_name(emb.name)
@@ -155,8 +154,7 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
             bad = int((~torch.isfinite(t)).sum())
             raise BundleError(p, f"{bad} of {t.numel()} values are NaN or infinite; this file is broken "
                                  "(a training run that diverged?) and must not be loaded", key=k)
-    lora = {k: t for k, t in tensors.items()
-            if k.startswith(tuple(pre for pre, _ in PART_PREFIXES)) and k.endswith(LORA_SUFFIXES)}
+    lora = {k: t for k, t in tensors.items() if is_adapter_key(k)}
     emb_tensors = {k: t for k, t in tensors.items() if k.startswith(EMB_PREFIX)}
     unknown = sorted(k for k in tensors if k not in lora and k not in emb_tensors)
     embeddings, emb_unknown, warnings = _parse_embeddings(p, emb_tensors)
@@ -233,24 +231,12 @@ def _check_embeddings(p: str, embeddings: dict[str, BundleEmbedding], base: str)
 
 
 def _check_lora(p: str, lora: dict[str, torch.Tensor]) -> None:
-    mods: dict[str, dict[str, torch.Tensor]] = {}
-    for k, t in lora.items():
-        name, _, rest = k.partition(".")
-        mods.setdefault(name, {})[rest] = t
-    for name, parts in mods.items():
-        down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
-        if down is None or up is None:
-            missing = "lora_down.weight" if down is None else "lora_up.weight"
-            raise BundleError(p, f"LoRA module lacks {missing}", key=name)
-        if down.dim() not in (2, 4) or up.dim() != down.dim():
-            raise BundleError(p, f"lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)} are not "
-                                 "a Linear or Conv2d pair", key=name)
-        if down.shape[0] != up.shape[1]:
-            raise BundleError(p, f"rank mismatch: lora_down has {down.shape[0]} rows, lora_up "
-                                 f"{up.shape[1]} columns", key=name)
-        alpha = parts.get("alpha")
-        if alpha is not None and alpha.numel() != 1:
-            raise BundleError(p, f"alpha must be a single number, got shape {tuple(alpha.shape)}", key=name)
+    """Each module's tensors form one known algorithm's consistent layout (checked without a model)."""
+    for name, parts in group_by_module(lora).items():
+        try:
+            describe_module(parts)
+        except ValueError as e:
+            raise BundleError(p, str(e), key=name) from None
 
 
 def infer_base_model(metadata: dict[str, str], lora_keys: list[str],

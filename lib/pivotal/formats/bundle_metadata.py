@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 import pivotal
+from pivotal.adapters.algorithms import describe_module
+from pivotal.adapters.kohya_keys import group_by_module
 
 #: ``ss_base_model_version`` per base model. The webui shows a card for SDXL models only when the
 #: value starts with ``sdxl_``; any other value means SD1.
@@ -45,14 +47,33 @@ def lora_rank_alpha(lora: dict[str, torch.Tensor]) -> tuple[int, float]:
     """The most common (rank, alpha) over the LoRA modules; (0, 0) when there are none."""
     ranks: Counter[int] = Counter()
     alphas: Counter[float] = Counter()
-    for k, t in lora.items():
-        if k.endswith(".lora_down.weight"):
-            ranks[int(t.shape[0])] += 1
-        elif k.endswith(".alpha"):
-            alphas[float(t.float().item())] += 1
+    for parts in group_by_module(lora).values():
+        lay = describe_module(parts)
+        ranks[lay.rank] += 1
+        if lay.alpha is not None:
+            alphas[lay.alpha] += 1
     rank = ranks.most_common(1)[0][0] if ranks else 0
     alpha = alphas.most_common(1)[0][0] if alphas else float(rank)
     return rank, alpha
+
+
+def lora_algorithms(lora: dict[str, torch.Tensor]) -> list[str]:
+    """The distinct algorithm labels of the modules ("lora", "loha+dora", …), sorted."""
+    return sorted({describe_module(parts).label for parts in group_by_module(lora).values()})
+
+
+def network_fields(lora: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``ss_network_module`` (+ ``ss_network_args``) as kohya / LyCORIS write them: plain LoRA is
+    ``networks.lora``; anything else ``lycoris.kohya`` with ``{"algo": …}`` (and ``dora_wd``)."""
+    labels = lora_algorithms(lora)
+    algos = sorted({label.split("+")[0] for label in labels})
+    if not lora or labels == ["lora"]:
+        return {"ss_network_module": "networks.lora"}
+    args: dict[str, str] = {"algo": algos[0] if len(algos) == 1 else ",".join(algos)}
+    if any(label.endswith("+dora") for label in labels):
+        args["dora_wd"] = "True"
+    return {"ss_network_module": "lycoris.kohya",
+            "ss_network_args": json.dumps(args, separators=(",", ":"))}
 
 
 def _num(x: float) -> str:
@@ -72,8 +93,8 @@ def build_metadata(base_model: str, lora: dict[str, torch.Tensor], embeddings: l
     meta = {
         "ss_output_name": info.output_name,
         "ss_base_model_version": BASE_MODEL_VERSION[base_model],
-        # The kohya module name, so tools that branch on it treat this as a plain LoRA.
-        "ss_network_module": "networks.lora",
+        # kohya's / LyCORIS' module name, so tools that branch on it know the algorithm.
+        **network_fields(lora),
         "ss_network_dim": str(rank),
         "ss_network_alpha": _num(alpha),
         "ss_tag_frequency": json.dumps(info.tag_frequency, ensure_ascii=False, separators=(",", ":")),

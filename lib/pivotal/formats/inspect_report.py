@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from pivotal.adapters.algorithms import describe_module
+from pivotal.adapters.kohya_keys import part_of_key
 from pivotal.formats.bundle import Bundle, bundle_name, read_bundle
 from pivotal.formats.safetensors_io import addnet_hash, read_header
 
@@ -36,19 +38,19 @@ def _init_texts(meta: dict[str, str]) -> dict[str, str]:
 
 
 def lora_summary(bundle: Bundle) -> dict[str, dict[str, Any]]:
-    """Per part: module count and the distinct ranks and alphas."""
-    from pivotal.adapters.lora_layers import part_of_key
-
+    """Per part: module count, the algorithms ("lora", "loha", "lokr", "+dora"), the distinct
+    ranks and alphas (no alpha in the file: rank, i.e. scale 1)."""
     parts: dict[str, dict[str, Any]] = {}
     for name, tensors in bundle.lora_modules().items():
-        s = parts.setdefault(part_of_key(name), {"modules": 0, "ranks": set(), "alphas": set()})
+        s = parts.setdefault(part_of_key(name), {"modules": 0, "algorithms": set(), "ranks": set(),
+                                                 "alphas": set()})
+        lay = describe_module(tensors)
         s["modules"] += 1
-        rank = int(tensors["lora_down.weight"].shape[0])
-        s["ranks"].add(rank)
-        alpha = tensors.get("alpha")
-        s["alphas"].add(float(alpha.float().item()) if alpha is not None else float(rank))
-    return {p: {"modules": s["modules"], "ranks": sorted(s["ranks"]), "alphas": sorted(s["alphas"])}
-            for p, s in sorted(parts.items())}
+        s["algorithms"].add(lay.label)
+        s["ranks"].add(lay.rank)
+        s["alphas"].add(lay.alpha if lay.alpha is not None else float(lay.rank))
+    return {p: {"modules": s["modules"], "algorithms": sorted(s["algorithms"]), "ranks": sorted(s["ranks"]),
+                "alphas": sorted(s["alphas"])} for p, s in sorted(parts.items())}
 
 
 def inspect_bundle(path: str | os.PathLike) -> dict[str, Any]:
@@ -84,8 +86,8 @@ def format_report(r: dict[str, Any]) -> str:
     if r["lora"]:
         lines.append("  LoRA modules:")
         for part, s in r["lora"].items():
-            lines.append(f"    {part:<5} {s['modules']:>4} modules   rank {_join(s['ranks'])}   "
-                         f"alpha {_join(s['alphas'])}")
+            lines.append(f"    {part:<5} {s['modules']:>4} modules   {_join(s['algorithms'])}   "
+                         f"rank {_join(s['ranks'])}   alpha {_join(s['alphas'])}")
     else:
         lines.append("  LoRA modules: none (embeddings only)")
     if r["embeddings"]:

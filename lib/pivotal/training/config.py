@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from pivotal.adapters.algorithms import AlgorithmSpec, algorithm_class, algorithm_names
 from pivotal.errors import ConfigError
 from pivotal.text.names import validate_embedding_name
 
@@ -114,6 +115,13 @@ class TrainConfig:
     preview_steps: int = 20
     preview_size: int = 0             # 0 = the training resolution
 
+    # -- the adapter algorithm (pivotal.adapters.algorithms); the webuis' built-in loaders read all
+    unet_algorithm: str = "lora"      # "lora" (kohya LoRA; LoCon on convs), "loha", "lokr" (LyCORIS)
+    te_algorithm: str = "lora"        # the same for the text encoder(s), when te_lora is on
+    dora: bool = False                # DoRA (weight-decomposed: a magnitude per input column) on top
+    conv_tucker: bool = False         # k x k convs: a Tucker core (lora_mid / hada_t1,t2 / lokr_t2)
+    lokr_factor: int = -1             # LoKr: the small Kronecker factor's size (-1: as square as possible)
+
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         """Check every value; return self. Raises ConfigError naming the setting."""
@@ -151,9 +159,29 @@ class TrainConfig:
         if self.phase_plan == "embeddings_first" and self.embedding_steps >= self.steps:
             raise ConfigError(f"embedding_steps: {self.embedding_steps} leaves no LoRA steps out of "
                               f"steps={self.steps}")
+        self._validate_algorithms()
         if not self.data_dir:
             raise ConfigError("data_dir: the folder of training images is not set (--data)")
         return self
+
+    def _validate_algorithms(self) -> None:
+        known = algorithm_names()
+        for name in ("unet_algorithm", "te_algorithm"):
+            _choice(self, name, known)
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ConfigError(f"lokr_factor: {self.lokr_factor} is not -1 (automatic) or a positive size")
+        if self.lora_dropout:
+            used = [self.unet_algorithm] + ([self.te_algorithm] if self.te_lora else [])
+            no_dropout = [a for a in used if not algorithm_class(a).supports_dropout]
+            if no_dropout or self.dora:
+                which = "dora" if self.dora else f"the {no_dropout[0]} algorithm"
+                raise ConfigError(f"lora_dropout: {which} has no activation dropout (it works on the weight); "
+                                  "set lora_dropout to 0")
+
+    def algorithm_spec(self, part: str) -> AlgorithmSpec:
+        """The algorithm to train on ``part`` ("unet" or "te"), with its options."""
+        name = self.unet_algorithm if part == "unet" else self.te_algorithm
+        return AlgorithmSpec(name, self.dora, {"tucker": self.conv_tucker, "factor": self.lokr_factor})
 
     def phase1_steps(self) -> int:
         """Steps of the embeddings-only phase ("embeddings_first"), or of joint training before

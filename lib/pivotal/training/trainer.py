@@ -129,8 +129,10 @@ class _Run:
         # Fork the RNG: LoRA init draws from the global generator, which belongs to the host.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
+            te_spec = cfg.algorithm_spec("te")
             self.net = LoraNetwork(self.all_targets, cfg.unet_rank, cfg.unet_alpha, cfg.lora_dropout,
-                                   ranks=ranks, alphas=alphas).to(host.device)
+                                   ranks=ranks, alphas=alphas, spec=cfg.algorithm_spec("unet"),
+                                   specs={k: te_spec for k, _ in te_targets}).to(host.device)
         self.embeddings = EmbeddingSet()
         init_gen = torch.Generator().manual_seed(cfg.seed + 1)
         vocabs = {k: host.vocabulary(k).detach().float().cpu() for k in host.encoder_keys()}

@@ -11,8 +11,9 @@ from typing import Any
 
 from torch import nn
 
-#: Base model -> its text-encoder keys, in the order the UNet context concatenates them.
-ENCODER_KEYS: dict[str, tuple[str, ...]] = {"sd1": ("clip_l",), "sdxl": ("clip_l", "clip_g")}
+from pivotal.formats.bundle import ENCODER_KEYS
+
+__all__ = ["DEFAULT_PAD_IDS", "ENCODER_KEYS", "PipelineParts"]
 #: What each tokenizer pads with when it names no pad token: SD1/clip_l pads with EOS, SDXL's
 #: tokenizer_2 (clip_g) with "!" (id 0) as its special_tokens_map says and diffusers uses.
 DEFAULT_PAD_IDS: dict[str, int] = {"clip_l": 49407, "clip_g": 0}
