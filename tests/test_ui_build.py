@@ -238,6 +238,27 @@ def test_generate_bad_number_shown(tmp_path: Path) -> None:
     assert "steps: must be a whole number" in info
 
 
+def test_grid_of_the_chosen_bundle(tmp_path: Path) -> None:
+    from test_generate import FakeHost, write_test_bundle
+
+    host = FakeHost()
+    write_test_bundle(tmp_path / "mine.safetensors", host.lora_targets("unet", "attn"),
+                      {"clip_l": host.vocabulary("clip_l")})
+    job = TrainingJob(trainer=fake_trainer)
+    with gr.Blocks():
+        gen = build_generate_tab(job, lambda: host, out_dir=str(tmp_path), grid_contexts=("{names} on the moon",))
+    _, info = gen.handlers["grid"](str(tmp_path), NO_BUNDLE, 1.0, "a photo", "", 2, 0, 32, 32, 7.0)
+    assert "choose a bundle for the grid" in info
+    image, info = gen.handlers["grid"](str(tmp_path), "mine.safetensors", 0.5, "mychar <lora:mine:1>", "", 2, 3,
+                                       32, 32, 7.0)
+    assert "gen-grid-done" in info and "no text-encoder LoRA" in info
+    (png,) = (tmp_path / "grids").glob("mine-*.png")
+    record = __import__("json").loads(png.with_suffix(".json").read_text(encoding="utf-8"))
+    assert record["rows"] == ["mychar", "mychar on the moon"] and record["seeds"] == [3, 4]
+    assert record["strength"] == 0.5 and len(record["cells"]) == 10 and image.size[0] > 5 * 32
+    assert [c["prompt"] for c in record["cells"][:2]] == ["mychar <lora:mine:0.5>", "mychar <lora:mine:te=0:unet=0.5>"]
+
+
 def test_lora_tag_added_once() -> None:
     from pivotal.ui.bundle_list import BundleEntry
 

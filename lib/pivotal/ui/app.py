@@ -61,10 +61,15 @@ def build_app(host_provider: HostProvider, out_dir: str, data_dir_default: str =
                 train = build_train_tab(job, host_provider, data_dir=data_dir_default, out_dir=out_dir, base=base)
             with gr.Tab("Generate", id="generate", elem_id="pivotal-tab-generate"):
                 prompt = f"a photo of {names[0]}" if names else ""
+                contexts = None
                 if names and demo and pretrained_demo:
+                    from pivotal.demo.data import GRID_CONTEXTS
+
                     prompt = f"{names[0]} on a blue background, top left"  # words the demo model knows
+                    contexts = GRID_CONTEXTS
                 gen = build_generate_tab(job, host_provider, out_dir=out_dir, default_prompt=prompt,
-                                         default_size=generate_size, default_steps=generate_steps)
+                                         default_size=generate_size, default_steps=generate_steps,
+                                         grid_contexts=contexts)
         # when a run ends, the Generate tab lists (and picks) the bundle it just saved
         for event in train.run_events:
             event.then(gen.refresh_fn, inputs=[gen.folder], outputs=[gen.bundle, gen.names])

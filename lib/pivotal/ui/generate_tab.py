@@ -9,9 +9,10 @@ from __future__ import annotations
 import html
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import gradio as gr
 
@@ -36,6 +37,7 @@ class GenerateTab:
     generate: Any
     image: Any
     info: Any
+    grid: Any = None
     #: fn(folder) -> (bundle dropdown update, names html), for chaining after a run ends
     refresh_fn: Optional[Callable[..., tuple]] = None
     #: the event handlers by name ("refresh", "pick", "generate"), callable directly
@@ -44,11 +46,12 @@ class GenerateTab:
 
 def build_generate_tab(job: TrainingJob, host_provider: HostProvider, out_dir: str = "output",
                        default_prompt: str = "", default_size: int = 512, default_steps: int = 20,
-                       elem_prefix: str = "pivotal") -> GenerateTab:
+                       elem_prefix: str = "pivotal", grid_contexts: Optional[Sequence[str]] = None) -> GenerateTab:
     """Add the Generate tab's components to the current Blocks context.
 
     ``default_size`` / ``default_steps``: the image size and sampling steps the form starts with
-    (small for the demo's tiny model).
+    (small for the demo's tiny model). ``grid_contexts``: what the ablation grid's extra rows say
+    (:func:`pivotal.inference.grid.novel_prompts`; None = its general contexts).
     """
     entries, _ = find_bundles(out_dir)
     choices = [NO_BUNDLE] + [e.label for e in entries]
@@ -71,7 +74,9 @@ def build_generate_tab(job: TrainingJob, host_provider: HostProvider, out_dir: s
             with gr.Row():
                 width = gr.Number(default_size, label="width", precision=0, elem_id=f"{elem_prefix}-gen-width")
                 height = gr.Number(default_size, label="height", precision=0, elem_id=f"{elem_prefix}-gen-height")
-            generate = gr.Button("Generate", variant="primary", elem_id=f"{elem_prefix}-gen-go")
+            with gr.Row():
+                generate = gr.Button("Generate", variant="primary", elem_id=f"{elem_prefix}-gen-go")
+                grid = gr.Button("Ablation grid of this bundle", elem_id=f"{elem_prefix}-gen-grid")
         with gr.Column(scale=2):
             image = gr.Image(None, type="pil", label="image", interactive=False, height=384,
                              elem_id=f"{elem_prefix}-gen-image")
@@ -107,13 +112,48 @@ def build_generate_tab(job: TrainingJob, host_provider: HostProvider, out_dir: s
             return gr.update(), message_html(str(e))
         return img, _info_html(full_prompt, format_infotext(meta), meta, elem_prefix)
 
+    def on_grid(folder_text: str, label: str, w: float, prompt_text: str, negative_text: str, n_steps: Any,
+                seed_v: Any, width_v: Any, height_v: Any, guidance_v: Any) -> tuple:
+        """Full / UNet only / TE only / embeddings only / base for the chosen bundle: the prompt is the
+        first row, two rows in contexts its captions never had follow; one seed per row."""
+        try:
+            steps_v, seed_i, w_i, h_i = (_whole("steps", n_steps), _whole("seed", seed_v), _whole("width", width_v),
+                                         _whole("height", height_v))
+            entry = _entry(folder_text or out_dir, label)
+            if entry is None:
+                raise ConfigError("choose a bundle for the grid (it compares that bundle's parts)")
+            from pivotal.inference.grid import DEFAULT_CONTEXTS, bundle_grid_plan, host_renderer, render_grid
+            from pivotal.inference.grid_sheet import save_grid
+
+            row = _without_lora_tag(prompt_text or "", entry)
+            plan = bundle_grid_plan(entry.path, [row] if row else [], 2, seed=seed_i, negative=negative_text or "",
+                                    strength=float(w), contexts=grid_contexts or DEFAULT_CONTEXTS)
+            target = Path(folder_text or out_dir) / "grids" / f"{entry.lora_name}-{time.strftime('%Y%m%d-%H%M%S')}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with job.using_host():
+                render = host_renderer(host_provider(), [str(Path(entry.path).parent)], steps_v, w_i, h_i,
+                                       _float("guidance", guidance_v))
+                png, record = save_grid(target, render_grid(plan, render))
+        except JobBusyError as e:
+            return gr.update(), message_html(str(e), "busy")
+        except PivotalError as e:
+            return gr.update(), message_html(str(e))
+        from PIL import Image
+
+        with Image.open(png) as sheet:
+            shown = sheet.copy()
+        notes = "".join(message_html(f"{c}: {n}", "info") for c, n in plan.notes.items())
+        return shown, (f'<div id="{elem_prefix}-gen-grid-done">grid: <code>{html.escape(str(png))}</code>, '
+                       f"cells: <code>{html.escape(str(record))}</code></div>{notes}")
+
     refresh.click(on_refresh, inputs=[folder], outputs=[bundle, names])
     bundle.change(on_pick, inputs=[folder, bundle], outputs=[names])
-    generate.click(on_generate, inputs=[folder, bundle, weight, prompt, negative, steps, seed, width, height, guidance],
-                   outputs=[image, info])
+    form = [folder, bundle, weight, prompt, negative, steps, seed, width, height, guidance]
+    generate.click(on_generate, inputs=form, outputs=[image, info])
+    grid.click(on_grid, inputs=form, outputs=[image, info])
     return GenerateTab(folder=folder, bundle=bundle, names=names, refresh=refresh, prompt=prompt, generate=generate,
-                       image=image, info=info, refresh_fn=on_refresh,
-                       handlers={"refresh": on_refresh, "pick": on_pick, "generate": on_generate})
+                       image=image, info=info, grid=grid, refresh_fn=on_refresh,
+                       handlers={"refresh": on_refresh, "pick": on_pick, "generate": on_generate, "grid": on_grid})
 
 
 def _info_html(prompt: str, infotext: str, meta: dict[str, Any], elem_prefix: str) -> str:
@@ -144,6 +184,12 @@ def _with_lora_tag(prompt: str, entry: Optional[BundleEntry], weight: float) -> 
     if re.search(r"<lora:" + re.escape(entry.lora_name) + r"(:[^>]*)?>", prompt, flags=re.IGNORECASE):
         return prompt
     return f"{prompt} <lora:{entry.lora_name}:{float(weight):g}>".strip()
+
+
+def _without_lora_tag(prompt: str, entry: BundleEntry) -> str:
+    """The prompt without the chosen bundle's ``<lora:…>`` tag (the grid's columns add their own)."""
+    pattern = r"<lora:" + re.escape(entry.lora_name) + r"(:[^>]*)?>"
+    return re.sub(r"\s{2,}", " ", re.sub(pattern, " ", prompt, flags=re.IGNORECASE)).strip()
 
 
 def _names_html(entries: list[BundleEntry], label: Optional[str]) -> str:
