@@ -218,3 +218,40 @@ def host_renderer(host: Any, lora_dirs: Sequence[str], steps: int, width: int | 
 
     return render
 
+
+
+def prompt_for_part(prompt: str, column: str) -> str:
+    """``prompt`` with each of its ``<lora:…>`` tags rewritten to one grid column (what the X/Y/Z
+    plot's "Pivotal: bundle part" axis applies): ``full`` leaves it, ``unet`` / ``te`` zero the
+    other part at the tag's own strength, ``emb`` sets strength 0 (embeddings only), ``base``
+    removes the tag (names as plain text)."""
+    from pivotal.inference.lora_tags import LORA_TAG, parse_tag
+
+    if column not in COLUMNS:
+        raise ConfigError(f"bundle part {column!r} is not one of {', '.join(COLUMNS)}")
+    if column == "full":
+        return prompt
+
+    def rewrite(match: re.Match[str]) -> str:
+        tag = parse_tag(match.group(0), match.group(1))
+        if column == "base":
+            return ""
+        if column == "emb":
+            return f"<lora:{tag.name}:0>"
+        return LoraTag(tag.name, 0.0 if column == "unet" else tag.te,
+                       0.0 if column == "te" else tag.unet).text()
+
+    return re.sub(r"[ \t]{2,}", " ", LORA_TAG.sub(rewrite, prompt)).strip()
+
+
+def prompt_with_bundle(prompt: str, bundle: str) -> str:
+    """``prompt`` using bundle ``bundle`` (what the "Pivotal: bundle" axis applies): the first
+    ``<lora:…>`` tag's name is replaced, keeping its strengths; with no tag, ``<lora:NAME:1>`` is
+    appended."""
+    from pivotal.inference.lora_tags import LORA_TAG, parse_tag
+
+    match = LORA_TAG.search(prompt)
+    if match is None:
+        return f"{prompt} <lora:{bundle}:1>".strip()
+    tag = parse_tag(match.group(0), match.group(1))
+    return prompt[: match.start()] + LoraTag(bundle, tag.te, tag.unet).text() + prompt[match.end():]

@@ -4,6 +4,8 @@
 * ``on_ui_tabs``: the "Pivotal" tab, the standalone app's Train tab on the webui's model;
 * ``on_ui_settings``: the bundle-embeddings option (:mod:`pivotal.webui.bundle_script`, whose
   always-on script the entry file exposes to the webui's script loader);
+* ``on_before_ui``: the X/Y/Z plot axes "Pivotal: bundle part" and "Pivotal: bundle"
+  (:mod:`pivotal.webui.xyz_axes`);
 * ``on_script_unloaded``: a running run is asked to stop before the UI reloads (its session then
   restores the model as it ends).
 
@@ -68,6 +70,12 @@ def _on_ui_settings() -> None:
     add_settings()
 
 
+def _on_before_ui() -> None:
+    from pivotal.webui.xyz_axes import register_axes
+
+    register_axes()
+
+
 def register() -> None:
     """Register Pivotal's callbacks with the running webui."""
     from pivotal.hosts.a1111.webui import webui_module
@@ -78,3 +86,4 @@ def register() -> None:
     script_callbacks.on_app_started(_on_app_started, name="pivotal api")
     script_callbacks.on_ui_tabs(_on_ui_tabs, name="pivotal tab")
     script_callbacks.on_script_unloaded(_on_script_unloaded, name="pivotal unload")
+    script_callbacks.on_before_ui(_on_before_ui, name="pivotal x/y/z axes")
