@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from setting_samples import sample_config
+
 gr = pytest.importorskip("gradio")
 torch = pytest.importorskip("torch")
 
@@ -26,7 +28,12 @@ from pivotal.ui.bundle_list import find_bundles  # noqa: E402
 from pivotal.ui.generate_tab import NO_BUNDLE, _with_lora_tag, build_generate_tab  # noqa: E402
 from pivotal.ui.loss_chart import render_loss_chart  # noqa: E402
 from pivotal.ui.progress_view import format_duration, message_html, progress_html  # noqa: E402
-from pivotal.ui.train_form import config_from_form, form_field_names, form_values_from_config  # noqa: E402
+from pivotal.ui.train_form import (  # noqa: E402
+    config_from_form,
+    form_field_names,
+    form_settings,
+    form_values_from_config,
+)
 from pivotal.ui.train_tab import build_train_tab  # noqa: E402
 
 LIB = Path(__file__).resolve().parent.parent / "lib"
@@ -101,9 +108,26 @@ def test_tabs_embed_in_an_existing_blocks(tmp_path: Path) -> None:
     assert gen.bundle.value == NO_BUNDLE
 
 
+def test_the_form_has_an_input_per_setting_with_unique_ids(tmp_path: Path) -> None:
+    job = TrainingJob(trainer=fake_trainer)
+    with gr.Blocks() as blocks:
+        tab = build_train_tab(job, lambda: object(), data_dir="/d", out_dir=str(tmp_path), base=sample_config())
+    assert set(tab.fields) == set(form_field_names())
+    assert tab.fields["unet_lr"].value == sample_config().unet_lr  # each input starts from the base config
+    config = blocks.get_config_file() if hasattr(blocks, "get_config_file") else blocks.config
+    ids = [c.get("props", {}).get("elem_id") for c in config["components"]]
+    ids = [i for i in ids if i]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+    # the ids the browser tests use, the sections, and one per input
+    assert {"pivotal-data-dir", "pivotal-output-name", "pivotal-emb0-name", "pivotal-emb0-init", "pivotal-steps",
+            "pivotal-resolution", "pivotal-preview-every", "pivotal-saving", "pivotal-optimizer", "pivotal-lora",
+            "pivotal-data", "pivotal-advanced"} <= set(ids)
+    assert sum(i.startswith("pivotal-") for i in ids) >= len(tab.fields)
+
+
 def test_parser_and_package_do_not_import_gradio() -> None:
-    code = ("import sys; import pivotal.ui, pivotal.training.job; from pivotal.cli.main import build_parser; build_parser(); "
-            "print('gradio' in sys.modules)")
+    code = ("import sys; import pivotal.ui, pivotal.training.job; from pivotal.cli.main import build_parser; "
+            "build_parser(); print('gradio' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={"PYTHONPATH": str(LIB), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
@@ -271,13 +295,13 @@ def test_lora_tag_added_once() -> None:
 # -- pure helpers -------------------------------------------------------------------------------
 def test_form_round_trip_and_errors() -> None:
     # every setting the form shows, away from its default: the form must carry each one
-    cfg = base_config(te_lora=True, preview_prompts=["a", "b"], phase_plan="embeddings_first", embedding_steps=2,
-                      te_alpha=2.0, schedule="cosine", warmup_steps=3, weight_decay=0.0, precision="bf16",
-                      gradient_checkpointing=True, grad_accum=2, min_snr_gamma=0.0, noise_offset=0.05,
-                      caption_dropout=0.1, flip=True)
+    cfg = sample_config()
+    shown = {n for n in form_field_names() if n in cfg.to_dict()} | {"embeddings"}
+    assert shown == {s.name for s in form_settings()}
+    assert all(getattr(cfg, n) != getattr(TrainConfig(), n) for n in shown)
     names = form_field_names()
     values = dict(zip(names, form_values(cfg)))
-    values["steps"] = 4.0  # number boxes hand back floats
+    values["steps"] = float(cfg.steps)  # number boxes hand back floats
     got, resume = config_from_form(base_config(), values)
     assert got.to_dict() == cfg.to_dict() and resume == ""
     with pytest.raises(ConfigError, match="steps: must be a whole number"):
@@ -285,7 +309,7 @@ def test_form_round_trip_and_errors() -> None:
     with pytest.raises(ConfigError, match="unet_lr: 'x' is not a number"):
         config_from_form(base_config(), {**values, "unet_lr": "x"})
     with pytest.raises(ConfigError, match="at least one embedding"):
-        config_from_form(base_config(), {**values, "emb0_name": " "})
+        config_from_form(base_config(), {**values, "emb0_name": " ", "emb1_name": ""})
 
 
 def test_progress_html_escapes_everything() -> None:

@@ -1,6 +1,9 @@
 """``pivotal train``: flags and/or a TOML/JSON config → a training run on the standalone host.
 
-Precedence: defaults < config file < flags given on the command line. ``--demo`` without
+Every setting has a flag, generated from its declaration in
+:class:`~pivotal.training.config.TrainConfig` (bools as ``--x/--no-x``, lists as a repeatable flag).
+Precedence: defaults < ``--demo`` defaults < config file < flags given on the command line.
+``--out X.safetensors`` writes the bundle to X (the folder is X's, the name X's stem). ``--demo`` without
 ``--data`` writes a small synthetic captioned dataset under ``<out>/demo_data`` first: pictures of
 a character the pre-trained sd1 demo model never saw (:data:`pivotal.demo.world.EXAMPLE_CHARACTER`).
 Exit status: 0 completed, 1 stopped (diverged), 2 refused (bad settings/files), 130 interrupted.
@@ -16,51 +19,85 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from pivotal.errors import ConfigError
 from pivotal.training.config import DEMO_EMBEDDING, DEMO_SETTINGS, EmbeddingSpec, TrainConfig, load_config_file
 from pivotal.training.progress import ProgressEvent
+from pivotal.training.settings import GROUPS, DeclaredSetting, declared
 
-#: flag -> TrainConfig field, for the flags that map one to one
-FLAG_FIELDS = {
-    "data": "data_dir", "out": "out_dir", "name": "output_name", "steps": "steps", "batch_size": "batch_size",
-    "grad_accum": "grad_accum", "seed": "seed", "resolution": "resolution", "lora_preset": "lora_preset",
-    "unet_rank": "unet_rank", "unet_alpha": "unet_alpha", "unet_lr": "unet_lr", "te_rank": "te_rank",
-    "te_lr": "te_lr", "embedding_lr": "embedding_lr", "phase_plan": "phase_plan",
-    "freeze_embeddings_at": "freeze_embeddings_at", "embedding_steps": "embedding_steps",
-    "embedding_lr_after": "embedding_lr_after", "optimizer": "optimizer", "schedule": "schedule",
-    "warmup_steps": "warmup_steps", "precision": "precision", "min_snr_gamma": "min_snr_gamma",
-    "noise_offset": "noise_offset", "save_every": "save_every", "on_interrupt": "on_interrupt",
-    "preview_every": "preview_every", "flip": "flip", "te_lora": "te_lora",
-    "gradient_checkpointing": "gradient_checkpointing", "shuffle_tags": "shuffle_tags",
-    "caption_dropout": "caption_dropout",
-}
+BUNDLE_SUFFIX = ".safetensors"
+_METAVARS = {"int": "N", "float": "NUM", "str": "TEXT"}
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train LoRA + embeddings into a bundle (standalone host)")
+    p = sub.add_parser("train", help="train LoRA + embeddings into a bundle (standalone host)",
+                       usage="pivotal train [--model DIR | --demo {sd1,sdxl}] [--config FILE] [--resume FILE] "
+                       "[--json] [--device DEVICE] [SETTING FLAGS ...]",
+                       description="Train LoRA + embeddings into a bundle on the standalone host. Every setting "
+                       "has a flag; precedence: defaults < --demo defaults < --config file < flags. The settings "
+                       "file schema: pivotal train --print-schema.")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="diffusers model folder")
+    src.add_argument("--model", metavar="DIR", help="diffusers model folder")
     src.add_argument("--demo", choices=("sd1", "sdxl"), help="a tiny demo model (sd1: pre-trained on a world of "
                      "coloured shapes; sdxl: random weights; runs on a CPU in seconds)")
-    p.add_argument("--config", help="TOML or JSON file of settings (flags override it)")
-    p.add_argument("--embedding", action="append", default=None, metavar="NAME[:VECTORS[:INIT TEXT]]",
-                   help="a new embedding (repeatable), e.g. mychar:2:woman")
-    p.add_argument("--resume", help="a *.resume.safetensors file to continue from")
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (flags override it)")
+    p.add_argument("--resume", metavar="FILE", help="a *.resume.safetensors file to continue from")
     p.add_argument("--json", action="store_true", help="one JSON line per event, then a summary line")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
-    ints = ("steps", "batch_size", "grad_accum", "seed", "resolution", "unet_rank", "te_rank", "embedding_steps",
-            "warmup_steps", "save_every", "preview_every")
-    floats = ("unet_alpha", "unet_lr", "te_lr", "embedding_lr", "freeze_embeddings_at", "embedding_lr_after",
-              "min_snr_gamma", "noise_offset", "caption_dropout")
-    for name in ("data", "out", "name", "lora_preset", "phase_plan", "optimizer", "schedule", "precision",
-                 "on_interrupt"):
-        p.add_argument("--" + name.replace("_", "-"), dest=name)
-    for name in ints:
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=int)
-    for name in floats:
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=float)
-    for name in ("flip", "te_lora", "gradient_checkpointing", "shuffle_tags"):
-        p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None)
+    p.add_argument("--print-schema", action="store_true",
+                   help="print the JSON Schema of the settings (config file, webui API) and exit")
+    add_setting_flags(p)
     p.set_defaults(run=run_train)
+
+
+def add_setting_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per declared setting, in titled groups; each flag's ``dest`` is the setting's name
+    and its default None (= not given, so a config file's value stands)."""
+    settings = list(declared(TrainConfig))
+    for group in GROUPS:
+        g = p.add_argument_group(group.title)
+        for s in settings:
+            if s.spec.group == group.key:
+                _add_flag(g, s)
+
+
+def _add_flag(g: argparse._ArgumentGroup, s: DeclaredSetting) -> None:
+    # argparse formats help with %: a literal one is written %%
+    help_text = s.spec.help.replace("%", "%%")
+    flag = "--" + s.flag
+    if s.kind == "bool":
+        g.add_argument(flag, dest=s.name, action=argparse.BooleanOptionalAction, default=None,
+                       help=f"{help_text} (default: {'on' if s.default else 'off'})")
+        return
+    metavar = s.spec.metavar or ("{" + ",".join(s.spec.choices) + "}" if s.spec.choices else _METAVARS[s.kind])
+    if s.kind in ("embeddings", "str_list"):
+        g.add_argument(flag, dest=s.name, action="append", default=None, metavar=metavar, help=help_text)
+        return
+    convert = {"int": int, "float": float, "str": str}[s.kind]
+    default = f" (default: {s.default})" if s.default != "" else ""
+    g.add_argument(flag, dest=s.name, type=convert, default=None, metavar=metavar, help=help_text + default)
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags (name -> value); a repeated flag's values replace a list."""
+    values: dict[str, Any] = {}
+    for s in declared(TrainConfig):
+        v = getattr(args, s.name, None)
+        if v is None:
+            continue
+        values[s.name] = [EmbeddingSpec.parse(e) for e in v] if s.kind == "embeddings" else v
+    out = values.get("out_dir")
+    if isinstance(out, str) and out.lower().endswith(BUNDLE_SUFFIX):
+        values.update(_bundle_path_out(out, values.get("output_name")))
+    return values
+
+
+def _bundle_path_out(out: str, name: Any) -> dict[str, str]:
+    """``--out X.safetensors``: the bundle is written to X, so the folder is X's and the name X's stem."""
+    path = Path(out)
+    if name is not None and name != path.stem:
+        raise ConfigError(f"--out {out} names the bundle {path.stem!r} but --name says {name!r}; "
+                          "give one of them, or a folder as --out")
+    return {"out_dir": str(path.parent), "output_name": path.stem}
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
@@ -68,13 +105,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = dict(DEMO_SETTINGS) if args.demo else {}
     if args.config:
         values.update(load_config_file(args.config))
-    for flag, field_name in FLAG_FIELDS.items():
-        v = getattr(args, flag, None)
-        if v is not None:
-            values[field_name] = v
-    if args.embedding:
-        values["embeddings"] = [EmbeddingSpec.parse(e) for e in args.embedding]
-    elif args.demo and not values.get("embeddings"):
+    values.update(flag_values(args))
+    if args.demo and not values.get("embeddings"):
         values["embeddings"] = [EmbeddingSpec.parse(DEMO_EMBEDDING)]
     cfg = TrainConfig.from_dict(values)
     if args.demo and not cfg.data_dir:
@@ -108,6 +140,11 @@ def _printer(as_json: bool):
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if args.print_schema:
+        from pivotal.training.schema import config_schema
+
+        print(json.dumps(config_schema(), indent=2))
+        return 0
     from pivotal.demo.host import load_host
     from pivotal.training.trainer import train
 
@@ -121,7 +158,8 @@ def run_train(args: argparse.Namespace) -> int:
         stop.set()
         print("interrupt: stopping at the next step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
 
-    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
     try:
         result = train(cfg, host, _printer(args.json), stop, resume=args.resume)
     finally:

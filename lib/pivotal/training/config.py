@@ -1,20 +1,32 @@
 """Training settings: one dataclass, its defaults (with the reason for each), validation, and
 conversion from the JSON / TOML the CLI, the app and the webui API share.
 
-Every bad value raises ConfigError naming the setting and what is allowed.
+Each field is declared once, with :func:`~pivotal.training.settings.setting`: its help, group,
+limits or choices and how it shows (flag name, form widget, advanced-only). A new setting is one
+such line; its flag, form input, schema entry and checks follow from it. Every bad value raises
+ConfigError naming the setting and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from pivotal.adapters.algorithms import AlgorithmSpec, algorithm_class, algorithm_names
 from pivotal.errors import ConfigError
 from pivotal.text.names import validate_embedding_name
+from pivotal.training.settings import (
+    BELOW_ONE,
+    FORM_ADVANCED,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    check_declared,
+    setting,
+)
 
 PHASE_PLANS = ("together", "embeddings_first")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
@@ -57,63 +69,139 @@ class EmbeddingSpec:
 @dataclass
 class TrainConfig:
     """Everything a training run needs. Defaults follow the consensus of the best trainers
-    (see README "Defaults"); each comment says why."""
+    (see README "Defaults"); each comment says why. Each field is declared with
+    :func:`~pivotal.training.settings.setting` (help, group, limits, how it shows): the CLI flags,
+    the config schema, the Train form and the API model are generated from these declarations."""
 
-    data_dir: str = ""
-    out_dir: str = "output"
-    output_name: str = "pivotal"
-    embeddings: list[EmbeddingSpec] = field(default_factory=list)
+    data_dir: str = setting("", "the folder of training images, with captions in IMAGE.txt or IMAGE.caption",
+                            group="run", flag="data", metavar="DIR", label="Dataset folder (images + .txt captions)")
+    out_dir: str = setting("output", "the folder for the bundle, its resume file and step saves (the --out flag "
+                           "also takes the bundle's own path, X.safetensors)", group="run",
+                           flag="out", metavar="DIR", label="Output folder")
+    output_name: str = setting("pivotal", "the bundle's name: OUT/NAME.safetensors, <lora:NAME:1> in prompts",
+                               group="run", flag="name", metavar="NAME", label="Bundle name",
+                               check=lambda v: validate_embedding_name(v) if v else None)
+    embeddings: list[EmbeddingSpec] = setting(
+        [], "a new embedding (repeatable): NAME[:VECTORS[:INIT TEXT]], e.g. mychar:2:woman; in a file a list "
+        "of {name, vectors, init_text} tables (or of such strings)", group="run", flag="embedding",
+        metavar="NAME[:VECTORS[:INIT TEXT]]", label="Embeddings")
 
-    steps: int = 1000                 # ~1000 steps at batch 4 is the common SD1.5 pivotal budget
-    batch_size: int = 1               # fits any GPU; raise with the memory you have
-    grad_accum: int = 1
-    seed: int = 0
+    # ~1000 steps at batch 4 is the common SD1.5 pivotal budget
+    steps: int = setting(1000, "training steps", group="run", limits=POSITIVE)
+    # fits any GPU; raise with the memory you have
+    batch_size: int = setting(1, "images per step", group="run", limits=POSITIVE, label="batch size")
+    grad_accum: int = setting(1, "steps whose gradients add up before each optimizer update", group="optimizer",
+                              limits=POSITIVE, label="gradient accumulation")
+    seed: int = setting(0, "the seed of every random choice (same seed, data and settings: same run)", group="run")
 
-    resolution: int = 512             # SD1.5's native size (use 1024 for SDXL)
-    bucket_step: int = 64
-    bucketing: bool = True            # keeps non-square images uncropped
-    flip: bool = False                # off: flipping breaks asymmetric characters
-    shuffle_tags: bool = False
-    keep_tags: int = 1
-    caption_dropout: float = 0.0
-    skip_bad_images: bool = False
-    latent_cache: str = "memory"      # "memory", "disk" or "off"
+    # SD1.5's native size (use 1024 for SDXL)
+    resolution: int = setting(512, "training size in pixels (the bucket area for non-square images)", group="run",
+                              limits=POSITIVE)
+    bucket_step: int = setting(64, "bucket sides are multiples of this (resolution must be one too)", group="data",
+                               limits=POSITIVE, form=FORM_ADVANCED, label="bucket step")
+    # keeps non-square images uncropped
+    bucketing: bool = setting(True, "group images by aspect ratio instead of cropping them square", group="data",
+                              label="aspect-ratio buckets")
+    # off: flipping breaks asymmetric characters
+    flip: bool = setting(False, "also train on mirrored images (not for asymmetric characters)", group="data",
+                         label="flip images (not for asymmetric characters)")
+    shuffle_tags: bool = setting(False, "shuffle comma-separated caption tags each step (after keep_tags)",
+                                 group="data", label="shuffle tags")
+    keep_tags: int = setting(1, "leading caption tags that stay in place when tags are shuffled", group="data",
+                             limits=NON_NEGATIVE, label="keep tags")
+    caption_dropout: float = setting(0.0, "fraction of steps that train an image with an empty caption",
+                                     group="data", limits=FRACTION, label="caption dropout")
+    skip_bad_images: bool = setting(False, "leave out unreadable images instead of refusing the dataset",
+                                    group="data", label="skip unreadable images")
+    latent_cache: str = setting("memory", "where encoded latents are kept between epochs", group="data",
+                                choices=("memory", "disk", "off"), form=FORM_ADVANCED, label="latent cache")
 
-    lora_preset: str = "attn-mlp"     # attention + feed-forward: the kohya / OneTrainer default coverage
-    unet_rank: int = 4                # bench/efficacy.py: rank 8 fits no better and drifts ~1.6x more
-    unet_alpha: float = 4.0           # alpha = rank (scale 1): the scale the 1e-4 LR recipes assume
-    unet_lr: float = 1e-4             # the consensus AdamW LR for UNet LoRA
-    te_lora: bool = False             # off: the embeddings carry the concept, the TE stays intact
-    te_rank: int = 4
-    te_alpha: float = 4.0
-    te_lr: float = 1e-5               # kept low: training the text encoder drifts the language model
-    embedding_lr: float = 3e-3        # 30x the UNet LR (recipes: 10-30x): less drift than 10x (efficacy)
-    lora_dropout: float = 0.0
+    # attention + feed-forward: the kohya / OneTrainer default coverage
+    lora_preset: str = setting("attn-mlp", "the UNet modules a LoRA is trained on", group="lora",
+                               choices=LORA_PRESETS, label="LoRA preset (modules trained)")
+    # bench/efficacy.py: rank 8 fits no better and drifts ~1.6x more
+    unet_rank: int = setting(4, "UNet LoRA rank", group="lora", limits=POSITIVE, label="UNet rank")
+    # alpha = rank (scale 1): the scale the 1e-4 LR recipes assume
+    unet_alpha: float = setting(4.0, "UNet LoRA alpha (scale = alpha / rank)", group="lora", limits=NON_NEGATIVE,
+                                label="UNet alpha")
+    # the consensus AdamW LR for UNet LoRA
+    unet_lr: float = setting(1e-4, "UNet LoRA learning rate", group="lora", limits=NON_NEGATIVE, label="UNet LR")
+    # off: the embeddings carry the concept, the TE stays intact
+    te_lora: bool = setting(False, "also train a text-encoder LoRA", group="lora", label="text-encoder LoRA")
+    te_rank: int = setting(4, "text-encoder LoRA rank", group="lora", limits=POSITIVE, label="TE rank")
+    te_alpha: float = setting(4.0, "text-encoder LoRA alpha", group="lora", limits=NON_NEGATIVE, label="TE alpha")
+    # kept low: training the text encoder drifts the language model
+    te_lr: float = setting(1e-5, "text-encoder LoRA learning rate", group="lora", limits=NON_NEGATIVE,
+                           label="TE LR")
+    # 30x the UNet LR (recipes: 10-30x): less drift than 10x (efficacy)
+    embedding_lr: float = setting(3e-3, "learning rate of the new embeddings", group="lora", limits=NON_NEGATIVE,
+                                  label="embedding LR")
+    lora_dropout: float = setting(0.0, "dropout on the LoRA path while training", group="lora", limits=BELOW_ONE,
+                                  form=FORM_ADVANCED, label="LoRA dropout")
 
-    phase_plan: str = "together"      # diffusers/cog recipe: train together, freeze embeddings part-way
-    freeze_embeddings_at: float = 0.5 # "together": fraction of steps after which embeddings freeze
-    embedding_steps: int = 0          # "embeddings_first": steps of embeddings only (0 = 30% of steps)
-    embedding_lr_after: float = 0.0   # "embeddings_first": embedding LR after phase 1 (0 = frozen)
-    embedding_norm_pull: float = 0.1  # per step, pull each new vector's norm toward the vocabulary's
+    # diffusers/cog recipe: train together, freeze embeddings part-way
+    phase_plan: str = setting("together", "together: embeddings and LoRA train at once, the embeddings freeze at "
+                              "freeze_embeddings_at; embeddings_first: embeddings alone, then the LoRA",
+                              group="lora", choices=PHASE_PLANS, widget="radio", label="phase plan")
+    freeze_embeddings_at: float = setting(0.5, "together: the fraction of steps after which the embeddings freeze",
+                                          group="lora", limits=FRACTION, widget="slider", step=0.05,
+                                          label="together: freeze embeddings after (fraction)")
+    embedding_steps: int = setting(0, "embeddings_first: steps of embeddings alone (0 = 30% of steps)",
+                                   group="lora", limits=NON_NEGATIVE, label="embeddings first: steps (0 = 30%)")
+    embedding_lr_after: float = setting(0.0, "embeddings_first: the embedding LR once the LoRA trains (0 = frozen)",
+                                        group="lora", limits=NON_NEGATIVE,
+                                        label="embeddings first: embedding LR after (0 = frozen)")
+    # per step, pull each new vector's norm toward the vocabulary's
+    embedding_norm_pull: float = setting(0.1, "per step, pull each new vector's norm toward the vocabulary's mean "
+                                         "norm by this fraction (0 = off)", group="lora", limits=NON_NEGATIVE,
+                                         form=FORM_ADVANCED, label="embedding norm pull")
 
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-2        # LoRA only; embeddings get none (decay would shrink them to 0)
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    precision: str = "fp32"           # "bf16"/"fp16" autocast on GPU; trainable tensors stay fp32
-    gradient_checkpointing: bool = False
-    prediction_type: str = "auto"     # "auto": what the model says
-    min_snr_gamma: float = 5.0        # min-SNR weighting, gamma 5 (HF pivotal recipe); 0 = off
-    noise_offset: float = 0.0
-    max_bad_steps: int = 5            # consecutive non-finite losses before the run stops
+    optimizer: str = setting("adamw", "adamw8bit needs bitsandbytes, prodigy the prodigyopt package",
+                             group="optimizer", choices=OPTIMIZERS, elem="optimizer-name", label="optimizer")
+    # LoRA only; embeddings get none (decay would shrink them to 0)
+    weight_decay: float = setting(1e-2, "weight decay of the LoRA weights (embeddings get none)", group="optimizer",
+                                  limits=NON_NEGATIVE, label="weight decay (LoRA)")
+    schedule: str = setting("constant", "learning-rate schedule after the warmup", group="optimizer",
+                            choices=SCHEDULES, label="LR schedule")
+    warmup_steps: int = setting(0, "steps of linear LR warmup", group="optimizer", limits=NON_NEGATIVE,
+                                label="warmup steps")
+    # "bf16"/"fp16" autocast on GPU; trainable tensors stay fp32
+    precision: str = setting("fp32", "compute precision (bf16/fp16: autocast on a GPU; trained tensors stay "
+                             "fp32)", group="optimizer", choices=PRECISIONS,
+                             label="precision (bf16/fp16: autocast on a GPU)")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, "
+                                           "slower steps", group="optimizer",
+                                           label="gradient checkpointing (less memory)")
+    # "auto": what the model says
+    prediction_type: str = setting("auto", "what the UNet predicts (auto: what the model says)", group="optimizer",
+                                   choices=PREDICTIONS, form=FORM_ADVANCED, label="prediction type")
+    # min-SNR weighting, gamma 5 (HF pivotal recipe); 0 = off
+    min_snr_gamma: float = setting(5.0, "min-SNR loss weighting gamma (0 = off)", group="optimizer",
+                                   limits=NON_NEGATIVE, label="min-SNR gamma (0 = off)")
+    noise_offset: float = setting(0.0, "noise offset (brighter brights, darker darks)", group="optimizer",
+                                  limits=NON_NEGATIVE, label="noise offset")
+    # consecutive non-finite losses before the run stops
+    max_bad_steps: int = setting(5, "consecutive steps with a NaN/inf loss (each skipped) before the run stops",
+                                 group="optimizer", limits=NON_NEGATIVE, form=FORM_ADVANCED,
+                                 label="bad steps before stopping")
 
-    save_every: int = 0               # 0 = only at the end
-    save_precision: str = "fp16"      # LoRA weights in the bundle (embeddings always fp32): half the size, no visible loss
-    on_interrupt: str = "save"
-    preview_every: int = 0
-    preview_prompts: list[str] = field(default_factory=list)
-    preview_steps: int = 20
-    preview_size: int = 0             # 0 = the training resolution
+    save_every: int = setting(0, "also save NAME-stepNNNNNN.* every N steps (0 = only at the end)", group="saving",
+                              limits=NON_NEGATIVE, label="save every (steps, 0 = end only)")
+    # LoRA weights in the bundle (embeddings always fp32): half the size, no visible loss
+    save_precision: str = setting("fp16", "precision of the LoRA weights in the bundle (embeddings are always "
+                                  "fp32)", group="saving", choices=("fp16", "bf16", "fp32"), label="save precision")
+    on_interrupt: str = setting("save", "what an interrupted run does with what it trained", group="saving",
+                                choices=ON_INTERRUPT, widget="radio", label="on interrupt")
+    preview_every: int = setting(0, "render preview images every N steps (0 = off)", group="saving",
+                                 limits=NON_NEGATIVE, label="preview every (steps, 0 = off)")
+    preview_prompts: list[str] = setting([], "a preview prompt (repeatable; none = the embedding names)",
+                                         group="saving", flag="preview-prompt", metavar="PROMPT",
+                                         label="preview prompts (one per line; empty = the embedding names)")
+    preview_steps: int = setting(20, "sampling steps of each preview", group="saving", limits=POSITIVE,
+                                 label="preview sampling steps")
+    # 0 = the training resolution
+    preview_size: int = setting(0, "preview size in pixels (0 = the training resolution)", group="saving",
+                                limits=NON_NEGATIVE, label="preview size (0 = resolution)")
 
     # -- the adapter algorithm (pivotal.adapters.algorithms); the webuis' built-in loaders read all
     unet_algorithm: str = "lora"      # "lora" (kohya LoRA; LoCon on convs), "loha", "lokr" (LyCORIS)
@@ -135,27 +223,9 @@ class TrainConfig:
             seen.add(e.name.lower())
             if not 1 <= e.vectors <= 16:
                 raise ConfigError(f"embeddings: {e.name!r} has {e.vectors} vectors; use 1 to 16")
-        validate_embedding_name(self.output_name) if self.output_name else None
-        _positive(self, "steps", "batch_size", "grad_accum", "resolution", "bucket_step",
-                  "unet_rank", "te_rank", "preview_steps")
-        _non_negative(self, "keep_tags", "embedding_steps", "warmup_steps", "save_every",
-                      "preview_every", "preview_size", "max_bad_steps")
-        _non_negative(self, "unet_lr", "te_lr", "embedding_lr", "embedding_lr_after", "weight_decay",
-                      "min_snr_gamma", "noise_offset", "embedding_norm_pull", "unet_alpha", "te_alpha")
-        _fraction(self, "caption_dropout", "freeze_embeddings_at", "lora_dropout")
-        _choice(self, "phase_plan", PHASE_PLANS)
-        _choice(self, "optimizer", OPTIMIZERS)
-        _choice(self, "schedule", SCHEDULES)
-        _choice(self, "precision", PRECISIONS)
-        _choice(self, "prediction_type", PREDICTIONS)
-        _choice(self, "on_interrupt", ON_INTERRUPT)
-        _choice(self, "lora_preset", LORA_PRESETS)
-        _choice(self, "latent_cache", ("memory", "disk", "off"))
-        _choice(self, "save_precision", ("fp16", "bf16", "fp32"))
+        check_declared(self)  # limits, choices and per-value checks, as each setting declares them
         if self.resolution % self.bucket_step:
             raise ConfigError(f"resolution: {self.resolution} is not a multiple of bucket_step {self.bucket_step}")
-        if self.lora_dropout >= 1.0:
-            raise ConfigError("lora_dropout: must be below 1")
         if self.phase_plan == "embeddings_first" and self.embedding_steps >= self.steps:
             raise ConfigError(f"embedding_steps: {self.embedding_steps} leaves no LoRA steps out of "
                               f"steps={self.steps}")
@@ -269,32 +339,13 @@ _TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
 
 
 def _check_type(f: dataclasses.Field, value: Any) -> None:
+    if str(f.type) == "list[str]":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{f.name}: expected a list of strings, got {value!r}")
+        return
     t = {"int": int, "float": float, "bool": bool, "str": str}.get(str(f.type))
     if t is None:
         return
     ok = isinstance(value, _TYPES[t]) and not (t in (int, float) and isinstance(value, bool))
     if not ok:
         raise ConfigError(f"{f.name}: expected {t.__name__}, got {value!r}")
-
-
-def _positive(cfg: TrainConfig, *names: str) -> None:
-    for n in names:
-        if getattr(cfg, n) <= 0:
-            raise ConfigError(f"{n}: must be greater than 0, got {getattr(cfg, n)}")
-
-
-def _non_negative(cfg: TrainConfig, *names: str) -> None:
-    for n in names:
-        if getattr(cfg, n) < 0:
-            raise ConfigError(f"{n}: must be 0 or more, got {getattr(cfg, n)}")
-
-
-def _fraction(cfg: TrainConfig, *names: str) -> None:
-    for n in names:
-        if not 0.0 <= getattr(cfg, n) <= 1.0:
-            raise ConfigError(f"{n}: must be between 0 and 1, got {getattr(cfg, n)}")
-
-
-def _choice(cfg: TrainConfig, name: str, allowed: tuple[str, ...]) -> None:
-    if getattr(cfg, name) not in allowed:
-        raise ConfigError(f"{name}: {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")

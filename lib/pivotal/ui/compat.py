@@ -41,10 +41,11 @@ def quick_event_kwargs() -> dict[str, Any]:
 def enable_queue(blocks: gr.Blocks, workers: int = 8) -> gr.Blocks:
     """Turn the queue on (generator handlers need it) with room for several tabs at once."""
     params = inspect.signature(blocks.queue).parameters
-    if "concurrency_count" in params:  # gradio 3.x
-        blocks.queue(concurrency_count=workers)
-    elif "default_concurrency_limit" in params:  # gradio 4+
+    # gradio 4 still lists concurrency_count but raises when it is given: ask for the new name first
+    if "default_concurrency_limit" in params:  # gradio 4+
         blocks.queue(default_concurrency_limit=workers)
+    elif "concurrency_count" in params:  # gradio 3.x
+        blocks.queue(concurrency_count=workers)
     else:
         blocks.queue()
     return blocks

@@ -1,9 +1,11 @@
 """The Train tab's form values → a validated :class:`TrainConfig` (no gradio here).
 
-The form shows the settings a user changes most; every other setting comes from the ``base``
-config the tab was built with (so the webui and the demo can preset e.g. ``bucket_step``).
-Number boxes hand back floats, or None when left empty, in every gradio version: each value is
-converted here, and a bad one raises ConfigError naming the setting.
+The form is generated from the settings' declarations (:mod:`pivotal.training.settings`): one
+input per setting the form shows (each group's section, or "Advanced"), plus the embeddings table
+and the resume path. A setting declared ``form="none"`` comes from the ``base`` config the tab was
+built with (so the webui and the demo can preset it). Number boxes hand back floats, or None when
+left empty, in every gradio version: each value is converted here by the setting's kind, and a bad
+one raises ConfigError naming the setting.
 """
 
 from __future__ import annotations
@@ -13,17 +15,18 @@ from typing import Any, Mapping
 
 from pivotal.errors import ConfigError
 from pivotal.training.config import TrainConfig
+from pivotal.training.settings import ADVANCED, GROUPS, DeclaredSetting, declared
 
 #: rows of the embeddings table (name, vectors, init text); empty names are skipped
 EMBEDDING_ROWS = 3
+#: the form's sections in page order: the declared groups, then "Advanced"
+FORM_SECTIONS = (*GROUPS, ADVANCED)
 
-INT_FIELDS = ("unet_rank", "te_rank", "embedding_steps", "steps", "batch_size", "resolution", "seed",
-              "save_every", "preview_every", "grad_accum", "warmup_steps")
-FLOAT_FIELDS = ("unet_alpha", "unet_lr", "te_alpha", "te_lr", "embedding_lr", "freeze_embeddings_at",
-                "weight_decay", "min_snr_gamma", "noise_offset", "caption_dropout")
-TEXT_FIELDS = ("data_dir", "out_dir", "output_name", "lora_preset", "phase_plan", "on_interrupt", "optimizer",
-               "schedule", "precision")
-BOOL_FIELDS = ("te_lora", "gradient_checkpointing", "flip")
+
+def form_settings() -> list[DeclaredSetting]:
+    """The settings the form shows, in page order (section by section, field order within)."""
+    shown = [s for s in declared(TrainConfig) if s.in_form]
+    return [s for section in FORM_SECTIONS for s in shown if s.group == section.key]
 
 
 def embedding_field_names() -> list[str]:
@@ -32,20 +35,29 @@ def embedding_field_names() -> list[str]:
 
 
 def form_field_names() -> list[str]:
-    """Every value the form hands to the Start / Check handlers, in a fixed order."""
-    return [*TEXT_FIELDS, *embedding_field_names(), *INT_FIELDS, *FLOAT_FIELDS, *BOOL_FIELDS,
-            "preview_prompts", "resume"]
+    """Every value the form hands to the Start / Check handlers, in a fixed order: the settings
+    (the embeddings setting as its table's cells), then the resume path."""
+    names: list[str] = []
+    for s in form_settings():
+        names.extend(embedding_field_names() if s.kind == "embeddings" else [s.name])
+    return [*names, "resume"]
 
 
 def form_values_from_config(cfg: TrainConfig) -> dict[str, Any]:
     """Initial form values for ``cfg`` (the inverse of :func:`config_from_form`)."""
-    values: dict[str, Any] = {n: getattr(cfg, n) for n in (*TEXT_FIELDS, *INT_FIELDS, *FLOAT_FIELDS, *BOOL_FIELDS)}
-    for i in range(EMBEDDING_ROWS):
-        spec = cfg.embeddings[i] if i < len(cfg.embeddings) else None
-        values[f"emb{i}_name"] = spec.name if spec else ""
-        values[f"emb{i}_vectors"] = spec.vectors if spec else 2
-        values[f"emb{i}_init"] = spec.init_text if spec else ""
-    values["preview_prompts"] = "\n".join(cfg.preview_prompts)
+    values: dict[str, Any] = {}
+    for s in form_settings():
+        value = getattr(cfg, s.name)
+        if s.kind == "embeddings":
+            for i in range(EMBEDDING_ROWS):
+                spec = value[i] if i < len(value) else None
+                values[f"emb{i}_name"] = spec.name if spec else ""
+                values[f"emb{i}_vectors"] = spec.vectors if spec else 2
+                values[f"emb{i}_init"] = spec.init_text if spec else ""
+        elif s.kind == "str_list":
+            values[s.name] = "\n".join(value)
+        else:
+            values[s.name] = value
     values["resume"] = ""
     return values
 
@@ -53,19 +65,22 @@ def form_values_from_config(cfg: TrainConfig) -> dict[str, Any]:
 def config_from_form(base: TrainConfig, values: Mapping[str, Any]) -> tuple[TrainConfig, str]:
     """(validated config, resume path or "") from the form's values; ConfigError when one is bad."""
     data = base.to_dict()
-    for name in TEXT_FIELDS:
-        data[name] = str(values.get(name) or "").strip()
-    for name in INT_FIELDS:
-        data[name] = _whole(name, values.get(name))
-    for name in FLOAT_FIELDS:
-        data[name] = _number(name, values.get(name))
-    for name in BOOL_FIELDS:
-        data[name] = bool(values.get(name))
-    data["embeddings"] = _embeddings(values)
-    prompts = str(values.get("preview_prompts") or "")
-    data["preview_prompts"] = [line.strip() for line in prompts.splitlines() if line.strip()]
+    for s in form_settings():
+        data[s.name] = _embeddings(values) if s.kind == "embeddings" else _convert(s, values.get(s.name))
     cfg = TrainConfig.from_dict(data).validate()
     return cfg, str(values.get("resume") or "").strip()
+
+
+def _convert(s: DeclaredSetting, value: Any) -> Any:
+    if s.kind == "int":
+        return _whole(s.name, value)
+    if s.kind == "float":
+        return _number(s.name, value)
+    if s.kind == "bool":
+        return bool(value)
+    if s.kind == "str_list":
+        return [line.strip() for line in str(value or "").splitlines() if line.strip()]
+    return str(value or "").strip()
 
 
 def _embeddings(values: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -96,4 +111,3 @@ def _whole(name: str, value: Any) -> int:
     if not v.is_integer():
         raise ConfigError(f"{name}: must be a whole number, got {value!r}")
     return int(v)
-

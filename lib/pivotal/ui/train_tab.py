@@ -1,7 +1,9 @@
 """The Train tab: settings, dataset check, Start / Interrupt, live progress, loss chart, previews.
 
 :func:`build_train_tab` adds its components to the ``gr.Blocks`` (and tab) being built by the
-caller, so the standalone app and the webui embed the same tab. It works in gradio 3.41 and 6:
+caller, so the standalone app and the webui embed the same tab. The settings' inputs are generated
+from their declarations (:mod:`pivotal.ui.setting_widgets`): the "Run" group open at the top, every
+other group in an accordion, advanced-only settings in "Advanced". It works in gradio 3.41 and 6:
 live progress comes from generator handlers that poll the :class:`TrainingJob` and yield updates
 until the run ends (gradio 3.41 has no ``gr.Timer``).
 """
@@ -15,24 +17,25 @@ from typing import Any, Callable, Iterator, Optional
 import gradio as gr
 
 from pivotal.errors import PivotalError
-from pivotal.training.config import (
-    LORA_PRESETS,
-    ON_INTERRUPT,
-    OPTIMIZERS,
-    PHASE_PLANS,
-    PRECISIONS,
-    SCHEDULES,
-    TrainConfig,
-)
+from pivotal.training.config import TrainConfig
 from pivotal.training.job import RUNNING, JobBusyError, TrainingJob
 from pivotal.ui.compat import gallery_kwargs, long_event_kwargs, quick_event_kwargs
 from pivotal.ui.dataset_check import check_dataset
 from pivotal.ui.loss_chart import render_loss_chart
 from pivotal.ui.progress_view import message_html, progress_html, report_html
-from pivotal.ui.train_form import EMBEDDING_ROWS, config_from_form, form_field_names, form_values_from_config
+from pivotal.ui.setting_widgets import setting_rows, setting_widget
+from pivotal.ui.train_form import (
+    FORM_SECTIONS,
+    config_from_form,
+    form_field_names,
+    form_settings,
+    form_values_from_config,
+)
 
 HostProvider = Callable[[], Any]
 
+#: the form section that ends with the "resume from" path
+RESUME_SECTION = "saving"
 #: seconds between progress polls while a run is followed
 POLL_S = 0.5
 #: the loss chart is redrawn at most this often (each redraw sends a new image to the page)
@@ -74,77 +77,28 @@ def build_train_tab(job: TrainingJob, host_provider: HostProvider, data_dir: str
     init = form_values_from_config(cfg)
     ids = _Ids(elem_prefix)
     f: dict[str, Any] = {}
+    shown = form_settings()
     with gr.Row():
         with gr.Column(scale=3):
-            with gr.Row():
-                f["data_dir"] = gr.Textbox(init["data_dir"], label="Dataset folder (images + .txt captions)",
-                                           elem_id=ids("data-dir"), scale=4)
+            by_section = {sec.key: [s for s in shown if s.group == sec.key] for sec in FORM_SECTIONS}
+            top = by_section.pop(FORM_SECTIONS[0].key)
+            data = next((s for s in top if s.name == "data_dir"), None)
+            with gr.Row():  # the dataset folder and the button that checks it
+                if data is not None:
+                    f["data_dir"] = setting_widget(data, init["data_dir"], ids, scale=4)
                 check = gr.Button("Check dataset", elem_id=ids("check"), scale=1)
             report = gr.HTML("", elem_id=ids("report"))
-            with gr.Row():
-                f["out_dir"] = gr.Textbox(init["out_dir"], label="Output folder", elem_id=ids("out-dir"))
-                f["output_name"] = gr.Textbox(init["output_name"], label="Bundle name", elem_id=ids("output-name"))
-            gr.Markdown("**Embeddings** — the trigger words to learn (rows with no name are ignored)")
-            for i in range(EMBEDDING_ROWS):
-                with gr.Row():
-                    f[f"emb{i}_name"] = gr.Textbox(init[f"emb{i}_name"], label="name", elem_id=ids(f"emb{i}-name"))
-                    f[f"emb{i}_vectors"] = gr.Number(init[f"emb{i}_vectors"], label="vectors", precision=0,
-                                                     elem_id=ids(f"emb{i}-vectors"))
-                    f[f"emb{i}_init"] = gr.Textbox(init[f"emb{i}_init"], label="init text (a class word)",
-                                                   elem_id=ids(f"emb{i}-init"))
-            with gr.Row():
-                f["steps"] = gr.Number(init["steps"], label="steps", precision=0, elem_id=ids("steps"))
-                f["batch_size"] = gr.Number(init["batch_size"], label="batch size", precision=0)
-                f["resolution"] = gr.Number(init["resolution"], label="resolution", precision=0,
-                                            elem_id=ids("resolution"))
-                f["seed"] = gr.Number(init["seed"], label="seed", precision=0)
-            with gr.Accordion("LoRA and learning rates", open=False):
-                with gr.Row():
-                    f["lora_preset"] = gr.Dropdown(list(LORA_PRESETS), value=init["lora_preset"],
-                                                   label="LoRA preset (modules trained)")
-                    f["unet_rank"] = gr.Number(init["unet_rank"], label="UNet rank", precision=0)
-                    f["unet_alpha"] = gr.Number(init["unet_alpha"], label="UNet alpha")
-                    f["unet_lr"] = gr.Number(init["unet_lr"], label="UNet LR")
-                with gr.Row():
-                    f["te_lora"] = gr.Checkbox(init["te_lora"], label="text-encoder LoRA")
-                    f["te_rank"] = gr.Number(init["te_rank"], label="TE rank", precision=0)
-                    f["te_alpha"] = gr.Number(init["te_alpha"], label="TE alpha")
-                    f["te_lr"] = gr.Number(init["te_lr"], label="TE LR")
-                    f["embedding_lr"] = gr.Number(init["embedding_lr"], label="embedding LR")
-                with gr.Row():
-                    f["phase_plan"] = gr.Radio(list(PHASE_PLANS), value=init["phase_plan"], label="phase plan")
-                    f["freeze_embeddings_at"] = gr.Slider(0.0, 1.0, value=init["freeze_embeddings_at"], step=0.05,
-                                                          label="together: freeze embeddings after (fraction)")
-                    f["embedding_steps"] = gr.Number(init["embedding_steps"], precision=0,
-                                                     label="embeddings first: steps (0 = 30%)")
-            with gr.Accordion("Optimizer, precision and data", open=False, elem_id=ids("optimizer")):
-                with gr.Row():
-                    f["optimizer"] = gr.Dropdown(list(OPTIMIZERS), value=init["optimizer"], label="optimizer")
-                    f["schedule"] = gr.Dropdown(list(SCHEDULES), value=init["schedule"], label="LR schedule")
-                    f["warmup_steps"] = gr.Number(init["warmup_steps"], label="warmup steps", precision=0)
-                    f["weight_decay"] = gr.Number(init["weight_decay"], label="weight decay (LoRA)")
-                with gr.Row():
-                    f["precision"] = gr.Dropdown(list(PRECISIONS), value=init["precision"],
-                                                 label="precision (bf16/fp16: autocast on a GPU)")
-                    f["gradient_checkpointing"] = gr.Checkbox(init["gradient_checkpointing"],
-                                                              label="gradient checkpointing (less memory)")
-                    f["grad_accum"] = gr.Number(init["grad_accum"], label="gradient accumulation", precision=0)
-                with gr.Row():
-                    f["min_snr_gamma"] = gr.Number(init["min_snr_gamma"], label="min-SNR gamma (0 = off)")
-                    f["noise_offset"] = gr.Number(init["noise_offset"], label="noise offset")
-                    f["caption_dropout"] = gr.Number(init["caption_dropout"], label="caption dropout")
-                    f["flip"] = gr.Checkbox(init["flip"], label="flip images (not for asymmetric characters)")
-            with gr.Accordion("Saving and previews", open=False, elem_id=ids("saving")):
-                with gr.Row():
-                    f["save_every"] = gr.Number(init["save_every"], label="save every (steps, 0 = end only)",
-                                                precision=0)
-                    f["preview_every"] = gr.Number(init["preview_every"], label="preview every (steps, 0 = off)",
-                                                   precision=0, elem_id=ids("preview-every"))
-                    f["on_interrupt"] = gr.Radio(list(ON_INTERRUPT), value=init["on_interrupt"],
-                                                 label="on interrupt")
-                f["preview_prompts"] = gr.Textbox(init["preview_prompts"], lines=2,
-                                                  label="preview prompts (one per line; empty = the embedding names)")
-                f["resume"] = gr.Textbox("", label="resume from (a *.resume.safetensors file, optional)")
+            setting_rows([s for s in top if s is not data], init, ids, f)
+            for section in FORM_SECTIONS[1:]:
+                settings = by_section[section.key]
+                with_resume = section.key == RESUME_SECTION
+                if not settings and not with_resume:
+                    continue
+                with gr.Accordion(section.title, open=False, elem_id=ids(section.key)):
+                    setting_rows(settings, init, ids, f)
+                    if with_resume:
+                        f["resume"] = gr.Textbox("", label="resume from (a *.resume.safetensors file, optional)",
+                                                 elem_id=ids("resume"))
         with gr.Column(scale=2):
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id=ids("start"))

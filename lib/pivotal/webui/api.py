@@ -2,7 +2,8 @@
 
 * ``POST /pivotal/v1/train``: start a run from ``{"config": {...}, "resume": "...", "preview_sampler":
   "...", "preview_scheduler": "...", "preview_cfg": 7}``; ``config`` has the CLI's TOML schema
-  (:class:`pivotal.training.config.TrainConfig` fields); the preview keys pick how the webui renders
+  (:class:`pivotal.training.config.TrainConfig` fields; /docs show each, from the model
+  :mod:`pivotal.webui.api_schema` generates); the preview keys pick how the webui renders
   previews. 409 while a run is going, 422 for a bad setting.
 * ``GET /pivotal/v1/status``: the run's snapshot (progress, loss history, messages, bundle path,
   ``webui_task``: the running run's id in the webui's ``/internal/progress``);
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 from pathlib import Path
@@ -24,12 +26,21 @@ from typing import Any, Callable, Optional
 from pivotal.errors import ConfigError, PivotalError
 from pivotal.training.config import TrainConfig
 from pivotal.training.job import JobBusyError, TrainingJob
+from pivotal.webui.api_schema import request_dict, train_request_model
 
 PREFIX = "/pivotal/v1"
 TAGS = ["pivotal"]
 #: the request example shown in /docs
 TRAIN_EXAMPLE = {"config": {"data_dir": "/path/to/images", "output_name": "mychar", "steps": 500,
                             "embeddings": [{"name": "mychar", "vectors": 2, "init_text": "person"}]}}
+
+
+def _example_kwargs(body_param: Callable[..., Any]) -> dict[str, Any]:
+    """The /docs request example, in the spelling this FastAPI takes (``example`` is deprecated
+    from 0.103 on, where ``openapi_examples`` replaces it; the webuis pin 0.94 and 0.104)."""
+    if "openapi_examples" in inspect.signature(body_param).parameters:
+        return {"openapi_examples": {"one embedding": {"value": TRAIN_EXAMPLE}}}
+    return {"example": TRAIN_EXAMPLE}
 
 
 def config_from_request(body: dict[str, Any], outputs_dir: str) -> TrainConfig:
@@ -110,8 +121,8 @@ def add_routes(app: Any, job: TrainingJob, host_provider: Callable[[], Any], pat
     from fastapi import Body, HTTPException
     from fastapi.responses import JSONResponse
 
-    @app.post(f"{PREFIX}/train", tags=TAGS, summary="Start a Pivotal training run")
-    def start(body: dict = Body(..., example=TRAIN_EXAMPLE)) -> dict:
+    def start(body: Any = Body(..., **_example_kwargs(Body))) -> dict:
+        body = request_dict(body)
         try:
             config = config_from_request(body, paths()["outputs"])
             previews = preview_options(body)
@@ -122,6 +133,11 @@ def add_routes(app: Any, job: TrainingJob, host_provider: Callable[[], Any], pat
         except PivotalError as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
         return {"run_id": run_id, "output_name": config.output_name, "out_dir": config.out_dir}
+
+    # /docs show every setting through the model generated from the declarations (a plain dict
+    # body without pydantic); FastAPI reads the body's type from the annotation
+    start.__annotations__["body"] = train_request_model() or dict
+    app.post(f"{PREFIX}/train", tags=TAGS, summary="Start a Pivotal training run")(start)
 
     @app.get(f"{PREFIX}/status", tags=TAGS, summary="Progress, loss history and result of the current/last run")
     def status(preview: bool = False) -> Any:

@@ -1,0 +1,88 @@
+"""The pydantic model of ``POST /pivotal/v1/train``'s body, generated from the settings' declarations.
+
+It exists so the webui's /docs show every setting (type, default, limits or choices, help), with
+the JSON Schema of :mod:`pivotal.training.schema` as each field's schema. It does not judge values:
+each setting is typed ``Any`` for pydantic and unknown keys are kept, so a bad value reaches
+:meth:`TrainConfig.validate` and is refused with the same message as in a config file (422, the
+message as ``detail``). Works with pydantic 1.10 (A1111, reForge) and 2.x (Forge); without pydantic
+:func:`train_request_model` returns None and the route takes a plain ``dict`` body.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pivotal.training.config import TrainConfig
+from pivotal.training.schema import setting_schema
+from pivotal.training.settings import declared
+
+CONFIG_MODEL = "PivotalTrainConfig"
+REQUEST_MODEL = "PivotalTrainRequest"
+
+
+def _pydantic() -> Any:
+    try:
+        import pydantic
+    except ImportError:
+        return None
+    return pydantic
+
+
+def _is_v2(pydantic: Any) -> bool:
+    return int(str(pydantic.VERSION).split(".", 1)[0]) >= 2
+
+
+def _field(pydantic: Any, default: Any, schema: dict[str, Any]) -> Any:
+    """A documentation-only field: ``schema`` (title, description, type, limits…) shows in /docs."""
+    extra = {k: v for k, v in schema.items() if k not in ("title", "description", "default")}
+    kw: dict[str, Any] = {"title": schema.get("title"), "description": schema.get("description")}
+    if isinstance(default, list):
+        kw["default_factory"] = list
+    else:
+        kw["default"] = default
+    if _is_v2(pydantic):
+        return pydantic.Field(json_schema_extra=extra, **kw)
+    return pydantic.Field(**kw, **extra)  # pydantic 1: extra keywords go into the field's schema
+
+
+def _model(pydantic: Any, name: str, fields: dict[str, Any], doc: str) -> Any:
+    """A model that keeps unknown keys (so they are refused by name, as in a config file)."""
+    if _is_v2(pydantic):
+        config: Any = pydantic.ConfigDict(extra="allow")
+    else:
+        class config:  # noqa: N801 - pydantic 1 reads the options from a class
+            extra = pydantic.Extra.allow
+    model = pydantic.create_model(name, __config__=config, **fields)
+    model.__doc__ = doc
+    return model
+
+
+def train_request_model() -> Optional[type]:
+    """The request-body model (a pydantic class), or None when pydantic is not installed."""
+    pydantic = _pydantic()
+    if pydantic is None:
+        return None
+    settings = {s.name: (Any, _field(pydantic, s.default, setting_schema(s))) for s in declared(TrainConfig)}
+    config = _model(pydantic, CONFIG_MODEL, settings,
+                    "The training settings: the same keys as a pivotal train --config file. A run needs data_dir "
+                    "and at least one embedding; out_dir defaults to the webui's Pivotal outputs/<output_name>.")
+    request = {
+        "config": (Optional[config], _field(pydantic, None, {"description": "the training settings (required)"})),
+        "resume": (Any, _field(pydantic, None, {"type": "string", "description":
+                                                "a *.resume.safetensors file to continue from"})),
+        "preview_sampler": (Any, _field(pydantic, None, {"type": "string", "description":
+                                                         "the sampler of the previews, as the webui names it"})),
+        "preview_scheduler": (Any, _field(pydantic, None, {"type": "string", "description":
+                                                           "the scheduler of the previews (e.g. Karras)"})),
+        "preview_cfg": (Any, _field(pydantic, None, {"type": "number", "description": "CFG scale of the previews"})),
+    }
+    return _model(pydantic, REQUEST_MODEL, request, "Start a Pivotal training run.")
+
+
+def request_dict(body: Any) -> dict[str, Any]:
+    """The keys the client sent, as plain data (a ``dict`` body is returned as it is)."""
+    if isinstance(body, dict):
+        return body
+    if hasattr(body, "model_dump"):  # pydantic 2
+        return body.model_dump(exclude_unset=True)
+    return body.dict(exclude_unset=True)
