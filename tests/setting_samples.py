@@ -2,6 +2,10 @@
 
 Derived from each declaration (kind, limits, choices), so a new setting gets a sample without
 editing this file; ``OVERRIDES`` is for a setting whose derived value would not validate.
+
+Some settings cannot all leave their defaults in one valid config (activation dropout and the
+weight-based algorithms LoHa / LoKr / DoRA): :data:`VARIANTS` are two sample sets, each valid,
+and every setting leaves its default in at least one of them.
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ from typing import Any
 from pivotal.training.config import EmbeddingSpec, TrainConfig
 from pivotal.training.settings import DeclaredSetting, declared
 
-OVERRIDES: dict[str, Any] = {}
+OVERRIDES: dict[str, Any] = {"lokr_factor": 4}
+#: Settings at their defaults in variant 0 and moved in variant 1; lora_dropout the other way round.
+WEIGHT_ALGORITHM_SETTINGS = ("dora", "unet_algorithm", "te_algorithm", "conv_tucker", "lokr_factor")
+VARIANTS = (0, 1)
 SAMPLE_EMBEDDINGS = [EmbeddingSpec("zed", 3, "a dog"), EmbeddingSpec("kay", 1, "")]
 SAMPLE_PROMPTS = ["a photo of zed", "kay on a hill"]
 
@@ -26,8 +33,8 @@ def sample_value(s: DeclaredSetting) -> Any:
         return list(SAMPLE_PROMPTS)
     if s.kind == "bool":
         return not s.default
-    if s.spec.choices:
-        return next(c for c in reversed(s.spec.choices) if c != s.default)
+    if s.choices:
+        return next(c for c in reversed(s.choices) if c != s.default)
     limits = s.spec.limits
     if s.kind == "float" and limits is not None and limits.high is not None:
         return 0.75 if s.default == 0.25 else 0.25
@@ -38,11 +45,15 @@ def sample_value(s: DeclaredSetting) -> Any:
     return f"sample_{s.name}"
 
 
-def sample_values() -> dict[str, Any]:
-    """``{setting name: sample value}`` for every declared setting."""
-    return {s.name: sample_value(s) for s in declared(TrainConfig)}
+def sample_values(variant: int = 0) -> dict[str, Any]:
+    """``{setting name: sample value}`` for every declared setting (see :data:`VARIANTS`)."""
+    values = {s.name: sample_value(s) for s in declared(TrainConfig)}
+    defaults = TrainConfig()
+    for name in (WEIGHT_ALGORITHM_SETTINGS if variant == 0 else ("lora_dropout",)):
+        values[name] = getattr(defaults, name)
+    return values
 
 
-def sample_config() -> TrainConfig:
-    """A validated config holding every sample value."""
-    return TrainConfig(**sample_values()).validate()
+def sample_config(variant: int = 0) -> TrainConfig:
+    """A validated config holding every sample value of ``variant``."""
+    return TrainConfig(**sample_values(variant)).validate()

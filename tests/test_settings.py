@@ -18,7 +18,7 @@ from pivotal.training.config import EmbeddingSpec, TrainConfig, load_config_file
 from pivotal.training.schema import config_schema
 from pivotal.training.settings import FORM_NONE, POSITIVE, Limits, declared, setting
 from pivotal.ui.train_form import config_from_form, embedding_field_names, form_field_names, form_values_from_config
-from setting_samples import sample_config, sample_values
+from setting_samples import VARIANTS, sample_config, sample_values
 
 #: the flag names `pivotal train` had before the flags were generated: they must keep working
 FLAGS_BEFORE = ("data", "out", "name", "embedding", "steps", "batch-size", "grad-accum", "seed", "resolution",
@@ -36,9 +36,10 @@ def settings_given(cfg: TrainConfig) -> dict[str, Any]:
 def test_every_field_is_declared() -> None:
     names = [s.name for s in declared(TrainConfig)]
     assert names == [f.name for f in dataclasses.fields(TrainConfig)]
-    # the samples differ from every default, so each reachability test below moves every setting
+    # between them the sample variants move every setting, so the reachability tests below do
     defaults = TrainConfig()
-    assert all(getattr(defaults, n) != v for n, v in sample_values().items())
+    moved = {n for variant in VARIANTS for n, v in sample_values(variant).items() if getattr(defaults, n) != v}
+    assert moved == set(names)
 
 
 def test_a_field_without_declaration_is_refused() -> None:
@@ -69,9 +70,10 @@ def cli_args(values: dict[str, Any]) -> list[str]:
     return args
 
 
-def test_every_setting_has_a_flag() -> None:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_setting_has_a_flag(variant: int) -> None:
     parser = build_parser()
-    want = sample_values()
+    want = sample_values(variant)
     args = parser.parse_args(cli_args(want))
     assert flag_values(args) == want
     assert settings_given(build_config(args)) == want
@@ -107,8 +109,9 @@ def file_values(values: dict[str, Any]) -> dict[str, Any]:
     return {k: [dataclasses.asdict(e) for e in v] if k == "embeddings" else v for k, v in values.items()}
 
 
-def test_every_setting_in_a_config_file(tmp_path: Path) -> None:
-    want = sample_values()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_setting_in_a_config_file(tmp_path: Path, variant: int) -> None:
+    want = sample_values(variant)
     path = tmp_path / "all.json"
     path.write_text(json.dumps(file_values(want)))
     assert settings_given(TrainConfig.from_dict(load_config_file(path)).validate()) == want
@@ -141,7 +144,7 @@ def test_schema_lists_every_setting_with_its_default_and_limits() -> None:
     props = schema["properties"]
     defaults = file_values(TrainConfig().to_dict())
     assert list(props) == list(defaults)
-    for name, value in file_values(sample_values()).items():
+    for name, value in {**file_values(sample_values(1)), **file_values(sample_values(0))}.items():
         assert props[name]["default"] == defaults[name], name
         assert props[name]["description"], name
         assert _schema_problems(props[name], value) == [], name
@@ -153,7 +156,8 @@ def test_schema_lists_every_setting_with_its_default_and_limits() -> None:
 def test_schema_accepts_the_samples_and_refuses_unknown_keys() -> None:
     jsonschema = pytest.importorskip("jsonschema", reason="the full schema check needs jsonschema (gradio 3 has it)")
     schema = config_schema()
-    jsonschema.validate(file_values(sample_values()), schema)
+    for variant in VARIANTS:
+        jsonschema.validate(file_values(sample_values(variant)), schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"unet_rnak": 4}, schema)
 
@@ -165,7 +169,8 @@ def test_print_schema(capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads(capsys.readouterr().out) == config_schema()
 
 
-def test_every_setting_in_the_form_unless_declared_not_to_be() -> None:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_setting_in_the_form_unless_declared_not_to_be(variant: int) -> None:
     names = form_field_names()
     assert len(names) == len(set(names)) and names[-1] == "resume"
     for s in declared(TrainConfig):
@@ -173,7 +178,7 @@ def test_every_setting_in_the_form_unless_declared_not_to_be() -> None:
             assert set(embedding_field_names()) <= set(names)
         else:
             assert (s.name in names) == (s.spec.form != FORM_NONE), s.name
-    want = sample_config()
+    want = sample_config(variant)
     base = dataclasses.replace(TrainConfig(), data_dir="d", embeddings=[EmbeddingSpec("base")])
     got, resume = config_from_form(base, form_values_from_config(want))
     shown = {s.name for s in declared(TrainConfig) if s.spec.form != FORM_NONE}

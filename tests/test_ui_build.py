@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from setting_samples import sample_config
+from setting_samples import VARIANTS, sample_config
 
 gr = pytest.importorskip("gradio")
 torch = pytest.importorskip("torch")
@@ -293,12 +293,15 @@ def test_lora_tag_added_once() -> None:
 
 
 # -- pure helpers -------------------------------------------------------------------------------
-def test_form_round_trip_and_errors() -> None:
-    # every setting the form shows, away from its default: the form must carry each one
-    cfg = sample_config()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_form_round_trip_and_errors(variant: int) -> None:
+    # every setting the form shows, away from its default in one variant or the other: the form must
+    # carry each one
+    cfg = sample_config(variant)
     shown = {n for n in form_field_names() if n in cfg.to_dict()} | {"embeddings"}
     assert shown == {s.name for s in form_settings()}
-    assert all(getattr(cfg, n) != getattr(TrainConfig(), n) for n in shown)
+    moved = {n for v in VARIANTS for n in shown if getattr(sample_config(v), n) != getattr(TrainConfig(), n)}
+    assert moved == shown
     names = form_field_names()
     values = dict(zip(names, form_values(cfg)))
     values["steps"] = float(cfg.steps)  # number boxes hand back floats

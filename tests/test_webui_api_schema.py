@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from setting_samples import sample_values
+from setting_samples import VARIANTS, sample_values
 
 fastapi = pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -81,8 +81,9 @@ def run_with(api: Api, values: dict[str, Any]) -> TrainConfig:
     return api.configs[-1]
 
 
-def test_every_setting_reaches_the_run() -> None:
-    want = sample_values()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_setting_reaches_the_run(variant: int) -> None:
+    want = sample_values(variant)
     got = run_with(Api(), want)
     assert {n: getattr(got, n) for n in want} == want
 

@@ -68,7 +68,7 @@ def _add_flag(g: argparse._ArgumentGroup, s: DeclaredSetting) -> None:
         g.add_argument(flag, dest=s.name, action=argparse.BooleanOptionalAction, default=None,
                        help=f"{help_text} (default: {'on' if s.default else 'off'})")
         return
-    metavar = s.spec.metavar or ("{" + ",".join(s.spec.choices) + "}" if s.spec.choices else _METAVARS[s.kind])
+    metavar = s.spec.metavar or ("{" + ",".join(s.choices) + "}" if s.choices else _METAVARS[s.kind])
     if s.kind in ("embeddings", "str_list"):
         g.add_argument(flag, dest=s.name, action="append", default=None, metavar=metavar, help=help_text)
         return

@@ -204,11 +204,16 @@ class TrainConfig:
                                 limits=NON_NEGATIVE, label="preview size (0 = resolution)")
 
     # -- the adapter algorithm (pivotal.adapters.algorithms); the webuis' built-in loaders read all
-    unet_algorithm: str = "lora"      # "lora" (kohya LoRA; LoCon on convs), "loha", "lokr" (LyCORIS)
-    te_algorithm: str = "lora"        # the same for the text encoder(s), when te_lora is on
-    dora: bool = False                # DoRA (weight-decomposed: a magnitude per input column) on top
-    conv_tucker: bool = False         # k x k convs: a Tucker core (lora_mid / hada_t1,t2 / lokr_t2)
-    lokr_factor: int = -1             # LoKr: the small Kronecker factor's size (-1: as square as possible)
+    unet_algorithm: str = setting("lora", "the UNet adapter: lora (kohya LoRA; LoCon on convs), loha or lokr "
+                                  "(LyCORIS)", group="lora", choices=algorithm_names, label="UNet algorithm")
+    te_algorithm: str = setting("lora", "the text-encoder adapter, when te_lora is on (same choices)", group="lora",
+                                choices=algorithm_names, label="TE algorithm")
+    dora: bool = setting(False, "DoRA on top of the algorithm: a learned magnitude per input column "
+                         "(weight-decomposed)", group="lora", label="DoRA (weight-decomposed)")
+    conv_tucker: bool = setting(False, "k x k convs get a Tucker core (lora_mid / hada_t1,t2 / lokr_t2)",
+                                group="lora", form=FORM_ADVANCED, label="Tucker core on k x k convs")
+    lokr_factor: int = setting(-1, "LoKr: the size of the small Kronecker factor (-1: as square as possible)",
+                               group="lora", form=FORM_ADVANCED, label="LoKr factor (-1 = automatic)")
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
@@ -235,9 +240,6 @@ class TrainConfig:
         return self
 
     def _validate_algorithms(self) -> None:
-        known = algorithm_names()
-        for name in ("unet_algorithm", "te_algorithm"):
-            _choice(self, name, known)
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise ConfigError(f"lokr_factor: {self.lokr_factor} is not -1 (automatic) or a positive size")
         if self.lora_dropout:

@@ -45,8 +45,8 @@ def setting_schema(s: DeclaredSetting) -> dict[str, Any]:
         out = {"type": "array", "items": {"type": "string"}, "default": list(s.default)}
     else:
         out = {"type": _JSON_TYPES[s.kind], "default": s.default}
-    if s.spec.choices:
-        out["enum"] = list(s.spec.choices)
+    if s.choices:
+        out["enum"] = list(s.choices)
     if s.spec.limits is not None:
         out.update(s.spec.limits.json_schema())
     out["title"] = s.label

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from pivotal.errors import ConfigError
 
@@ -120,7 +120,9 @@ class Setting:
     widget: str = ""
     form: str = FORM_GROUP
     limits: Optional[Limits] = None
-    choices: tuple[str, ...] = ()
+    #: the allowed values, or a function giving them when they are known only at run time (the
+    #: registered LoRA algorithms, which a plug-in may add to)
+    choices: Union[tuple[str, ...], Callable[[], Sequence[str]]] = ()
     step: Optional[float] = None
     elem: str = ""
     check: Optional[Callable[[Any], Any]] = None
@@ -146,6 +148,12 @@ class DeclaredSetting:
     @property
     def flag(self) -> str:
         return self.spec.flag or self.name.replace("_", "-")
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """The allowed values now (empty: any value of the kind)."""
+        c = self.spec.choices
+        return tuple(c() if callable(c) else c)
 
     @property
     def label(self) -> str:
@@ -206,8 +214,9 @@ def check_declared(obj: Any) -> None:
             problem = s.spec.limits.problem(value)
             if problem:
                 raise ConfigError(f"{s.name}: {problem}")
-        if s.spec.choices and value not in s.spec.choices:
-            raise ConfigError(f"{s.name}: {value!r} is not one of {', '.join(s.spec.choices)}")
+        choices = s.choices
+        if choices and value not in choices:
+            raise ConfigError(f"{s.name}: {value!r} is not one of {', '.join(choices)}")
         if s.spec.check is not None:
             s.spec.check(value)
 

@@ -35,9 +35,9 @@ def setting_widget(s: DeclaredSetting, value: Any, ids: Ids, **extra: Any) -> An
     if widget == "checkbox":
         return gr.Checkbox(bool(value), **kw)
     if widget == "radio":
-        return gr.Radio(list(s.spec.choices), value=value, **kw)
+        return gr.Radio(list(s.choices), value=value, **kw)
     if widget == "dropdown":
-        return gr.Dropdown(list(s.spec.choices), value=value, **kw)
+        return gr.Dropdown(list(s.choices), value=value, **kw)
     if widget == "slider":
         limits = s.spec.limits
         low = limits.low if limits is not None and limits.low is not None else 0.0
