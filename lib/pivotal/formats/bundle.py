@@ -23,6 +23,7 @@ import torch
 from pivotal.adapters.lora_layers import PART_PREFIXES
 from pivotal.errors import BundleError, EmbeddingNameError, SaveError
 from pivotal.formats.bundle_metadata import TrainingInfo, build_metadata
+from pivotal.formats.embedding_keys import EMB_PREFIX, split_embedding_key
 from pivotal.formats.safetensors_io import (
     FLOAT_DTYPES,
     Header,
@@ -34,7 +35,6 @@ from pivotal.formats.safetensors_io import (
 )
 from pivotal.text.names import validate_embedding_name
 
-EMB_PREFIX = "bundle_emb."
 LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 #: The webui splits a prompt into 75-token chunks; an embedding must fit in one.
 MAX_VECTORS = 75
@@ -183,18 +183,15 @@ def _parse_embeddings(p: str, tensors: dict[str, torch.Tensor]
     unknown: list[str] = []
     warnings: list[str] = []
     for k, t in tensors.items():
-        name, sep, rest = k[len(EMB_PREFIX):].partition(".")
-        if not sep or not rest:
+        split = split_embedding_key(k)
+        if split is None:
             raise BundleError(p, "embedding key must be bundle_emb.<name>.<vector key>", key=k)
+        name, rest, enc = split.name, split.rest, split.encoder
         try:
             validate_embedding_name(name)
         except EmbeddingNameError as e:
             raise BundleError(p, f"bad embedding name: {e}", key=k) from e
-        if rest.startswith("string_to_param.") or rest == "emb_params":
-            enc = "clip_l"
-        elif rest in ("clip_l", "clip_g"):
-            enc = rest
-        else:
+        if enc is None:
             unknown.append(k)
             warnings.append(f"embedding {name!r}: extra key {rest!r} ignored; the webui refuses SD1 "
                             "embeddings with more than one tensor")

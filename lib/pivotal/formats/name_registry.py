@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from pivotal.errors import BundleError, EmbeddingNameError
+from pivotal.formats.embedding_keys import embedding_names
 from pivotal.formats.safetensors_io import read_header
 from pivotal.text.names import validate_embedding_name
 
 #: Files the webui's embedding loader reads from an embeddings folder.
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors", ".png", ".webp", ".jxl", ".avif")
-EMB_PREFIX = "bundle_emb."
 
 
 def embedding_folder_names(folder: str | os.PathLike) -> dict[str, str]:
@@ -38,13 +38,7 @@ def embedding_folder_names(folder: str | os.PathLike) -> dict[str, str]:
 
 def bundle_embedding_names(path: str | os.PathLike) -> list[str]:
     """Embedding names in a bundle, from its header alone (fast: no tensor is read)."""
-    names = []
-    for key in read_header(path).tensors:
-        if key.startswith(EMB_PREFIX):
-            name = key[len(EMB_PREFIX):].split(".", 1)[0]
-            if name not in names:
-                names.append(name)
-    return names
+    return embedding_names(read_header(path).tensors)
 
 
 def lora_folder_names(folder: str | os.PathLike) -> tuple[dict[str, str], list[str]]:

@@ -65,6 +65,7 @@ def list_bundles(lora_dir: str) -> list[dict[str, Any]]:
     """Every ``.safetensors`` in ``lora_dir`` (recursively) that carries ``bundle_emb.*`` tensors or
     Pivotal metadata: name, path, base model and embedding names. Unreadable files are listed
     with their error instead of being skipped silently."""
+    from pivotal.formats.embedding_keys import embedding_names
     from pivotal.formats.safetensors_io import read_header
 
     out: list[dict[str, Any]] = []
@@ -79,7 +80,7 @@ def list_bundles(lora_dir: str) -> list[dict[str, Any]]:
             entry["error"] = str(e)
             out.append(entry)
             continue
-        names = sorted({k.split(".")[1] for k in header.tensors if k.startswith("bundle_emb.") and k.count(".") >= 2})
+        names = sorted(embedding_names(header.tensors))
         meta = header.metadata
         if not names and "pivotal.format" not in meta:
             continue

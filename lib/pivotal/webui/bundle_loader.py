@@ -48,21 +48,14 @@ def parse_bundle_embeddings(path: str) -> list[BundleEmbeddingData]:
     """The ``bundle_emb.<name>.<rest>`` tensors of a safetensors file, grouped per embedding as the
     webui's loader groups them (``string_to_param.<k>`` nested, other keys flat). BundleError for a
     file that cannot be read."""
+    from pivotal.formats.embedding_keys import split_embedding_key, webui_embedding_data
     from pivotal.formats.safetensors_io import load_tensors, read_header
 
     header = read_header(path)
-    keys = [k for k in header.tensors if k.startswith("bundle_emb.") and k.count(".") >= 2]
+    keys = [k for k in header.tensors if split_embedding_key(k) is not None]
     if not keys:
         return []
-    tensors = load_tensors(header, keys)
-    grouped: dict[str, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        _, name, rest = key.split(".", 2)
-        entry = grouped.setdefault(name, {})
-        if rest.startswith("string_to_param."):
-            entry.setdefault("string_to_param", {})[rest.split(".", 1)[1]] = value
-        else:
-            entry[rest] = value
+    grouped = webui_embedding_data(load_tensors(header, keys).items())
     stem = Path(path).stem
     return [BundleEmbeddingData(n, stem, path, d) for n, d in sorted(grouped.items())]
 
