@@ -176,5 +176,5 @@ def test_load_tensors_wraps_safetensors_errors(tmp_path: Path) -> None:
     save_file({"a": torch.ones(2)}, str(p))
     h = sio.read_header(p)
     p.write_bytes(b"garbage")  # the file changed after its header was read
-    with pytest.raises(BundleError, match="ok.safetensors: safetensors could not read the file"):
+    with pytest.raises(BundleError, match="ok.safetensors: changed on disk since its header was read"):
         sio.load_tensors(h)

@@ -30,8 +30,7 @@ from pivotal.formats.safetensors_io import (
     addnet_hash,
     atomic_save,
     data_hash,
-    load_tensors,
-    read_header,
+    read_file,
 )
 from pivotal.text.names import validate_embedding_name
 
@@ -70,6 +69,8 @@ class Bundle:
     path: str = ""
     unknown_keys: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: the validated header of the file the tensors came from (None before writing)
+    header: Header | None = None
 
     def lora_modules(self) -> dict[str, dict[str, torch.Tensor]]:
         """{kohya module name: {"lora_down.weight": t, "lora_up.weight": t, "alpha": t}}."""
@@ -144,12 +145,11 @@ def write_bundle(path: str | os.PathLike, base_model: str, lora: dict[str, torch
 # ---------------------------------------------------------------------------------------------
 def read_bundle(path: str | os.PathLike) -> Bundle:
     """Read and fully validate a bundle (or a plain LoRA, or a bundle from another writer)."""
-    header = read_header(path)
+    header, tensors = read_file(path)
     p = header.path
     for k, info in header.tensors.items():
         if info.dtype not in FLOAT_DTYPES:
             raise BundleError(p, f"dtype {info.dtype} is not a float type", key=k)
-    tensors = load_tensors(header)
     for k, t in tensors.items():
         if not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
@@ -173,7 +173,7 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
                         "the webui will show a wrong hash (file edited after saving?)")
     if not lora and not embeddings:
         raise BundleError(p, "holds neither LoRA weights nor bundle_emb embeddings")
-    return Bundle(base, lora, embeddings, dict(header.metadata), p, unknown, warnings)
+    return Bundle(base, lora, embeddings, dict(header.metadata), p, unknown, warnings, header)
 
 
 def _parse_embeddings(p: str, tensors: dict[str, torch.Tensor]
@@ -224,6 +224,8 @@ def _check_embeddings(p: str, embeddings: dict[str, BundleEmbedding], base: str)
             raise BundleError(p, f"{n} vectors; an embedding needs 1 to {MAX_VECTORS}", key=where)
         for enc, t in emb.vectors.items():
             d = int(t.shape[1])
+            if d == 0:
+                raise BundleError(p, f"{enc} vectors have no components (shape {tuple(t.shape)})", key=where)
             if dims.setdefault(enc, d) != d:
                 raise BundleError(p, f"{enc} vectors are {d}-dimensional but other embeddings "
                                      f"in this file have {dims[enc]}", key=where)
@@ -242,6 +244,9 @@ def _check_lora(p: str, lora: dict[str, torch.Tensor]) -> None:
         if down.dim() not in (2, 4) or up.dim() != down.dim():
             raise BundleError(p, f"lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)} are not "
                                  "a Linear or Conv2d pair", key=name)
+        if down.shape[0] == 0 or 0 in down.shape or 0 in up.shape:
+            raise BundleError(p, f"lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)} have an empty "
+                                 "dimension", key=name)
         if down.shape[0] != up.shape[1]:
             raise BundleError(p, f"rank mismatch: lora_down has {down.shape[0]} rows, lora_up "
                                  f"{up.shape[1]} columns", key=name)

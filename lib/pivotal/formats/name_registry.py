@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from pivotal.errors import BundleError, EmbeddingNameError
+from pivotal.errors import EmbeddingNameError, PivotalError
 from pivotal.formats.embedding_keys import embedding_names
+from pivotal.formats.folder_scan import safetensors_files
 from pivotal.formats.safetensors_io import read_header
 from pivotal.text.names import validate_embedding_name
 
@@ -46,17 +47,14 @@ def lora_folder_names(folder: str | os.PathLike) -> tuple[dict[str, str], list[s
 
     Unreadable files do not stop the scan; each gives one warning naming it.
     """
-    root = Path(folder)
     taken: dict[str, str] = {}
-    warnings: list[str] = []
-    if not root.is_dir():
-        return taken, warnings
-    for p in sorted(root.rglob("*.safetensors")):
+    paths, warnings = safetensors_files(folder)
+    for p in paths:
         taken.setdefault(p.stem.lower(), f"LoRA {p}")
         try:
             for name in bundle_embedding_names(p):
                 taken.setdefault(name.lower(), f"{p} (bundled embedding)")
-        except BundleError as e:
+        except (PivotalError, OSError) as e:
             warnings.append(f"skipped while looking for embedding names: {e}")
     return taken, warnings
 

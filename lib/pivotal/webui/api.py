@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pivotal.errors import ConfigError, PivotalError
@@ -66,13 +65,12 @@ def list_bundles(lora_dir: str) -> list[dict[str, Any]]:
     Pivotal metadata: name, path, base model and embedding names. Unreadable files are listed
     with their error instead of being skipped silently."""
     from pivotal.formats.embedding_keys import embedding_names
+    from pivotal.formats.folder_scan import safetensors_files
     from pivotal.formats.safetensors_io import read_header
 
     out: list[dict[str, Any]] = []
-    root = Path(lora_dir)
-    if not root.is_dir():
-        return out
-    for path in sorted(root.rglob("*.safetensors")):
+    paths, _skipped = safetensors_files(lora_dir)  # folders and non-files: nothing to list
+    for path in paths:
         entry: dict[str, Any] = {"name": path.stem, "path": str(path)}
         try:
             header = read_header(path)

@@ -66,6 +66,8 @@ class BundleIndex:
     def __init__(self) -> None:
         self._files: dict[str, tuple[tuple[int, int], list[BundleEmbeddingData]]] = {}
         self.problems: dict[str, str] = {}
+        #: folders and entries the last scan could not list (unreadable, not a regular file)
+        self.scan_warnings: list[str] = []
 
     def stamp(self, path: str) -> tuple[int, int]:
         """(mtime_ns, size) of ``path`` when it was last read."""
@@ -74,10 +76,13 @@ class BundleIndex:
 
     def scan(self, folder: str) -> dict[str, BundleEmbeddingData]:
         """{embedding name: data}; with two bundles defining one name, the first path (sorted) wins."""
+        from pivotal.formats.folder_scan import safetensors_files
+
         found: dict[str, BundleEmbeddingData] = {}
         seen: set[str] = set()
-        root = Path(folder)
-        for path in sorted(root.rglob("*.safetensors")) if root.is_dir() else []:
+        paths, skipped = safetensors_files(folder)
+        self.scan_warnings = skipped
+        for path in paths:
             key = str(path)
             seen.add(key)
             try:
@@ -85,15 +90,22 @@ class BundleIndex:
                 stamp = (st.st_mtime_ns, st.st_size)
                 cached = self._files.get(key)
                 if cached is None or cached[0] != stamp:
+                    self._files.pop(key, None)
                     self._files[key] = (stamp, parse_bundle_embeddings(key))
                     self.problems.pop(key, None)
-            except (PivotalError, OSError, ValueError) as e:
+            except (PivotalError, OSError) as e:
                 self.problems[key] = str(e)  # listed by the caller's log, never silently dropped
+                continue
+            except Exception as e:  # noqa: BLE001 - this runs inside every generation: a bug in
+                # reading one file must cost that file, never the user's picture
+                self.problems[key] = f"unexpected {type(e).__name__}: {e}"
                 continue
             for emb in self._files[key][1]:
                 found.setdefault(emb.name, emb)
         for gone in set(self._files) - seen:
             del self._files[gone]
+        for gone in set(self.problems) - seen:
+            del self.problems[gone]
         return found
 
 
@@ -139,6 +151,8 @@ class BundleRegistrar:
         available = self.index.scan(lora_dir)
         for path, problem in self.index.problems.items():
             self._warn_once(("problem", path), f"Pivotal: cannot read bundle {path}: {problem}")
+        for warning in self.index.scan_warnings:
+            self._warn_once(("scan", warning), f"Pivotal: {warning}")
         tagged = set(prompt_lora_names(p)) if from_tags else set()
         prompts = list(getattr(p, "all_prompts", None) or [getattr(p, "prompt", "")])
         prompts += list(getattr(p, "all_negative_prompts", None) or [getattr(p, "negative_prompt", "")])
