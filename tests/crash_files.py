@@ -121,4 +121,4 @@ CRASH_FILES: dict[str, Callable[[Path], Path]] = {
     "lone-surrogate": _lone_surrogate,
 }
 #: Files that are valid bundles once their hostile parts are ignored: inspect reports them.
-READABLE = {"nested-metadata", "bigint-metadata", "control-chars-unknown-key"}
+READABLE = {"nested-metadata", "bigint-metadata", "control-chars-unknown-key", "control-chars-key"}

@@ -139,14 +139,25 @@ def test_nan_in_file_refused_naming_tensor(tmp_path: Path) -> None:
         read_bundle(raw_bundle(tmp_path / "inf.safetensors", e))
 
 
-@pytest.mark.parametrize("name", ["../evil", "a/b", "<img src=x>", "CON", "x" * 65])
-def test_bad_embedding_names_in_file_refused(tmp_path: Path, name: str) -> None:
-    # A dot would split the key differently; the other names must never reach a path or a page.
-    p = raw_bundle(tmp_path / "n.safetensors", {f"bundle_emb.{name}.clip_l": torch.zeros(1, 4)})
-    # "../evil" has an empty name before its first dot: refused as a malformed key
-    with pytest.raises(BundleError, match=r"n.safetensors \[bundle_emb\..*\]: (bad embedding name: embedding name|"
-                                          r"embedding key must be bundle_emb)"):
-        read_bundle(p)
+@pytest.mark.parametrize("name", ["../evil", "a/b", "<img src=x>", "CON", "x" * 65, "<embedding>"])
+def test_bad_embedding_names_in_file_skipped_never_used(tmp_path: Path, name: str) -> None:
+    # A name that could reach a path or a page unescaped is never used: alone, the file is refused
+    # naming it; beside a LoRA, the LoRA loads and the embedding is skipped with a warning naming it.
+    alone = raw_bundle(tmp_path / "n.safetensors", {f"bundle_emb.{name}.clip_l": torch.zeros(1, 4)})
+    with pytest.raises(BundleError, match=r"n.safetensors(: holds neither LoRA| \[bundle_emb\..*\]: embedding key must)"):
+        read_bundle(alone)
+    t = lora_tensors(SD1_LORA[:1])
+    t[f"bundle_emb.{name}.clip_l"] = torch.zeros(1, 4)
+    t["bundle_emb.good.clip_l"] = torch.zeros(1, 4)
+    if name.startswith("../"):  # an empty name before the first dot: the key itself is malformed
+        with pytest.raises(BundleError, match="embedding key must be bundle_emb"):
+            read_bundle(raw_bundle(tmp_path / "w.safetensors", t))
+        return
+    b = read_bundle(raw_bundle(tmp_path / "w.safetensors", t))
+    assert list(b.embeddings) == ["good"] and len(b.lora) == 3
+    assert any(w.startswith(f"embedding {name!r} skipped: its name cannot be used in prompts") for w in b.warnings)
+    if name == "<embedding>":
+        assert any("OneTrainer's default placeholder" in w for w in b.warnings)
 
 
 def test_other_writers_and_unknown_keys_reported(tmp_path: Path) -> None:
@@ -176,7 +187,7 @@ def test_structural_errors(tmp_path: Path) -> None:
         read_bundle(raw_bundle(tmp_path / "c.safetensors", x))
     with pytest.raises(BundleError, match=r"d.safetensors \[bundle_emb.e.clip_l\]: dtype I64 is not a float type"):
         read_bundle(raw_bundle(tmp_path / "d.safetensors", {"bundle_emb.e.clip_l": torch.zeros(2, 4, dtype=torch.int64)}))
-    with pytest.raises(BundleError, match="holds neither LoRA weights nor bundle_emb embeddings"):
+    with pytest.raises(BundleError, match=r"holds neither LoRA weights \(kohya, peft/diffusers\) nor usable embeddings"):
         read_bundle(raw_bundle(tmp_path / "e.safetensors", {"foo": torch.zeros(1)}))
     with pytest.raises(BundleError, match=r"\[bundle_emb.e.string_to_param.\*\]: embedding 'e' has more than one clip_l"):
         read_bundle(raw_bundle(tmp_path / "f.safetensors", {"bundle_emb.e.clip_l": torch.zeros(1, 4),

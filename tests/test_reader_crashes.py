@@ -28,9 +28,9 @@ def test_inspect_one_line_exit_2(tmp_path: Path, case: str, capsys: Any) -> None
     out, err = capsys.readouterr()
     if case in READABLE:
         # hostile metadata is not the tensors: the bundle is reported, without init texts
-        assert rc == 0 and "pvtchar" in out and "\x1b" not in out
+        assert rc == 0 and "unet     1 modules" in out and "\x1b" not in out
         assert main(["inspect", "--json", str(path)]) == 0
-        assert json.loads(capsys.readouterr().out)["embeddings"][0]["init_text"] == ""
+        assert all(e["init_text"] == "" for e in json.loads(capsys.readouterr().out)["embeddings"])
         return
     assert rc == 2, out
     lines = err.strip().splitlines()
@@ -56,8 +56,8 @@ def test_limits_name_the_problem(tmp_path: Path) -> None:
         read_header(CRASH_FILES["dtype-list"](tmp_path))
     with pytest.raises(BundleError, match=r"key 'w' appears twice"):
         read_header(CRASH_FILES["duplicate-key"](tmp_path))
-    with pytest.raises(BundleError, match=r"\[bundle_emb\.x\\n\\x1b\[2J\.string_to_param\.\*\]: bad "):
-        read_bundle(CRASH_FILES["control-chars-key"](tmp_path))
+    # an embedding name no prompt can use is skipped (the LoRA still loads), named in the warning
+    assert "embedding 'x\\n\\x1b[2J' skipped" in read_bundle(CRASH_FILES["control-chars-key"](tmp_path)).warnings[0]
     # the warning keeps the key as it is; printing it (inspect, above) escapes it
     with pytest.raises(BundleError, match=r"'lora_unet_\\ud800.alpha' holds a lone surrogate escape"):
         read_header(CRASH_FILES["lone-surrogate"](tmp_path))
