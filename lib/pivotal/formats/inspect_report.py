@@ -50,7 +50,9 @@ def lora_summary(bundle: Bundle) -> dict[str, dict[str, Any]]:
         s["ranks"].add(rank)
         alpha = tensors.get("alpha")
         s["alphas"].add(float(alpha.float().item()) if alpha is not None else float(rank))
-    return {p: {"modules": s["modules"], "ranks": sorted(s["ranks"]), "alphas": sorted(s["alphas"])}
+    return {p: {"modules": s["modules"], "ranks": sorted(s["ranks"]), "alphas": sorted(s["alphas"]),
+                "format": ", ".join(bundle.formats.get(p, ["kohya"])),
+                "algorithm": ", ".join(bundle.algorithms.get(p, ["LoRA"]))}
             for p, s in sorted(parts.items())}
 
 
@@ -87,7 +89,7 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append("  LoRA modules:")
         for part, s in r["lora"].items():
             lines.append(f"    {part:<5} {s['modules']:>4} modules   rank {_join(s['ranks'])}   "
-                         f"alpha {_join(s['alphas'])}")
+                         f"alpha {_join(s['alphas'])}   {s['algorithm']} ({s['format']})")
     else:
         lines.append("  LoRA modules: none (embeddings only)")
     if r["embeddings"]:
