@@ -18,7 +18,6 @@ import torch
 from hypothesis import strategies as st
 from safetensors.torch import save
 
-
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_mid.weight", ".dora_scale",
             ".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".lokr_w1", ".lokr_w2",
             ".lokr_w1_a", ".lokr_w2_b", ".lora_A.weight", ".lora_B.weight", ".weight", ".diff", ".on_input")
@@ -35,7 +34,8 @@ def _tensor_sd1() -> dict[str, torch.Tensor]:
     m = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     c = "lora_unet_down_blocks_0_resnets_0_conv1"
     t = "lora_te_text_model_encoder_layers_0_self_attn_v_proj"
-    return {f"{m}.lora_down.weight": torch.randn(2, 8, generator=g), f"{m}.lora_up.weight": torch.randn(8, 2, generator=g),
+    return {f"{m}.lora_down.weight": torch.randn(2, 8, generator=g),
+            f"{m}.lora_up.weight": torch.randn(8, 2, generator=g),
             f"{m}.alpha": torch.tensor(2.0), f"{c}.lora_down.weight": torch.randn(2, 4, 3, 3, generator=g),
             f"{c}.lora_up.weight": torch.randn(4, 2, 1, 1, generator=g), f"{c}.alpha": torch.tensor(1.0),
             f"{t}.lora_down.weight": torch.randn(1, 16, generator=g).half(),
@@ -49,7 +49,8 @@ def _tensor_sdxl() -> dict[str, torch.Tensor]:
     t = "lora_te2_text_model_encoder_layers_0_mlp_fc1"
     return {f"{m}.lora_down.weight": torch.randn(2, 24, generator=g).bfloat16(),
             f"{m}.lora_up.weight": torch.randn(8, 2, generator=g).bfloat16(), f"{m}.alpha": torch.tensor(2.0),
-            f"{t}.lora_down.weight": torch.randn(2, 32, generator=g), f"{t}.lora_up.weight": torch.randn(64, 2, generator=g),
+            f"{t}.lora_down.weight": torch.randn(2, 32, generator=g),
+            f"{t}.lora_up.weight": torch.randn(64, 2, generator=g),
             "bundle_emb.xlchar.clip_l": torch.randn(1, 16, generator=g),
             "bundle_emb.xlchar.clip_g": torch.randn(1, 32, generator=g)}
 

@@ -92,7 +92,8 @@ def test_peft_dora_is_refused_by_name(tmp_path: Path) -> None:
           "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": _rand(8, 2, seed=2),
           "unet.down_blocks.0.attentions.0.proj_in.lora_magnitude_vector": _rand(8, seed=3)}
     save_file(sd, str(tmp_path / "a.safetensors"))
-    with pytest.raises(BundleError, match=r"DoRA \(peft\) \(lora_magnitude_vector …\) in 1 module\(s\).*not supported yet"):
+    with pytest.raises(BundleError,
+                       match=r"DoRA \(peft\) \(lora_magnitude_vector …\) in 1 module\(s\).*not supported yet"):
         read_bundle(tmp_path / "a.safetensors")
     del sd["unet.down_blocks.0.attentions.0.proj_in.lora_magnitude_vector"]
     save_file(sd, str(tmp_path / "b.safetensors"), {"lora_adapter_metadata": json.dumps({"unet.use_dora": True})})
@@ -148,7 +149,8 @@ def test_sd1_lora_with_ldm_names_and_te_keys_is_sd1_and_fully_applied(tmp_path: 
     with loaded.network.attached():
         for i, (key, host) in enumerate(sorted(hosts.items())):
             assert id(host) in by_host, key  # the module of that LDM name, nothing else
-            x = _rand(2, host.in_channels, 4, 4, seed=i) if isinstance(host, nn.Conv2d) else _rand(3, host.in_features, seed=i)
+            conv = isinstance(host, nn.Conv2d)
+            x = _rand(2, host.in_channels, 4, 4, seed=i) if conv else _rand(3, host.in_features, seed=i)
             torch.testing.assert_close(host(x), _merged_output(host, file, key, x), atol=1e-5, rtol=1e-4)
 
 
@@ -174,7 +176,8 @@ def test_sdxl_te_lora_on_clip_l_last_layer_is_no_noise(tmp_path: Path) -> None:
             for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
                 key = f"lora_{part}_text_model_encoder_layers_{i}_self_attn_{proj}"
                 file.update({f"{key}.lora_down.weight": _rand(2, dims[part], seed=i),
-                             f"{key}.lora_up.weight": _rand(dims[part], 2, seed=i + 1), f"{key}.alpha": torch.tensor(2.0)})
+                             f"{key}.lora_up.weight": _rand(dims[part], 2, seed=i + 1),
+                             f"{key}.alpha": torch.tensor(2.0)})
     path = tmp_path / "xl_te.safetensors"
     save_file(file, str(path), {"ss_base_model_version": "sdxl_base_v1-0"})
     # the webui host reads clip_l at its penultimate layer: no target on the last one
@@ -183,7 +186,8 @@ def test_sdxl_te_lora_on_clip_l_last_layer_is_no_noise(tmp_path: Path) -> None:
     loaded = load_bundle_for_model(path, "sdxl", targets, {"clip_l": 32, "clip_g": 64})
     assert loaded.warnings == []
     assert sorted({k.split(".")[0] for k in loaded.report.unmatched}) == [
-        f"lora_te1_text_model_encoder_layers_{layers - 1}_self_attn_{p}" for p in ("k_proj", "out_proj", "q_proj", "v_proj")]
+        f"lora_te1_text_model_encoder_layers_{layers - 1}_self_attn_{p}"
+        for p in ("k_proj", "out_proj", "q_proj", "v_proj")]
     stray = dict(file, **{"lora_te1_text_model_encoder_layers_0_self_attn_zz.lora_down.weight": _rand(2, 32, seed=9),
                           "lora_te1_text_model_encoder_layers_0_self_attn_zz.lora_up.weight": _rand(32, 2, seed=9)})
     save_file(stray, str(path), {"ss_base_model_version": "sdxl_base_v1-0"})
@@ -213,7 +217,8 @@ def test_onetrainer_placeholder_and_output_keys(tmp_path: Path, capsys: Any) -> 
     assert any(w.startswith("embedding '<embedding>' skipped") and "OneTrainer's default placeholder" in w
                for w in bundle.warnings)
     assert any("embedding 'mychar': extra key" in w and "'clip_l_out'" in w and "'clip_g_out'" in w
-               and "ignored (OneTrainer's output-embedding vectors, which no webui reads)" in w for w in bundle.warnings)
+               and "ignored (OneTrainer's output-embedding vectors, which no webui reads)" in w
+               for w in bundle.warnings)
     assert not any("SD1" in w for w in bundle.warnings)
     assert main(["inspect", str(path)]) == 0
     assert "<embedding>" in capsys.readouterr().out

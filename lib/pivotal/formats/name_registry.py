@@ -59,6 +59,38 @@ def lora_folder_names(folder: str | os.PathLike) -> tuple[dict[str, str], list[s
     return taken, warnings
 
 
+def is_own_file(path: Path, output_name: str) -> bool:
+    """Whether ``path`` is one of a run's own outputs (``NAME``, ``NAME-stepNNNNNN``, ``NAME.resume``):
+    retraining a bundle must not clash with its own earlier save."""
+    stem = path.stem
+    return stem == output_name or stem.startswith(f"{output_name}-step") or stem.startswith(f"{output_name}.resume")
+
+
+def taken_names_for_run(output_name: str, lora_dirs: Iterable[str | os.PathLike] = (),
+                        embedding_dirs: Iterable[str | os.PathLike] = ()) -> tuple[dict[str, str], list[str]]:
+    """({lower-cased name: where it is used}, warnings) for a run that will write ``output_name``:
+    embedding files of ``embedding_dirs``, and the bundled embeddings and LoRA aliases of every file
+    in ``lora_dirs`` but the run's own (checklist 18: refuse a clash before training starts)."""
+    taken: dict[str, str] = {}
+    warnings: list[str] = []
+    for folder in embedding_dirs:
+        for name, source in embedding_folder_names(folder).items():
+            taken.setdefault(name, f"{source} in the embeddings folder")
+    for folder in lora_dirs:
+        paths, skipped = safetensors_files(folder)
+        warnings += skipped
+        for p in paths:
+            if p.name.endswith(".resume.safetensors") or is_own_file(p, output_name):
+                continue
+            taken.setdefault(p.stem.lower(), f"the LoRA {p}")
+            try:
+                for name in bundle_embedding_names(p):
+                    taken.setdefault(name.lower(), f"the bundle {p}")
+            except (PivotalError, OSError) as e:
+                warnings.append(f"skipped while looking for embedding names: {e}")
+    return taken, warnings
+
+
 def check_new_names(names: Iterable[str], taken: Mapping[str, str]) -> None:
     """Refuse invalid names, repeats, and names already used elsewhere (EmbeddingNameError).
 
