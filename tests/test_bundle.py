@@ -211,7 +211,7 @@ def test_cli_inspect_json_and_text(tmp_path: Path, capsys: pytest.CaptureFixture
     r = json.loads(capsys.readouterr().out)
     assert r["base_model"] == "sdxl"
     assert r["lora_modules"] == {"te1": 1, "te2": 1, "unet": 1}
-    assert r["lora"]["unet"] == {"modules": 1, "ranks": [4], "alphas": [2.0]}
+    assert r["lora"]["unet"] == {"modules": 1, "ranks": [4], "alphas": [2.0], "algorithm": "LoRA", "format": "kohya"}
     assert r["embeddings"][0]["name"] == "mychar" and r["embeddings"][0]["vectors"] == 3
     assert set(r["embeddings"][0]["norms"]) == {"clip_l", "clip_g"} and len(r["embeddings"][0]["norms"]["clip_g"]) == 3
     assert r["embeddings"][0]["init_text"] == "cat"
@@ -219,6 +219,7 @@ def test_cli_inspect_json_and_text(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["inspect", str(p)]) == 0
     text = capsys.readouterr().out
     assert "base model: sdxl" in text and "<lora:x:1>" in text and "mychar" in text and "te2" in text
+    assert "LoRA (kohya)" in text
 
 
 def test_cli_inspect_invalid_file_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
