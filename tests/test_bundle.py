@@ -139,12 +139,26 @@ def test_nan_in_file_refused_naming_tensor(tmp_path: Path) -> None:
         read_bundle(raw_bundle(tmp_path / "inf.safetensors", e))
 
 
-@pytest.mark.parametrize("name", ["../evil", "a/b", "<img src=x>", "CON", "x" * 65])
-def test_bad_embedding_names_in_file_refused(tmp_path: Path, name: str) -> None:
-    # A dot would split the key differently; the other names must never reach a path or a page.
-    p = raw_bundle(tmp_path / "n.safetensors", {f"bundle_emb.{name}.clip_l": torch.zeros(1, 4)})
-    with pytest.raises(BundleError, match=r"n.safetensors \[bundle_emb\..*\]: bad embedding name: embedding name"):
-        read_bundle(p)
+@pytest.mark.parametrize("name", ["../evil", "a/b", "<img src=x>", "CON", "x" * 65, "<embedding>"])
+def test_bad_embedding_names_in_file_skipped_never_used(tmp_path: Path, name: str) -> None:
+    # A name that could reach a path or a page unescaped is never used: alone, the file is refused
+    # naming it; beside a LoRA, the LoRA loads and the embedding is skipped with a warning naming it.
+    alone = raw_bundle(tmp_path / "n.safetensors", {f"bundle_emb.{name}.clip_l": torch.zeros(1, 4)})
+    with pytest.raises(BundleError,
+                       match=r"n.safetensors(: holds neither LoRA| \[bundle_emb\..*\]: embedding key must)"):
+        read_bundle(alone)
+    t = lora_tensors(SD1_LORA[:1])
+    t[f"bundle_emb.{name}.clip_l"] = torch.zeros(1, 4)
+    t["bundle_emb.good.clip_l"] = torch.zeros(1, 4)
+    if name.startswith("../"):  # an empty name before the first dot: the key itself is malformed
+        with pytest.raises(BundleError, match="embedding key must be bundle_emb"):
+            read_bundle(raw_bundle(tmp_path / "w.safetensors", t))
+        return
+    b = read_bundle(raw_bundle(tmp_path / "w.safetensors", t))
+    assert list(b.embeddings) == ["good"] and len(b.lora) == 3
+    assert any(w.startswith(f"embedding {name!r} skipped: its name cannot be used in prompts") for w in b.warnings)
+    if name == "<embedding>":
+        assert any("OneTrainer's default placeholder" in w for w in b.warnings)
 
 
 def test_other_writers_and_unknown_keys_reported(tmp_path: Path) -> None:
@@ -174,7 +188,7 @@ def test_structural_errors(tmp_path: Path) -> None:
         read_bundle(raw_bundle(tmp_path / "c.safetensors", x))
     with pytest.raises(BundleError, match=r"d.safetensors \[bundle_emb.e.clip_l\]: dtype I64 is not a float type"):
         read_bundle(raw_bundle(tmp_path / "d.safetensors", {"bundle_emb.e.clip_l": torch.zeros(2, 4, dtype=torch.int64)}))
-    with pytest.raises(BundleError, match="holds neither LoRA weights nor bundle_emb embeddings"):
+    with pytest.raises(BundleError, match=r"holds neither LoRA weights \(kohya, peft/diffusers\) nor usable"):
         read_bundle(raw_bundle(tmp_path / "e.safetensors", {"foo": torch.zeros(1)}))
     with pytest.raises(BundleError, match=r"\[bundle_emb.e.string_to_param.\*\]: embedding 'e' has more than one clip_l"):
         read_bundle(raw_bundle(tmp_path / "f.safetensors", {"bundle_emb.e.clip_l": torch.zeros(1, 4),
@@ -197,7 +211,8 @@ def test_cli_inspect_json_and_text(tmp_path: Path, capsys: pytest.CaptureFixture
     r = json.loads(capsys.readouterr().out)
     assert r["base_model"] == "sdxl"
     assert r["lora_modules"] == {"te1": 1, "te2": 1, "unet": 1}
-    assert r["lora"]["unet"] == {"modules": 1, "algorithms": ["lora"], "ranks": [4], "alphas": [2.0]}
+    assert r["lora"]["unet"] == {"modules": 1, "algorithms": ["lora"], "ranks": [4], "alphas": [2.0],
+                                 "format": "kohya"}
     assert r["embeddings"][0]["name"] == "mychar" and r["embeddings"][0]["vectors"] == 3
     assert set(r["embeddings"][0]["norms"]) == {"clip_l", "clip_g"} and len(r["embeddings"][0]["norms"]["clip_g"]) == 3
     assert r["embeddings"][0]["init_text"] == "cat"
@@ -205,7 +220,7 @@ def test_cli_inspect_json_and_text(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["inspect", str(p)]) == 0
     text = capsys.readouterr().out
     assert "base model: sdxl" in text and "<lora:x:1>" in text and "mychar" in text and "te2" in text
-    assert "   lora   rank 4   alpha 2" in text
+    assert "   lora   rank 4   alpha 2   (kohya)" in text
 
 
 def test_cli_inspect_invalid_file_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

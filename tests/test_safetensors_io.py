@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import pickle
+import stat
 import struct
 from pathlib import Path
 
@@ -176,5 +178,50 @@ def test_load_tensors_wraps_safetensors_errors(tmp_path: Path) -> None:
     save_file({"a": torch.ones(2)}, str(p))
     h = sio.read_header(p)
     p.write_bytes(b"garbage")  # the file changed after its header was read
-    with pytest.raises(BundleError, match="ok.safetensors: safetensors could not read the file"):
+    with pytest.raises(BundleError, match="ok.safetensors: changed on disk since its header was read"):
         sio.load_tensors(h)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_saved_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    # safetensors' save_file writes 0600: a webui running as another user could not read the bundle
+    old = os.umask(umask)
+    try:
+        sio.atomic_save(tmp_path / "m.safetensors", {"w": torch.ones(2)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_file_replaced_after_its_header_was_read_is_refused_or_reread(tmp_path: Path) -> None:
+    p = tmp_path / "r.safetensors"
+    sio.atomic_save(p, {"w": torch.ones(2)})
+    header = sio.read_header(p)
+    sio.atomic_save(p, {"w": torch.full((2,), 7.0)})  # replaced (a new inode) before the tensors are read
+    with pytest.raises(BundleError, match="r.safetensors: changed on disk since its header was read"):
+        sio.load_tensors(header)
+    with open(p, "r+b") as f:  # rewritten in place: same inode, new mtime
+        f.seek(-4, os.SEEK_END)
+        f.write(struct.pack("<f", 9.0))
+    os.utime(p, ns=(header.stamp[3] + 10**9, header.stamp[3] + 10**9))
+    header2 = sio.read_header(p)
+    assert sio.load_tensors(header2)["w"].tolist() == [7.0, 9.0]
+    assert sio.read_file(p)[1]["w"].tolist() == [7.0, 9.0]
+
+
+def test_read_file_rereads_a_file_that_changed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = tmp_path / "x.safetensors"
+    sio.atomic_save(p, {"w": torch.ones(2)})
+    real = sio.read_header
+    calls = []
+
+    def header_then_replace(path: object, *a: object) -> sio.Header:
+        h = real(path, *a)
+        calls.append(h)
+        if len(calls) == 1:  # a writer replaces the file right after the first header read
+            sio.atomic_save(p, {"w": torch.zeros(3)})
+        return h
+
+    monkeypatch.setattr(sio, "read_header", header_then_replace)
+    header, tensors = sio.read_file(p)
+    assert len(calls) == 3 and header.tensors["w"].shape == (3,) and tensors["w"].tolist() == [0.0] * 3

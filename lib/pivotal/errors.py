@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+#: Longest file-derived text (tensor or metadata key) quoted in a message.
+MAX_QUOTED = 200
+
+
+def printable(text: str, limit: int = 0) -> str:
+    """``text`` safe for one terminal line: control characters, line breaks and lone surrogates
+    (all possible in names read from a file) become escapes; ``limit`` > 0 cuts it with "…"."""
+    if limit and len(text) > limit:
+        text = text[:limit] + "…"
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   if ord(c) < 0xD800 or ord(c) > 0xDFFF else f"\\u{ord(c):04x}" for c in text)
+
 
 class PivotalError(Exception):
     """Base class of every error Pivotal raises on purpose."""
@@ -17,8 +31,9 @@ class BundleError(PivotalError):
         self.path = str(path)
         self.key = key
         self.problem = problem
-        where = f"{self.path}" + (f" [{key}]" if key else "")
-        super().__init__(f"{where}: {problem}")
+        where = f"{self.path}" + (f" [{printable(key, MAX_QUOTED)}]" if key else "")
+        # one line whatever the file holds: names and values quoted from it are escaped
+        super().__init__(printable(f"{where}: {problem}"))
 
 
 class UnsafeFileError(BundleError):

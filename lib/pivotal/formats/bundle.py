@@ -23,43 +23,29 @@ import torch
 
 from pivotal.adapters.algorithms import FULL_PRECISION, describe_module, is_adapter_key
 from pivotal.adapters.kohya_keys import BASE_PREFIXES, group_by_module, split_key
-from pivotal.errors import BundleError, EmbeddingNameError, SaveError
+from pivotal.errors import BundleError, SaveError
+from pivotal.formats.bundle_embeddings import (
+    BundleEmbedding,
+    check_embeddings,
+    embedding_file,
+    parse_embeddings,
+)
 from pivotal.formats.bundle_metadata import TrainingInfo, build_metadata
+from pivotal.formats.embedding_keys import EMB_PREFIX
+from pivotal.formats.lora_parts import read_lora_modules, to_kohya
 from pivotal.formats.safetensors_io import (
     FLOAT_DTYPES,
     Header,
     addnet_hash,
     atomic_save,
     data_hash,
-    load_tensors,
-    read_header,
+    read_file,
 )
 from pivotal.text.names import validate_embedding_name
 
-EMB_PREFIX = "bundle_emb."
-#: The webui splits a prompt into 75-token chunks; an embedding must fit in one.
-MAX_VECTORS = 75
 #: Base model -> its text-encoder keys, in the order the UNet context concatenates them (also the
 #: embedding vector keys of a bundle).
 ENCODER_KEYS: dict[str, tuple[str, ...]] = {"sd1": ("clip_l",), "sdxl": ("clip_l", "clip_g")}
-
-
-@dataclass
-class BundleEmbedding:
-    """One embedding: N vectors per text encoder (``clip_l`` always; ``clip_g`` on SDXL)."""
-
-    name: str
-    vectors: dict[str, torch.Tensor]  # key -> (N, dim)
-    init_text: str = ""
-    #: encoder key -> the file key it was read from (for messages that name the tensor)
-    source_keys: dict[str, str] = field(default_factory=dict)
-
-    def key_of(self, encoder: str) -> str:
-        return self.source_keys.get(encoder, f"{EMB_PREFIX}{self.name}.{encoder}")
-
-    @property
-    def num_vectors(self) -> int:
-        return int(next(iter(self.vectors.values())).shape[0])
 
 
 @dataclass
@@ -73,6 +59,12 @@ class Bundle:
     path: str = ""
     unknown_keys: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: the validated header of the file the tensors came from (None before writing)
+    header: Header | None = None
+    #: part -> the on-disk formats its modules came in ("kohya", "peft/diffusers", ...)
+    formats: dict[str, list[str]] = field(default_factory=dict)
+    #: part -> the algorithms of its modules ("LoRA", ...; see formats/lora_algorithms.py)
+    algorithms: dict[str, list[str]] = field(default_factory=dict)
 
     def lora_modules(self) -> dict[str, dict[str, torch.Tensor]]:
         """{kohya module name: {tensor name: t}}, e.g. ``{"lora_down.weight": t, "lora_up.weight": t, "alpha": t}``."""
@@ -128,7 +120,7 @@ def write_bundle(path: str | os.PathLike, base_model: str, lora: dict[str, torch
                             "(training diverged? lower the learning rate)")
     # Validate what we are about to write with the same checks a reader applies.
     emb_tensors = {k: t for k, t in tensors.items() if k.startswith(EMB_PREFIX)}
-    _check_embeddings(str(path), _parse_embeddings(str(path), emb_tensors)[0], base_model)
+    check_embeddings(str(path), parse_embeddings(str(path), emb_tensors)[0], base_model)
     _check_lora(str(path), {k: t for k, t in tensors.items() if k not in emb_tensors})
     model_hash = data_hash(tensors)
     meta = build_metadata(base_model, lora, records, info, model_hash)
@@ -143,26 +135,31 @@ def write_bundle(path: str | os.PathLike, base_model: str, lora: dict[str, torch
 # ---------------------------------------------------------------------------------------------
 def read_bundle(path: str | os.PathLike) -> Bundle:
     """Read and fully validate a bundle (or a plain LoRA, or a bundle from another writer)."""
-    header = read_header(path)
+    header, tensors = read_file(path)
     p = header.path
     for k, info in header.tensors.items():
         if info.dtype not in FLOAT_DTYPES:
             raise BundleError(p, f"dtype {info.dtype} is not a float type", key=k)
-    tensors = load_tensors(header)
     for k, t in tensors.items():
         if not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise BundleError(p, f"{bad} of {t.numel()} values are NaN or infinite; this file is broken "
                                  "(a training run that diverged?) and must not be loaded", key=k)
-    lora = {k: t for k, t in tensors.items() if is_adapter_key(k)}
     emb_tensors = {k: t for k, t in tensors.items() if k.startswith(EMB_PREFIX)}
-    unknown = sorted(k for k in tensors if k not in lora and k not in emb_tensors)
-    embeddings, emb_unknown, warnings = _parse_embeddings(p, emb_tensors)
-    unknown = sorted(unknown + emb_unknown)
-    _check_lora(p, lora)
-    base, base_warnings = infer_base_model(header.metadata, list(lora), embeddings)
+    rest = {k: t for k, t in tensors.items() if k not in emb_tensors}
+    embeddings, emb_unknown, warnings = parse_embeddings(p, emb_tensors)
+    single = embedding_file(p, rest) if not emb_tensors else None
+    if single is not None:  # a one-embedding file (diffusers' {name}_emb, an exported embedding)
+        embeddings, rest = {single.name: single}, {}
+    sdxl_emb = any("clip_g" in e.vectors for e in embeddings.values())
+    read, modules = read_lora_modules(p, rest, header.metadata, sdxl_emb, bool(embeddings))
+    base, base_warnings = infer_base_model(header.metadata, read.base_hint, list(modules))
+    read = to_kohya(p, read, modules, base, header.metadata)
+    lora = read.tensors
+    unknown = sorted(read.unknown + emb_unknown)
     warnings += base_warnings
-    _check_embeddings(p, embeddings, base)
+    _check_lora(p, lora)
+    check_embeddings(p, embeddings, base)
     if unknown:
         warnings.append(f"{len(unknown)} unknown key(s) ignored (first: {', '.join(unknown[:5])})")
     stored = header.metadata.get("sshs_model_hash")
@@ -170,84 +167,35 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
         warnings.append("sshs_model_hash in the metadata does not match the file's data; "
                         "the webui will show a wrong hash (file edited after saving?)")
     if not lora and not embeddings:
-        raise BundleError(p, "holds neither LoRA weights nor bundle_emb embeddings")
-    return Bundle(base, lora, embeddings, dict(header.metadata), p, unknown, warnings)
-
-
-def _parse_embeddings(p: str, tensors: dict[str, torch.Tensor]
-                      ) -> tuple[dict[str, BundleEmbedding], list[str], list[str]]:
-    """Group ``bundle_emb.<name>.<rest>`` tensors into embeddings. Returns (embeddings, unknown, warnings)."""
-    out: dict[str, BundleEmbedding] = {}
-    unknown: list[str] = []
-    warnings: list[str] = []
-    for k, t in tensors.items():
-        name, sep, rest = k[len(EMB_PREFIX):].partition(".")
-        if not sep or not rest:
-            raise BundleError(p, "embedding key must be bundle_emb.<name>.<vector key>", key=k)
-        try:
-            validate_embedding_name(name)
-        except EmbeddingNameError as e:
-            raise BundleError(p, f"bad embedding name: {e}", key=k) from e
-        if rest.startswith("string_to_param.") or rest == "emb_params":
-            enc = "clip_l"
-        elif rest in ("clip_l", "clip_g"):
-            enc = rest
-        else:
-            unknown.append(k)
-            warnings.append(f"embedding {name!r}: extra key {rest!r} ignored; the webui refuses SD1 "
-                            "embeddings with more than one tensor")
-            continue
-        if t.dim() == 1:
-            t = t.unsqueeze(0)
-        if t.dim() != 2:
-            raise BundleError(p, f"embedding tensor must be (vectors, dim), got shape {tuple(t.shape)}", key=k)
-        emb = out.setdefault(name, BundleEmbedding(name, {}))
-        if enc in emb.vectors:
-            raise BundleError(p, f"embedding {name!r} has more than one {enc} tensor", key=k)
-        emb.vectors[enc] = t
-        emb.source_keys[enc] = k
-    return out, unknown, warnings
-
-
-def _check_embeddings(p: str, embeddings: dict[str, BundleEmbedding], base: str) -> None:
-    dims: dict[str, int] = {}
-    for emb in embeddings.values():
-        where = f"{EMB_PREFIX}{emb.name}"
-        if "clip_l" not in emb.vectors:
-            raise BundleError(p, "embedding has no clip_l / string_to_param vectors", key=where)
-        if base == "sdxl" and "clip_g" not in emb.vectors:
-            raise BundleError(p, "SDXL embedding needs both clip_l and clip_g", key=where)
-        counts = {int(t.shape[0]) for t in emb.vectors.values()}
-        if len(counts) != 1:
-            raise BundleError(p, f"clip_l and clip_g have different vector counts {sorted(counts)}", key=where)
-        n = counts.pop()
-        if not 1 <= n <= MAX_VECTORS:
-            raise BundleError(p, f"{n} vectors; an embedding needs 1 to {MAX_VECTORS}", key=where)
-        for enc, t in emb.vectors.items():
-            d = int(t.shape[1])
-            if dims.setdefault(enc, d) != d:
-                raise BundleError(p, f"{enc} vectors are {d}-dimensional but other embeddings "
-                                     f"in this file have {dims[enc]}", key=where)
+        skipped = [w for w in warnings if " skipped: " in w]
+        why = f" ({skipped[0]})" if skipped else ""
+        raise BundleError(p, "holds neither LoRA weights (kohya, peft/diffusers) nor usable embeddings "
+                             f"(bundle_emb.*, clip_l/clip_g){why}")
+    bundle = Bundle(base, lora, embeddings, dict(header.metadata), p, unknown, warnings, header)
+    bundle.formats, bundle.algorithms = read.formats, read.algorithms
+    return bundle
 
 
 def _check_lora(p: str, lora: dict[str, torch.Tensor]) -> None:
     """Each module's tensors form one known algorithm's consistent layout (checked without a model)."""
     for name, parts in group_by_module(lora).items():
+        empty = [f"{w} {tuple(t.shape)}" for w, t in parts.items() if t.dim() and 0 in t.shape]
+        if empty:
+            raise BundleError(p, f"{', '.join(empty)}: an empty dimension", key=name)
+        alpha = parts.get("alpha")
+        if alpha is not None and alpha.numel() != 1:
+            raise BundleError(p, f"alpha must be a single number, got shape {tuple(alpha.shape)}", key=name)
         try:
             describe_module(parts)
-        except ValueError as e:
+        except (ValueError, ZeroDivisionError) as e:
             raise BundleError(p, str(e), key=name) from None
 
 
-def infer_base_model(metadata: dict[str, str], lora_keys: list[str],
-                     embeddings: dict[str, BundleEmbedding]) -> tuple[str, list[str]]:
-    """("sd1" | "sdxl", warnings) from metadata, cross-checked against the keys."""
-    by_keys = None
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in lora_keys) or \
-            any("clip_g" in e.vectors for e in embeddings.values()):
-        by_keys = "sdxl"
-    elif any(k.startswith("lora_te_") for k in lora_keys) or embeddings:
-        by_keys = "sd1"
+def infer_base_model(metadata: dict[str, str], key_hint: str | None,
+                     modules: list[str]) -> tuple[str, list[str]]:
+    """("sd1" | "sdxl", warnings) from metadata, cross-checked against what the keys say
+    (``key_hint``: text-encoder prefixes, embeddings, the UNet blocks touched; see lora_parts)."""
+    by_keys = key_hint
     version = metadata.get("ss_base_model_version", "")
     by_meta = ("sdxl" if version.startswith("sdxl") else "sd1") if version else None
     warnings = []
@@ -261,9 +209,9 @@ def infer_base_model(metadata: dict[str, str], lora_keys: list[str],
         return by_meta, warnings
     if by_keys:
         return by_keys, warnings
-    # UNet-only LoRA without metadata: SDXL kohya names use LDM paths.
+    # Blocks that do not tell, no metadata: kohya's SDXL files use LDM paths, its SD1 files diffusers ones.
     ldm_style = any(k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks",
-                                  "lora_unet_middle_block")) for k in lora_keys)
+                                  "lora_unet_middle_block")) for k in modules)
     return ("sdxl" if ldm_style else "sd1"), warnings
 
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 from pivotal.adapters.algorithms import describe_module
 from pivotal.adapters.kohya_keys import part_of_key
+from pivotal.errors import printable
 from pivotal.formats.bundle import Bundle, bundle_name, read_bundle
-from pivotal.formats.safetensors_io import addnet_hash, read_header
+from pivotal.formats.json_limits import loads_limited
+from pivotal.formats.safetensors_io import addnet_hash
 
 #: Metadata shown in the summary. Everything else is counted, not shown: values can be huge or
 #: hostile (HTML/JS), and the raw view is one ``--json`` away for those who want it.
@@ -29,12 +30,14 @@ def _init_texts(meta: dict[str, str]) -> dict[str, str]:
     if not raw or len(raw) > 1_000_000:
         return {}
     try:
-        records = json.loads(raw)
-    except json.JSONDecodeError:
+        records = loads_limited(raw)
+    except ValueError:  # malformed or hostile metadata: the report just lacks init texts
         return {}
     if not isinstance(records, list):
         return {}
-    return {str(r.get("name")): str(r.get("init_text", "")) for r in records if isinstance(r, dict)}
+    # only strings: str() of an arbitrary nested value can recurse as deep as the JSON did
+    return {r["name"]: r.get("init_text") if isinstance(r.get("init_text"), str) else ""
+            for r in records if isinstance(r, dict) and isinstance(r.get("name"), str)}
 
 
 def lora_summary(bundle: Bundle) -> dict[str, dict[str, Any]]:
@@ -50,13 +53,13 @@ def lora_summary(bundle: Bundle) -> dict[str, dict[str, Any]]:
         s["ranks"].add(lay.rank)
         s["alphas"].add(lay.alpha if lay.alpha is not None else float(lay.rank))
     return {p: {"modules": s["modules"], "algorithms": sorted(s["algorithms"]), "ranks": sorted(s["ranks"]),
-                "alphas": sorted(s["alphas"])} for p, s in sorted(parts.items())}
+                "alphas": sorted(s["alphas"]), "format": ", ".join(bundle.formats.get(p, ["kohya"]))}
+            for p, s in sorted(parts.items())}
 
 
 def inspect_bundle(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON report: base_model, lora_modules, lora, embeddings, metadata, hash, warnings."""
     bundle = read_bundle(path)
-    header = read_header(path)
     inits = _init_texts(bundle.metadata)
     lora = lora_summary(bundle)
     embeddings = []
@@ -64,7 +67,7 @@ def inspect_bundle(path: str | os.PathLike) -> dict[str, Any]:
         norms = {k: [round(float(v), 4) for v in t.float().norm(dim=1)] for k, t in sorted(emb.vectors.items())}
         embeddings.append({"name": emb.name, "vectors": emb.num_vectors, "norms": norms,
                            "init_text": inits.get(emb.name, "")})
-    computed = addnet_hash(path, header.header_size)
+    computed = addnet_hash(path, bundle.header.header_size if bundle.header else None)
     return {
         "file": str(path),
         "lora_name": bundle_name(path),
@@ -87,7 +90,7 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append("  LoRA modules:")
         for part, s in r["lora"].items():
             lines.append(f"    {part:<5} {s['modules']:>4} modules   {_join(s['algorithms'])}   "
-                         f"rank {_join(s['ranks'])}   alpha {_join(s['alphas'])}")
+                         f"rank {_join(s['ranks'])}   alpha {_join(s['alphas'])}   ({s['format']})")
     else:
         lines.append("  LoRA modules: none (embeddings only)")
     if r["embeddings"]:
@@ -105,7 +108,8 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"    {k} = {v}")
     for w in r["warnings"]:
         lines.append(f"  warning: {w}")
-    return "\n".join(lines)
+    # every line quotes the file (names, metadata): keep each one line and free of escape codes
+    return "\n".join(printable(line) for line in lines)
 
 
 def _join(values: list) -> str:

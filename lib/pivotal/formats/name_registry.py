@@ -14,13 +14,14 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from pivotal.errors import BundleError, EmbeddingNameError
+from pivotal.errors import EmbeddingNameError, PivotalError
+from pivotal.formats.embedding_keys import embedding_names
+from pivotal.formats.folder_scan import safetensors_files
 from pivotal.formats.safetensors_io import read_header
 from pivotal.text.names import validate_embedding_name
 
 #: Files the webui's embedding loader reads from an embeddings folder.
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors", ".png", ".webp", ".jxl", ".avif")
-EMB_PREFIX = "bundle_emb."
 
 
 def embedding_folder_names(folder: str | os.PathLike) -> dict[str, str]:
@@ -38,13 +39,7 @@ def embedding_folder_names(folder: str | os.PathLike) -> dict[str, str]:
 
 def bundle_embedding_names(path: str | os.PathLike) -> list[str]:
     """Embedding names in a bundle, from its header alone (fast: no tensor is read)."""
-    names = []
-    for key in read_header(path).tensors:
-        if key.startswith(EMB_PREFIX):
-            name = key[len(EMB_PREFIX):].split(".", 1)[0]
-            if name not in names:
-                names.append(name)
-    return names
+    return embedding_names(read_header(path).tensors)
 
 
 def lora_folder_names(folder: str | os.PathLike) -> tuple[dict[str, str], list[str]]:
@@ -52,18 +47,47 @@ def lora_folder_names(folder: str | os.PathLike) -> tuple[dict[str, str], list[s
 
     Unreadable files do not stop the scan; each gives one warning naming it.
     """
-    root = Path(folder)
     taken: dict[str, str] = {}
-    warnings: list[str] = []
-    if not root.is_dir():
-        return taken, warnings
-    for p in sorted(root.rglob("*.safetensors")):
+    paths, warnings = safetensors_files(folder)
+    for p in paths:
         taken.setdefault(p.stem.lower(), f"LoRA {p}")
         try:
             for name in bundle_embedding_names(p):
                 taken.setdefault(name.lower(), f"{p} (bundled embedding)")
-        except BundleError as e:
+        except (PivotalError, OSError) as e:
             warnings.append(f"skipped while looking for embedding names: {e}")
+    return taken, warnings
+
+
+def is_own_file(path: Path, output_name: str) -> bool:
+    """Whether ``path`` is one of a run's own outputs (``NAME``, ``NAME-stepNNNNNN``, ``NAME.resume``):
+    retraining a bundle must not clash with its own earlier save."""
+    stem = path.stem
+    return stem == output_name or stem.startswith(f"{output_name}-step") or stem.startswith(f"{output_name}.resume")
+
+
+def taken_names_for_run(output_name: str, lora_dirs: Iterable[str | os.PathLike] = (),
+                        embedding_dirs: Iterable[str | os.PathLike] = ()) -> tuple[dict[str, str], list[str]]:
+    """({lower-cased name: where it is used}, warnings) for a run that will write ``output_name``:
+    embedding files of ``embedding_dirs``, and the bundled embeddings and LoRA aliases of every file
+    in ``lora_dirs`` but the run's own (checklist 18: refuse a clash before training starts)."""
+    taken: dict[str, str] = {}
+    warnings: list[str] = []
+    for folder in embedding_dirs:
+        for name, source in embedding_folder_names(folder).items():
+            taken.setdefault(name, f"{source} in the embeddings folder")
+    for folder in lora_dirs:
+        paths, skipped = safetensors_files(folder)
+        warnings += skipped
+        for p in paths:
+            if p.name.endswith(".resume.safetensors") or is_own_file(p, output_name):
+                continue
+            taken.setdefault(p.stem.lower(), f"the LoRA {p}")
+            try:
+                for name in bundle_embedding_names(p):
+                    taken.setdefault(name.lower(), f"the bundle {p}")
+            except (PivotalError, OSError) as e:
+                warnings.append(f"skipped while looking for embedding names: {e}")
     return taken, warnings
 
 

@@ -12,6 +12,7 @@ Policy (as the webui's own loader, and checklist items 18, 21, 22):
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -55,10 +56,35 @@ def load_bundle_for_model(path: str | os.PathLike, base_model: str, targets: Seq
     if bundle.lora:
         net, report = LoraNetwork.from_kohya_state_dict(targets, bundle.lora)
         out.network, out.report = net, report
-        if report.unmatched:
-            first = ", ".join(report.unmatched[:SHOWN_KEYS])
-            out.warnings.append(f"{path}: {len(report.unmatched)} LoRA tensor(s) match no module of this "
+        unread = unread_layer_keys(report.unmatched, [key for key, _ in targets])
+        unmatched = [k for k in report.unmatched if k not in unread]
+        if unmatched:
+            first = ", ".join(unmatched[:SHOWN_KEYS])
+            out.warnings.append(f"{path}: {len(unmatched)} LoRA tensor(s) match no module of this "
                                 f"model and were ignored (first: {first})")
+    return out
+
+
+_TE_LAYER = re.compile(r"^lora_(te[12]?)_text_model_encoder_layers_(\d+)_")
+
+
+def unread_layer_keys(keys: Sequence[str], target_keys: Sequence[str]) -> set[str]:
+    """The ``keys`` for text-encoder layers after the last one the model reads.
+
+    SDXL reads clip_l at its penultimate layer (and a clip skip does the same on SD1), so the model
+    has no target there, while kohya trains every layer: those tensors can change nothing. They are
+    kept out of the "match no module" warning, which is for keys that should have matched.
+    """
+    last: dict[str, int] = {}
+    for key in target_keys:
+        m = _TE_LAYER.match(key + "_")
+        if m:
+            last[m[1]] = max(last.get(m[1], -1), int(m[2]))
+    out = set()
+    for key in keys:
+        m = _TE_LAYER.match(key)
+        if m and m[1] in last and int(m[2]) > last[m[1]]:
+            out.add(key)
     return out
 
 

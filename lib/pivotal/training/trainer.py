@@ -31,7 +31,7 @@ from pivotal.adapters.network import LoraNetwork
 from pivotal.errors import TrainingError
 from pivotal.formats.bundle import BundleEmbedding, write_bundle
 from pivotal.formats.bundle_metadata import TrainingInfo
-from pivotal.formats.name_registry import check_new_names
+from pivotal.formats.name_registry import check_new_names, taken_names_for_run
 from pivotal.formats.safetensors_io import stray_temp_files
 from pivotal.host_api import TrainingHost
 from pivotal.text.embeddings import EmbeddingSet
@@ -78,6 +78,13 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def run_taken_names(cfg: TrainConfig, host_taken: Mapping[str, str] | None) -> dict[str, str]:
+    """Names a new embedding must not take (checklist 18): what the host knows (``host_taken``: the
+    webui's embeddings and Lora folder) plus the other bundles and LoRAs in the output folder."""
+    scanned, _ = taken_names_for_run(cfg.output_name, [cfg.out_dir])
+    return {**scanned, **(host_taken or {})}
+
+
 class _Run:
     def __init__(self, config: TrainConfig, host: TrainingHost, emit: EventSink, stop: threading.Event) -> None:
         self.config = config.validate()
@@ -96,7 +103,7 @@ class _Run:
     # -- 1-3: set up -----------------------------------------------------------------------
     def execute(self, resume: str | None, taken_names: Mapping[str, str] | None) -> TrainResult:
         cfg = self.config
-        check_new_names([e.name for e in cfg.embeddings], taken_names or {})
+        check_new_names([e.name for e in cfg.embeddings], run_taken_names(cfg, taken_names))
         self.batches = BatchSource(cfg, self.host)
         self.emit(ProgressEvent("preflight", total=cfg.steps, data=self.batches.report.to_dict(),
                                 message=self.batches.report.format()))

@@ -11,7 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pivotal.errors import BundleError
+from pivotal.errors import PivotalError
+from pivotal.formats.folder_scan import safetensors_files
 from pivotal.formats.name_registry import bundle_embedding_names
 
 RESUME_SUFFIX = ".resume.safetensors"
@@ -39,16 +40,14 @@ def find_bundles(folder: str | os.PathLike) -> tuple[list[BundleEntry], list[str
     """
     root = Path(folder)
     entries: list[BundleEntry] = []
-    warnings: list[str] = []
-    if not root.is_dir():
-        return entries, warnings
-    for p in root.rglob("*.safetensors"):
-        if p.name.endswith(RESUME_SUFFIX) or not p.is_file():
+    paths, warnings = safetensors_files(root)
+    for p in paths:
+        if p.name.endswith(RESUME_SUFFIX):
             continue
         try:
             names = bundle_embedding_names(p)
             mtime = p.stat().st_mtime
-        except (BundleError, OSError) as e:
+        except (PivotalError, OSError) as e:
             warnings.append(f"skipped {p}: {e}")
             continue
         entries.append(BundleEntry(p.relative_to(root).as_posix(), str(p), names, mtime))

@@ -20,7 +20,6 @@ import functools
 import inspect
 import json
 import os
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pivotal.errors import ConfigError, PivotalError
@@ -76,13 +75,13 @@ def list_bundles(lora_dir: str) -> list[dict[str, Any]]:
     """Every ``.safetensors`` in ``lora_dir`` (recursively) that carries ``bundle_emb.*`` tensors or
     Pivotal metadata: name, path, base model and embedding names. Unreadable files are listed
     with their error instead of being skipped silently."""
+    from pivotal.formats.embedding_keys import embedding_names
+    from pivotal.formats.folder_scan import safetensors_files
     from pivotal.formats.safetensors_io import read_header
 
     out: list[dict[str, Any]] = []
-    root = Path(lora_dir)
-    if not root.is_dir():
-        return out
-    for path in sorted(root.rglob("*.safetensors")):
+    paths, _skipped = safetensors_files(lora_dir)  # folders and non-files: nothing to list
+    for path in paths:
         entry: dict[str, Any] = {"name": path.stem, "path": str(path)}
         try:
             header = read_header(path)
@@ -90,7 +89,7 @@ def list_bundles(lora_dir: str) -> list[dict[str, Any]]:
             entry["error"] = str(e)
             out.append(entry)
             continue
-        names = sorted({k.split(".")[1] for k in header.tensors if k.startswith("bundle_emb.") and k.count(".") >= 2})
+        names = sorted(embedding_names(header.tensors))
         meta = header.metadata
         if not names and "pivotal.format" not in meta:
             continue

@@ -48,21 +48,14 @@ def parse_bundle_embeddings(path: str) -> list[BundleEmbeddingData]:
     """The ``bundle_emb.<name>.<rest>`` tensors of a safetensors file, grouped per embedding as the
     webui's loader groups them (``string_to_param.<k>`` nested, other keys flat). BundleError for a
     file that cannot be read."""
+    from pivotal.formats.embedding_keys import split_embedding_key, webui_embedding_data
     from pivotal.formats.safetensors_io import load_tensors, read_header
 
     header = read_header(path)
-    keys = [k for k in header.tensors if k.startswith("bundle_emb.") and k.count(".") >= 2]
+    keys = [k for k in header.tensors if split_embedding_key(k) is not None]
     if not keys:
         return []
-    tensors = load_tensors(header, keys)
-    grouped: dict[str, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        _, name, rest = key.split(".", 2)
-        entry = grouped.setdefault(name, {})
-        if rest.startswith("string_to_param."):
-            entry.setdefault("string_to_param", {})[rest.split(".", 1)[1]] = value
-        else:
-            entry[rest] = value
+    grouped = webui_embedding_data(load_tensors(header, keys).items())
     stem = Path(path).stem
     return [BundleEmbeddingData(n, stem, path, d) for n, d in sorted(grouped.items())]
 
@@ -73,6 +66,8 @@ class BundleIndex:
     def __init__(self) -> None:
         self._files: dict[str, tuple[tuple[int, int], list[BundleEmbeddingData]]] = {}
         self.problems: dict[str, str] = {}
+        #: folders and entries the last scan could not list (unreadable, not a regular file)
+        self.scan_warnings: list[str] = []
 
     def stamp(self, path: str) -> tuple[int, int]:
         """(mtime_ns, size) of ``path`` when it was last read."""
@@ -81,10 +76,13 @@ class BundleIndex:
 
     def scan(self, folder: str) -> dict[str, BundleEmbeddingData]:
         """{embedding name: data}; with two bundles defining one name, the first path (sorted) wins."""
+        from pivotal.formats.folder_scan import safetensors_files
+
         found: dict[str, BundleEmbeddingData] = {}
         seen: set[str] = set()
-        root = Path(folder)
-        for path in sorted(root.rglob("*.safetensors")) if root.is_dir() else []:
+        paths, skipped = safetensors_files(folder)
+        self.scan_warnings = skipped
+        for path in paths:
             key = str(path)
             seen.add(key)
             try:
@@ -92,15 +90,22 @@ class BundleIndex:
                 stamp = (st.st_mtime_ns, st.st_size)
                 cached = self._files.get(key)
                 if cached is None or cached[0] != stamp:
+                    self._files.pop(key, None)
                     self._files[key] = (stamp, parse_bundle_embeddings(key))
                     self.problems.pop(key, None)
-            except (PivotalError, OSError, ValueError) as e:
+            except (PivotalError, OSError) as e:
                 self.problems[key] = str(e)  # listed by the caller's log, never silently dropped
+                continue
+            except Exception as e:  # noqa: BLE001 - this runs inside every generation: a bug in
+                # reading one file must cost that file, never the user's picture
+                self.problems[key] = f"unexpected {type(e).__name__}: {e}"
                 continue
             for emb in self._files[key][1]:
                 found.setdefault(emb.name, emb)
         for gone in set(self._files) - seen:
             del self._files[gone]
+        for gone in set(self.problems) - seen:
+            del self.problems[gone]
         return found
 
 
@@ -146,6 +151,8 @@ class BundleRegistrar:
         available = self.index.scan(lora_dir)
         for path, problem in self.index.problems.items():
             self._warn_once(("problem", path), f"Pivotal: cannot read bundle {path}: {problem}")
+        for warning in self.index.scan_warnings:
+            self._warn_once(("scan", warning), f"Pivotal: {warning}")
         tagged = set(prompt_lora_names(p)) if from_tags else set()
         prompts = list(getattr(p, "all_prompts", None) or [getattr(p, "prompt", "")])
         prompts += list(getattr(p, "all_negative_prompts", None) or [getattr(p, "negative_prompt", "")])

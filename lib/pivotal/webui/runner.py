@@ -76,6 +76,20 @@ def taken_embedding_names(webui: Any) -> dict[str, str]:
     return taken
 
 
+def taken_names(webui: Any, config: TrainConfig, lora_dir: str) -> dict[str, str]:
+    """Every name a new embedding must not take in the webui (checklist 18): its embeddings (loaded or
+    skipped, and the files of its embeddings folder) and the bundles and LoRA aliases of its Lora folder."""
+    from pivotal.formats.name_registry import taken_names_for_run
+
+    cmd_opts = getattr(getattr(webui, "shared", None), "cmd_opts", None)
+    embeddings_dir = getattr(cmd_opts, "embeddings_dir", "") or ""
+    scanned, _ = taken_names_for_run(config.output_name, [lora_dir], [embeddings_dir] if embeddings_dir else [])
+    own = str(published_path(config, lora_dir))
+    # the webui keeps a bundle's embeddings registered after a generation: retraining it is no clash
+    known = {k: v for k, v in taken_embedding_names(webui).items() if not v.startswith(own)}
+    return {**scanned, **known}
+
+
 def published_path(config: TrainConfig, lora_dir: str) -> Path:
     """Where a run's bundle is published for the webui's Lora loader."""
     return Path(lora_dir) / f"{config.output_name}.safetensors"
@@ -142,7 +156,7 @@ def run_in_webui(config: TrainConfig, host: Any, on_event: Callable[[ProgressEve
             state.job_count = config.steps
             try:
                 result = train_fn(config, host, on_event=_StateBridge(state, on_event, stop, config.steps),
-                                  stop=stop, resume=resume, taken_names=taken_embedding_names(webui))
+                                  stop=stop, resume=resume, taken_names=taken_names(webui, config, lora_dir))
                 return _published(result, lora_dir, on_event)
             finally:
                 refresh_lora_list(webui)

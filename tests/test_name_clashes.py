@@ -1,0 +1,68 @@
+"""Checklist 18: a new embedding name already used by another bundle's embedding, a LoRA's name or
+an embeddings-folder file is refused before training starts, in the CLI/app (trainer: the output
+folder) and in the webui (runner: Lora folder, embeddings folder, the webui's database)."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pivotal.errors import EmbeddingNameError
+from pivotal.formats.name_registry import taken_names_for_run
+from pivotal.training.config import EmbeddingSpec, TrainConfig
+from pivotal.training.trainer import train
+from pivotal.webui import runner
+
+
+def _bundle(path: Path, *names: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({f"bundle_emb.{n}.string_to_param.*": torch.zeros(1, 8) for n in names}
+              | {"lora_unet_x.alpha": torch.tensor(1.0)}, str(path))
+    return path
+
+
+def _config(out: Path, *names: str, output_name: str = "newrun") -> TrainConfig:
+    return TrainConfig(out_dir=str(out), output_name=output_name, data_dir=str(out),
+                       embeddings=[EmbeddingSpec(n) for n in names])
+
+
+def test_scan_names_other_bundles_loras_and_embedding_files_not_own_saves(tmp_path: Path) -> None:
+    loras, embs = tmp_path / "Lora", tmp_path / "embeddings"
+    other = _bundle(loras / "sub" / "otherbundle.safetensors", "theirchar")
+    _bundle(loras / "newrun.safetensors", "mychar")  # this run's earlier save
+    _bundle(loras / "newrun-step000100.safetensors", "mychar")
+    _bundle(loras / "newrun.resume.safetensors", "mychar")
+    embs.mkdir()
+    (embs / "folderchar.pt").write_bytes(b"x")
+    taken, warnings = taken_names_for_run("newrun", [loras], [embs])
+    assert taken == {"otherbundle": f"the LoRA {other}", "theirchar": f"the bundle {other}",
+                     "folderchar": f"{embs / 'folderchar.pt'} in the embeddings folder"}
+    assert warnings == []
+
+
+@pytest.mark.parametrize("name,where", [("TheirChar", "the bundle"), ("otherbundle", "the LoRA")])
+def test_trainer_refuses_a_clash_in_the_output_folder_before_anything_runs(tmp_path: Path, name: str,
+                                                                          where: str) -> None:
+    _bundle(tmp_path / "otherbundle.safetensors", "theirchar")
+    host = object()  # never reached: the refusal comes first
+    with pytest.raises(EmbeddingNameError, match=rf"embedding name '{name}' is already used by {where} .*otherbundle"):
+        train(_config(tmp_path, name), host)  # type: ignore[arg-type]
+
+
+def test_webui_runner_names_lora_folder_embeddings_folder_and_database(tmp_path: Path) -> None:
+    loras, embs = tmp_path / "Lora", tmp_path / "embeddings"
+    _bundle(loras / "otherbundle.safetensors", "theirchar")
+    _bundle(loras / "newrun.safetensors", "mychar")
+    embs.mkdir()
+    (embs / "folderchar.safetensors").write_bytes(b"x")
+    own = types.SimpleNamespace(filename=str(loras / "newrun.safetensors") + "/mychar")
+    loaded = types.SimpleNamespace(filename="/x/dbchar.pt")
+    db = types.SimpleNamespace(word_embeddings={"mychar": own, "dbchar": loaded}, skipped_embeddings={})
+    webui = types.SimpleNamespace(embedding_db=db, shared=types.SimpleNamespace(
+        cmd_opts=types.SimpleNamespace(embeddings_dir=str(embs))))
+    taken = runner.taken_names(webui, _config(tmp_path, "mychar"), str(loras))
+    assert set(taken) == {"otherbundle", "theirchar", "folderchar", "dbchar"}  # retraining mychar is fine
