@@ -98,6 +98,11 @@ class LoraModule(nn.Module):
     def scale(self) -> float:
         return self.algorithm.scale
 
+    @property
+    def dropout(self) -> float:
+        """The largest activation dropout of its algorithm modules (0 when none drops out)."""
+        return max(float(getattr(a, "dropout", 0.0)) for a in self.algorithms)
+
     def module_names(self) -> list[str]:
         """The kohya module names (key before the first '.') this adapter reads and writes."""
         return [self.key + s for s in self.kind.weight_suffixes()]

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+from pivotal.adapters.algorithms import registry as _registry
 from pivotal.errors import BundleError
 
 
@@ -60,14 +61,32 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     Algorithm("LoRA", ("lora_down.weight", "lora_up.weight", "alpha"), _LORA, supported=True),
     Algorithm("LoRA (peft)", ("lora_A.weight", "lora_B.weight"), _PEFT, supported=True),
 )
-#: Every weight name some algorithm has: the suffixes that make a key a LoRA-module key.
+#: Every weight name some built-in algorithm has: the suffixes that make a key a LoRA-module key.
 WEIGHT_NAMES: frozenset[str] = frozenset(w for a in ALGORITHMS for w in a.weights)
+
+
+def _plugins() -> list[Algorithm]:
+    """Algorithms registered with :mod:`pivotal.adapters.algorithms` beyond the built-in table
+    (a plug-in's, a test's): read and applied like the built-ins, under their own tensor names."""
+    found = []
+    for name in _registry.algorithm_names():
+        cls = _registry.algorithm_class(name)
+        names = tuple(cls.tensor_names)
+        if not set(names) <= WEIGHT_NAMES:
+            found.append(Algorithm(name, names, names + ("alpha",), supported=True))
+    return found
+
+
+def weight_names() -> frozenset[str]:
+    """:data:`WEIGHT_NAMES` plus the tensor names of registered plug-in algorithms."""
+    extra = [w for a in _plugins() for w in a.weights]
+    return WEIGHT_NAMES | frozenset(extra) if extra else WEIGHT_NAMES
 
 
 def algorithm_of(weights: Iterable[str]) -> Algorithm | None:
     """The algorithm of a module with these weight names (None when no algorithm claims them)."""
     names = set(weights)
-    for algo in ALGORITHMS:
+    for algo in (*ALGORITHMS, *_plugins()):
         if algo.matches(names):
             return algo
     return None
@@ -80,7 +99,7 @@ def split_module_key(key: str) -> tuple[str, str] | None:
     ``unet.down_blocks.0…``): the longest known weight name that ends the key wins.
     """
     best: tuple[str, str] | None = None
-    for w in WEIGHT_NAMES:
+    for w in weight_names():
         if key.endswith("." + w) and len(key) > len(w) + 1 and (best is None or len(w) > len(best[1])):
             best = (key[: -len(w) - 1], w)
     return best
