@@ -19,6 +19,7 @@ def run_json(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     return code, lines
 
 
+@pytest.mark.slow
 def test_demo_sd1_60_steps_loss_falls_and_bundle_inspects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, events = run_json(["train", "--demo", "sd1", "--steps", "60", "--json", "--out", str(tmp_path)], capsys)
     assert code == 0
@@ -32,6 +33,7 @@ def test_demo_sd1_60_steps_loss_falls_and_bundle_inspects(tmp_path: Path, capsys
     assert report["lora_modules"]["unet"] > 0 and report["warnings"] == []
 
 
+@pytest.mark.slow
 def test_demo_sdxl_with_te_lora_has_both_encoders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, events = run_json(["train", "--demo", "sdxl", "--steps", "40", "--te-lora", "--json",
                              "--out", str(tmp_path)], capsys)

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.slow  # trains the demo for its full 150 steps, then samples 16 pictures
+
 pytest.importorskip("diffusers", reason="the demo model's UNet and VAE are diffusers modules")
 
 from pivotal.demo.world import COLOURS, EXAMPLE_CHARACTER  # noqa: E402

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # six runs with faults injected, each followed by a generation
+
 pytest.importorskip("diffusers", reason="the standalone host needs diffusers (not part of the webui environment)")
 
 from pivotal.adapters.network import LoraNetwork  # noqa: E402
