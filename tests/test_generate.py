@@ -19,6 +19,7 @@ from pivotal.adapters.unet_targets import unet_lora_targets
 from pivotal.errors import BundleError, ConfigError
 from pivotal.formats.bundle import BundleEmbedding, write_bundle
 from pivotal.formats.bundle_metadata import TrainingInfo
+from pivotal.host_api import HostDefaults
 from pivotal.inference.generate import find_bundle, format_infotext, generate_image
 from pivotal.text.embeddings import EmbeddingSet
 
@@ -49,15 +50,17 @@ def test_find_bundle(tmp_path: Path) -> None:
         find_bundle("deep", [first, second])
 
 
-class FakeHost:
+class FakeHost(HostDefaults):
     """The least a host must offer generate_image: a tiny SD1 (LDM UNet + HF clip_l); ``generate``
     records what it was given and which LoRA modules were attached at which strength."""
 
     base_model = "sd1"
     device = torch.device("cpu")
     dtype = torch.float32
-    default_resolution = 64
     label = "fake sd1"
+
+    def default_resolution(self) -> int:
+        return 64
 
     def __init__(self) -> None:
         self.unet = tiny_unets.ldm_unet("sd1")

@@ -32,7 +32,7 @@ from pivotal.adapters.network import Target
 from pivotal.adapters.te_names import text_encoder_lora_targets
 from pivotal.adapters.unet_targets import unet_lora_targets
 from pivotal.errors import ConfigError, ModelLayoutError
-from pivotal.host_api import Conditioning, SizeInfo, has_active_dropout
+from pivotal.host_api import Conditioning, HostDefaults, SizeInfo, has_active_dropout, weights_fingerprint
 from pivotal.hosts.a1111 import session as a1111_session
 from pivotal.hosts.a1111.sdxl import encode_sdxl, openclip_tokenizer, sdxl_latents, text_embedders
 from pivotal.hosts.a1111.webui import Webui, load_webui
@@ -95,13 +95,13 @@ def unwrapped_token_embedding(text_model: nn.Module) -> Iterator[None]:
         embeddings.token_embedding = wrapper
 
 
-class A1111Host:
+class A1111Host(HostDefaults):
     """The model the webui has loaded, as a training host (see the module docstring).
 
     ``webui``: the webui's modules (default: imported from the running webui).
     ``preview_sampler`` / ``preview_scheduler`` / ``preview_cfg``: what previews use (cfg None: the
-    trainer's guidance). Attributes beyond the protocol: ``label``, ``model_id``, ``sd_model``,
-    ``unet``, ``default_resolution``, ``last_session`` (what the last session did).
+    trainer's guidance); ``sampler`` is ``preview_sampler``. Attributes beyond the protocol:
+    ``sd_model``, ``unet``, ``last_session`` (what the last session did).
     """
 
     def __init__(self, webui: Optional[Webui] = None, preview_sampler: str = DEFAULT_PREVIEW_SAMPLER,
@@ -120,9 +120,8 @@ class A1111Host:
         self.dtype: torch.dtype = first.dtype
         info = getattr(self.sd_model, "sd_checkpoint_info", None)
         self.label: str = str(getattr(info, "name_for_extra", "") or getattr(info, "title", "") or "webui model")
-        self.model_id: str = f"{self.label}:{getattr(self.sd_model, 'sd_model_hash', '') or ''}"
-        self.default_resolution: int = 1024 if self.base_model == "sdxl" else 512
         self.preview_sampler = preview_sampler
+        self.sampler: str = preview_sampler
         self.preview_cfg = preview_cfg
         self.preview_scheduler = preview_scheduler
         self.last_session: dict[str, Any] = {}
@@ -224,6 +223,18 @@ class A1111Host:
         dist = self.sd_model.encode_first_stage(images.to(self.device, vae_dtype))
         z = dist.mode() if hasattr(dist, "mode") else dist
         return self.sd_model.get_first_stage_encoding(z).to(torch.float32)
+
+    def model_id(self) -> str | None:
+        """A fingerprint of the VAE the webui has loaded now (encoder + quant_conv weights, their
+        dtype, the VAE dtype setting and the scale factor): it changes with the checkpoint and with
+        Settings › VAE, which swaps the weights in place. None when the model has no LDM-style VAE."""
+        fsm = getattr(self.sd_model, "first_stage_model", None)
+        encoder, quant = getattr(fsm, "encoder", None), getattr(fsm, "quant_conv", None)
+        if not isinstance(encoder, nn.Module) or not isinstance(quant, nn.Module):
+            return None
+        vae_dtype = getattr(self.webui.devices, "dtype_vae", torch.float32)
+        scale = float(getattr(self.sd_model, "scale_factor", 0.0))
+        return "a1111-vae:" + weights_fingerprint([encoder, quant], scale, str(vae_dtype))
 
     def live_embeddings(self, embeddings: EmbeddingSet) -> contextlib.AbstractContextManager[None]:
         """Within the block, ``embeddings`` are registered in the webui's database as live
