@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pivotal.errors import ConfigError, TrainingError
+from pivotal.errors import ConfigError, EmbeddingNameError, TrainingError
 from pivotal.training.config import EmbeddingSpec, TrainConfig, load_config_file
 from pivotal.training.losses import add_noise, min_snr_weights, training_target
 from pivotal.training.optim import GroupSpec, apply_lrs, build_optimizer, phase_of, pull_norms, schedule_factor
@@ -59,6 +59,22 @@ def test_from_dict_refuses_unknown_and_wrong_types(tmp_path: Path) -> None:
     bad.write_text("{nope")
     with pytest.raises(ConfigError, match="config .*bad.json is not valid json"):
         load_config_file(bad)
+
+
+def test_out_dir_naming_a_bundle_file_means_that_file(tmp_path: Path) -> None:
+    """``pivotal train --out X.safetensors`` writes the bundle to X, not into a folder named X."""
+    c = cfg(out_dir=str(tmp_path / "runs" / "Hero.safetensors"))
+    assert (c.out_dir, c.output_name) == (str(tmp_path / "runs"), "Hero")
+    c = TrainConfig.from_dict({"out_dir": "b.SAFETENSORS", "output_name": "b"})  # the same name twice is fine
+    assert (c.out_dir, c.output_name) == (".", "b")
+    assert cfg(out_dir=str(tmp_path / "runs")).out_dir == str(tmp_path / "runs")  # a folder stays a folder
+    (tmp_path / "old.safetensors").mkdir()  # ... also one whose name ends so (made by earlier versions)
+    assert cfg(out_dir=str(tmp_path / "old.safetensors")).output_name == "pivotal"
+    with pytest.raises(ConfigError, match=r"out_dir '.*x.safetensors' names the bundle file x.safetensors but "
+                                          r"output_name is 'y'"):
+        cfg(out_dir=str(tmp_path / "x.safetensors"), output_name="y")
+    with pytest.raises(EmbeddingNameError, match="embedding name .a b."):
+        cfg(out_dir=str(tmp_path / "a b.safetensors"))  # the stem must be a valid bundle name
 
 
 # -- schedules and phases ----------------------------------------------------------------------

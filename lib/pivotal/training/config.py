@@ -122,9 +122,13 @@ class TrainConfig:
     conv_tucker: bool = False         # k x k convs: a Tucker core (lora_mid / hada_t1,t2 / lokr_t2)
     lokr_factor: int = -1             # LoKr: the small Kronecker factor's size (-1: as square as possible)
 
+    def __post_init__(self) -> None:
+        _out_dir_naming_a_bundle(self)  # before anything (the CLI's demo data) writes under out_dir
+
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         """Check every value; return self. Raises ConfigError naming the setting."""
+        _out_dir_naming_a_bundle(self)
         if not self.embeddings:
             raise ConfigError("embeddings: at least one embedding is needed (e.g. --embedding mychar:2:woman)")
         seen = set()
@@ -298,3 +302,17 @@ def _fraction(cfg: TrainConfig, *names: str) -> None:
 def _choice(cfg: TrainConfig, name: str, allowed: tuple[str, ...]) -> None:
     if getattr(cfg, name) not in allowed:
         raise ConfigError(f"{name}: {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+
+
+def _out_dir_naming_a_bundle(cfg: TrainConfig) -> None:
+    """``out_dir`` given as ``DIR/NAME.safetensors`` (``pivotal train --out X.safetensors``) means
+    the bundle's path: out_dir becomes DIR and output_name NAME (an existing folder of that name
+    stays a folder). Refused when output_name was also set to another name."""
+    path = Path(cfg.out_dir)
+    if path.suffix.lower() != ".safetensors" or path.is_dir():
+        return
+    default = next(f.default for f in dataclasses.fields(cfg) if f.name == "output_name")
+    if cfg.output_name not in (default, path.stem):
+        raise ConfigError(f"out_dir {cfg.out_dir!r} names the bundle file {path.name} but output_name is "
+                          f"{cfg.output_name!r}; give a folder as out_dir, or leave output_name out")
+    cfg.out_dir, cfg.output_name = str(path.parent), path.stem
