@@ -135,7 +135,8 @@ def test_demo_dataset_is_deterministic_and_usable(tmp_path: Path) -> None:
     assert [p.read_bytes() for p in paths] != [p.read_bytes() for p in other]
     caption = paths[0].with_suffix(".txt").read_text(encoding="utf-8")
     assert caption.startswith("[mychar] a") and " background, " in caption and caption.endswith("\n")
-    dataset, report = prepare_dataset(DatasetOptions(folder=tmp_path / "a", resolution=64, bucket_step=16), {"mychar": 2})
+    dataset, report = prepare_dataset(DatasetOptions(folder=tmp_path / "a", resolution=64, bucket_step=16),
+                                      {"mychar": 2})
     assert len(dataset) == 8 and report.ok and len(report.buckets) == 3 and not report.missing_captions
     assert all(item.caption.startswith("mychar a") for item in dataset.items)
 

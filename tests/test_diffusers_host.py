@@ -355,7 +355,8 @@ def test_folder_round_trip(hosts: dict[str, DiffusersHost], base: str, tmp_path:
     a = host.encode_prompts(PROMPTS, embs).context
     b = loaded.encode_prompts(PROMPTS, embs).context
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert loaded.tokenizer(host.encoder_keys()[-1]).pad_token_id == host.tokenizer(host.encoder_keys()[-1]).pad_token_id
+    last = host.encoder_keys()[-1]
+    assert loaded.tokenizer(last).pad_token_id == host.tokenizer(last).pad_token_id
 
 
 def test_folder_errors(hosts: dict[str, DiffusersHost], tmp_path: Path) -> None:

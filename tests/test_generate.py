@@ -113,10 +113,12 @@ def write_test_bundle(path: Path, targets: list, vocab: dict[str, torch.Tensor],
 def fake(tmp_path: Path) -> FakeHost:
     host = FakeHost()
     vocab = {"clip_l": host.vocabulary("clip_l")}
-    write_test_bundle(tmp_path / "mine.safetensors", host.lora_targets("unet", "attn") + host.lora_targets("te", "attn"),
+    write_test_bundle(tmp_path / "mine.safetensors",
+                      host.lora_targets("unet", "attn") + host.lora_targets("te", "attn"),
                       vocab)
     write_test_bundle(tmp_path / "other.safetensors", host.lora_targets("unet", "attn"), vocab, emb_name="Mychar")
-    write_test_bundle(tmp_path / "te_only.safetensors", host.lora_targets("te", "attn-mlp")[4:6], vocab, emb_name="tok2")
+    write_test_bundle(tmp_path / "te_only.safetensors", host.lora_targets("te", "attn-mlp")[4:6], vocab,
+                      emb_name="tok2")
     return host
 
 

@@ -113,7 +113,8 @@ def test_interrupt_discard_saves_nothing(host, data_dir: Path, tmp_path: Path) -
 
 def test_resume_refuses_other_settings(host, data_dir: Path, tmp_path: Path) -> None:
     train(config(data_dir, tmp_path, steps=2), host)
-    with pytest.raises(TrainingError, match=r"t.resume.safetensors: was made with other settings: steps=2 there, 4 now; unet_rank=4 there, 2 now"):
+    with pytest.raises(TrainingError, match=r"t.resume.safetensors: was made with other settings: "
+                                             r"steps=2 there, 4 now; unet_rank=4 there, 2 now"):
         train(config(data_dir, tmp_path, steps=4, unet_rank=2), host, resume=str(tmp_path / "t.resume.safetensors"))
     with pytest.raises(TrainingError, match="the run already reached step 2 of 2"):
         train(config(data_dir, tmp_path, steps=2), host, resume=str(tmp_path / "t.resume.safetensors"))

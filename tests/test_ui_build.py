@@ -122,8 +122,8 @@ def test_tabs_embed_in_an_existing_blocks(tmp_path: Path) -> None:
 
 
 def test_parser_and_package_do_not_import_gradio() -> None:
-    code = ("import sys; import pivotal.ui, pivotal.training.job; from pivotal.cli.main import build_parser; build_parser(); "
-            "print('gradio' in sys.modules)")
+    code = ("import sys; import pivotal.ui, pivotal.training.job; from pivotal.cli.main import build_parser; "
+            "build_parser(); print('gradio' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={"PYTHONPATH": str(LIB), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr

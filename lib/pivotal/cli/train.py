@@ -121,7 +121,8 @@ def run_train(args: argparse.Namespace) -> int:
         stop.set()
         print("interrupt: stopping at the next step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
 
-    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
     try:
         result = train(cfg, host, _printer(args.json), stop, resume=args.resume)
     finally:

@@ -144,7 +144,8 @@ class LatentCache:
             latent = load_tensors(header)[LATENT_KEY]
             if latent.dim() != 4 or latent.shape[0] != 1 or latent.dtype != torch.float32 \
                     or not torch.isfinite(latent).all():
-                raise BundleError(path, f"latent {tuple(latent.shape)} {latent.dtype} is not a finite fp32 (1, C, h, w)")
+                raise BundleError(path, f"latent {tuple(latent.shape)} {latent.dtype} "
+                                        "is not a finite fp32 (1, C, h, w)")
         except BundleError as e:
             self.warnings.append(f"latent cache entry for {item.name} is unusable ({e}); re-encoding it")
             return None

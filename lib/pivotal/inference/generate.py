@@ -170,7 +170,10 @@ def format_infotext(info: dict[str, Any]) -> str:
 
         PROMPT
         Negative prompt: NEGATIVE
-        Steps: 20, Sampler: Euler, CFG scale: 7.0, Seed: 0, Size: 512x512, Model: ..., Lora hashes: "a: 0123abcd4567", Version: pivotal 0.1.0
+        Steps: 20, Sampler: Euler, CFG scale: 7.0, Seed: 0, Size: 512x512, Model: ...,
+        Lora hashes: "a: 0123abcd4567", Version: pivotal 0.1.0
+
+    (the last two lines are one line in the text, wrapped here)
     """
     lines = [info["prompt"]]
     if info["negative"]:

@@ -108,7 +108,7 @@ class TrainConfig:
     max_bad_steps: int = 5            # consecutive non-finite losses before the run stops
 
     save_every: int = 0               # 0 = only at the end
-    save_precision: str = "fp16"      # LoRA weights in the bundle (embeddings always fp32): half the size, no visible loss
+    save_precision: str = "fp16"      # LoRA weights in the bundle (embeddings: fp32): half the size, no visible loss
     on_interrupt: str = "save"
     preview_every: int = 0
     preview_prompts: list[str] = field(default_factory=list)

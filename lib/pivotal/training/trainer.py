@@ -260,7 +260,8 @@ class _Run:
             fault_point("preview", self.step)
             with torch.no_grad():
                 for i, prompt in enumerate(prompts):
-                    image = self.host.generate(prompt, "", self.embeddings, cfg.preview_steps, cfg.seed, size, size, 7.0)
+                    image = self.host.generate(prompt, "", self.embeddings, cfg.preview_steps, cfg.seed,
+                                               size, size, 7.0)
                     path = folder / f"{cfg.output_name}-step{self.step:06d}-{i}.png"
                     image.save(path)
                     self.emit(ProgressEvent("preview", step=self.step, total=cfg.steps, path=str(path), image=image,

@@ -51,7 +51,8 @@ DEFAULT_PREVIEW_SCHEDULER = "Automatic"
 
 def detect_base(sd_model: Any) -> str:
     """"sd1" or "sdxl" from the webui's type flags; ModelLayoutError for the kinds not supported."""
-    for flag, kind in (("is_sd2", "SD2"), ("is_sd3", "SD3"), ("is_ssd", "SSD-1B"), ("is_sdxl_inpaint", "SDXL inpainting")):
+    for flag, kind in (("is_sd2", "SD2"), ("is_sd3", "SD3"), ("is_ssd", "SSD-1B"),
+                       ("is_sdxl_inpaint", "SDXL inpainting")):
         if getattr(sd_model, flag, False):
             raise ModelLayoutError(f"the loaded checkpoint is {kind}; Pivotal's webui host supports SD1 and SDXL "
                                    "checkpoints (load one in the webui)")
@@ -63,7 +64,8 @@ def detect_base(sd_model: Any) -> str:
         raise ModelLayoutError(f"{type(sd_model).__name__}: no model.diffusion_model UNet (not an A1111/ldm model; "
                                "Forge-style backends are not supported by this host)")
     wrapper = sd_model.model
-    if getattr(wrapper, "conditioning_key", "crossattn") != "crossattn" or int(getattr(wrapper.diffusion_model, "in_channels", 4)) != 4:
+    if (getattr(wrapper, "conditioning_key", "crossattn") != "crossattn"
+            or int(getattr(wrapper.diffusion_model, "in_channels", 4)) != 4):
         raise ModelLayoutError("the loaded checkpoint is an inpainting/depth/edit model; train on a plain checkpoint")
     return "sdxl" if getattr(sd_model, "is_sdxl", False) else "sd1"
 
@@ -73,7 +75,8 @@ def plain_token_embedding(module: nn.Module) -> nn.Embedding:
     module itself when it is not wrapped)."""
     inner = getattr(module, "wrapped", module)
     if not isinstance(inner, nn.Embedding):
-        raise ModelLayoutError(f"{type(module).__name__}: expected the token nn.Embedding (or the webui's wrapper of one)")
+        raise ModelLayoutError(f"{type(module).__name__}: expected the token nn.Embedding "
+                               "(or the webui's wrapper of one)")
     return inner
 
 
@@ -150,7 +153,8 @@ class A1111Host(HostDefaults):
 
     def _check_key(self, key: str) -> None:
         if key not in self.encoder_keys():
-            raise ModelLayoutError(f"encoder key {key!r}: this {self.base_model} model has {', '.join(self.encoder_keys())}")
+            raise ModelLayoutError(f"encoder key {key!r}: this {self.base_model} model has "
+                                   f"{', '.join(self.encoder_keys())}")
 
     def vocabulary(self, key: str) -> torch.Tensor:
         """(V, dim) token-embedding weight, detached (shares storage: never written)."""

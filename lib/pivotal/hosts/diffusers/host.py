@@ -86,7 +86,8 @@ class DiffusersHost(HostDefaults):
         cfg = self.unet.config
         if int(cfg.in_channels) != self.latent_channels:
             raise ModelLayoutError(f"{source}: the UNet takes {cfg.in_channels} input channels but the VAE makes "
-                                   f"{self.latent_channels}-channel latents (inpainting/depth models are not supported)")
+                                   f"{self.latent_channels}-channel latents "
+                                   "(inpainting/depth models are not supported)")
         width = sum(int(te.config.hidden_size) for te in self._encoders.values())
         if int(cfg.cross_attention_dim) != width:
             raise ModelLayoutError(f"{source}: the UNet attends to {cfg.cross_attention_dim}-wide context but the "
