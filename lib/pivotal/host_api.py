@@ -6,7 +6,8 @@ embeddings in), runs the UNet, and restores itself afterwards. Nothing in the co
 
 Tensor conventions:
 * images: (B, 3, H, W) float in [-1, 1];
-* latents: (B, C, H/8, W/8), already multiplied by the VAE scale factor;
+* latents: (B, C, H/8, W/8) fp32 on the host's ``device``, already multiplied by the VAE scale
+  factor (the trainer keeps them there: only a cached batch is copied in, once per step);
 * timesteps: (B,) long in [0, num_train_timesteps);
 * conditioning: an opaque :class:`Conditioning` made by the host and handed back to it.
 """
@@ -51,8 +52,9 @@ class TrainingHost(Protocol):
     """What a host provides to the trainer (and to :func:`pivotal.inference.generate.generate_image`).
 
     To write a host: subclass :class:`HostDefaults` (it supplies the optional members below with
-    their documented defaults; override what the host knows) and implement the rest. Nothing probes
-    a host with ``getattr``: a member missing here is a type error, not a silent fallback.
+    their documented defaults; override what the host knows), implement the rest, and add the class
+    to ``tests/host_protocol_check.py`` (CI's mypy then checks it against this Protocol). Nothing
+    probes a host with ``getattr``: a member missing here is a type error, not a silent fallback.
     """
 
     #: "sd1" or "sdxl"
