@@ -66,7 +66,8 @@ def denoise_loss(host: DiffusersHost, data: DenoiseSet, captions: Sequence[str],
     for start in range(0, len(caps), 48):
         end = min(start + 48, len(caps))
         cond = host.encode_prompts(caps[start:end], embeddings)
-        pred = host.predict(noisy[start:end].to(host.device, host.dtype), data.timesteps[start:end].to(host.device), cond)
+        pred = host.predict(noisy[start:end].to(host.device, host.dtype), data.timesteps[start:end].to(host.device),
+                            cond)
         total += float(((pred.float().cpu() - data.noise[start:end]) ** 2).mean(dim=(1, 2, 3)).sum())
         count += end - start
     return total / count

@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report(rows, sweep_rows, seeds, args)
     write_json(args.json, {"benchmark": "efficacy", "machine": machine_info(), "common": COMMON, "methods": METHODS,
-                           "vectors": VECTORS, "seeds": seeds, "concepts": {k: vars(CONCEPTS[k]) for k in args.concepts},
+                           "vectors": VECTORS, "seeds": seeds,
+                           "concepts": {k: vars(CONCEPTS[k]) for k in args.concepts},
                            "rows": rows, "sweep": sweep_rows, "shifted_model": shift_note,
                            "load_average_end": load_average(), "wall_s": time.perf_counter() - started})
     return 0
@@ -269,14 +270,16 @@ def report(rows: list[dict], sweep_rows: list[dict], seeds: list[int], args: arg
         sweep_seeds = sorted({r["seed"] for r in sweep_rows})
 
         def of(label: str) -> list[dict]:
-            rows_ = pick("pivotal") if label == "pivotal (default)" else [r for r in sweep_rows if r["setting"] == label]
+            rows_ = (pick("pivotal") if label == "pivotal (default)"
+                     else [r for r in sweep_rows if r["setting"] == label])
             return [r for r in rows_ if r["seed"] in sweep_seeds]  # the same seeds on every line
 
         print_table(["setting", "fit", "drift %", "emb alone share"],
                     [[lab, mean_sd(seed_means(of(lab), "gain_full", sweep_seeds)),
                       mean_sd(seed_means(of(lab), "drift_pct", sweep_seeds)),
                       mean_sd(seed_means(of(lab), "share_emb", sweep_seeds))] for lab in labels],
-                    title=f"Choosing the defaults: pivotal with one setting changed (seeds {sweep_seeds}, concept mean)")
+                    title="Choosing the defaults: pivotal with one setting changed "
+                          f"(seeds {sweep_seeds}, concept mean)")
 
 
 if __name__ == "__main__":

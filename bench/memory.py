@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results = []
     for mode in args.modes:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", mode, "--steps", str(args.steps)],
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", mode,
+                               "--steps", str(args.steps)],
                               cwd=ROOT, capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:

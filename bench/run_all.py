@@ -92,8 +92,8 @@ def render(results: dict[str, dict], runs: dict[str, dict]) -> str:
     ab = results.get("optim_ab")
     if ab:
         parts.append("\n### Step optimizations: Pivotal now vs with them switched off (interleaved, same process)\n")
-        parts.append(_table(["model", "case", "before ms/step", "now ms/step", "now / before", "IQR", "min–max", "pairs",
-                             "tokenizing a step's captions: before µs", "now µs"],
+        parts.append(_table(["model", "case", "before ms/step", "now ms/step", "now / before", "IQR", "min–max",
+                             "pairs", "tokenizing a step's captions: before µs", "now µs"],
                             [[r["model"], r["case_label"], _ms(r["seconds_per_step"]["before"]),
                               _ms(r["seconds_per_step"]["now"]), f"**{r['ratio']['median']:.3f}**",
                               f"{r['ratio']['q1']:.3f}–{r['ratio']['q3']:.3f}",

@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                      if r["cuda_peak_mib"] else "-"])
     print_table(["model", "case", "pivotal ms/step", "reference ms/step", "ratio P/R", "spread of ratio",
                  "pairs", "loss max rel diff", "GFLOP/s P/R", "CUDA peak MiB P/R"], rows,
-                title="Training step time, Pivotal vs reference (median of interleaved pairs; lower ratio = Pivotal faster)")
+                title="Training step time, Pivotal vs reference "
+                      "(median of interleaved pairs; lower ratio = Pivotal faster)")
     payload = {"benchmark": "step_time", "machine": machine_info(), "results": results,
                "wall_s": time.perf_counter() - started, "quick": args.quick}
     write_json(args.json, payload)

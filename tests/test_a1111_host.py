@@ -93,6 +93,17 @@ class FakeCond(nn.Module):
         return torch.stack(rows)
 
 
+def fake_vae(seed: int = 0) -> nn.Module:
+    """The webui's AutoencoderKL as far as the latent cache's model id reads it: ``encoder`` and
+    ``quant_conv`` (tiny convolutions, seeded)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vae = nn.Module()
+        vae.encoder = nn.Conv2d(3, 8, 3, padding=1)
+        vae.quant_conv = nn.Conv2d(8, 8, 1)
+    return vae
+
+
 def make_webui(optimizer: str = "InvokeAI") -> Webui:
     db = FakeDb()
     hijack = types.SimpleNamespace(embedding_db=db, fixes=None, comments=[], extra_generation_params={},
@@ -114,6 +125,8 @@ def make_webui(optimizer: str = "InvokeAI") -> Webui:
     model.parameterization = "eps"
     model.alphas_cumprod_original = torch.linspace(0.99, 0.01, 1000, dtype=torch.float64)
     model.is_sd1 = True
+    model.first_stage_model = fake_vae()
+    model.scale_factor = 0.18215
     proc = types.SimpleNamespace(StableDiffusionProcessing=type("P", (), {"cached_c": [1, 2], "cached_uc": [3, 4]}))
     shared = types.SimpleNamespace(sd_model=model, state=types.SimpleNamespace())
     return Webui(shared=shared, devices=types.SimpleNamespace(dtype_vae=torch.float32), sd_hijack=sd_hijack,
@@ -142,6 +155,28 @@ def test_protocol_basics_read_off_the_loaded_model() -> None:
     with pytest.raises(ModelLayoutError):
         host.vocabulary("clip_g")
     assert host.text_encoding_is_deterministic()  # SD's CLIP has no dropout
+    assert host.label == "webui model" and host.default_resolution() == 512
+
+
+def test_model_id_names_the_loaded_vae() -> None:
+    """The latent cache's key follows the VAE the webui has loaded (Settings › VAE swaps its
+    weights in place), its dtype setting and scale factor, and nothing else (not the label)."""
+    webui = make_webui()
+    host = A1111Host(webui)
+    first = host.model_id()
+    assert first is not None and first.startswith("a1111-vae:") and A1111Host(make_webui()).model_id() == first
+    host.sd_model.model.diffusion_model.time_embed[0].bias.data += 1  # the UNet is not the VAE
+    assert host.model_id() == first
+    host.sd_model.first_stage_model.load_state_dict(fake_vae(seed=1).state_dict())  # another VAE selected
+    second = host.model_id()
+    assert second != first
+    webui.devices.dtype_vae = torch.float16  # --no-half-vae off: latents come from an fp16 VAE
+    assert host.model_id() not in (first, second)
+    host.sd_model.scale_factor = 0.13025
+    webui.devices.dtype_vae = torch.float32
+    assert host.model_id() not in (first, second)
+    del host.sd_model.first_stage_model  # no LDM-style VAE: the host says it cannot tell
+    assert host.model_id() is None
 
 
 def test_text_encoder_targets_found_behind_the_webui_wrapper_which_stays() -> None:

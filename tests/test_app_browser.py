@@ -45,7 +45,8 @@ def _missing() -> str:
     return ""
 
 
-pytestmark = pytest.mark.skipif(bool(_missing()), reason=_missing() or "ready")
+pytestmark = [pytest.mark.slow, pytest.mark.browser,
+              pytest.mark.skipif(bool(_missing()), reason=_missing() or "ready")]
 
 
 def _free_port() -> int:

@@ -187,10 +187,12 @@ def test_structural_errors(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match=r"\[bundle_emb.e\]: clip_l and clip_g have different vector counts \[2, 3\]"):
         read_bundle(raw_bundle(tmp_path / "c.safetensors", x))
     with pytest.raises(BundleError, match=r"d.safetensors \[bundle_emb.e.clip_l\]: dtype I64 is not a float type"):
-        read_bundle(raw_bundle(tmp_path / "d.safetensors", {"bundle_emb.e.clip_l": torch.zeros(2, 4, dtype=torch.int64)}))
+        read_bundle(raw_bundle(tmp_path / "d.safetensors",
+                               {"bundle_emb.e.clip_l": torch.zeros(2, 4, dtype=torch.int64)}))
     with pytest.raises(BundleError, match=r"holds neither LoRA weights \(kohya, peft/diffusers\) nor usable"):
         read_bundle(raw_bundle(tmp_path / "e.safetensors", {"foo": torch.zeros(1)}))
-    with pytest.raises(BundleError, match=r"\[bundle_emb.e.string_to_param.\*\]: embedding 'e' has more than one clip_l"):
+    with pytest.raises(BundleError,
+                       match=r"\[bundle_emb.e.string_to_param.\*\]: embedding 'e' has more than one clip_l"):
         read_bundle(raw_bundle(tmp_path / "f.safetensors", {"bundle_emb.e.clip_l": torch.zeros(1, 4),
                                                             "bundle_emb.e.string_to_param.*": torch.zeros(1, 4)}))
 

@@ -160,7 +160,8 @@ def test_sdxl_te2_lora_from_open_clip_matches_on_hf_encoder(tmp_path: Path) -> N
     converted = openclip_to_hf_state_dict(model.te2.state_dict(), prefix="text_model.")
     missing, unexpected = hf.load_state_dict(converted, strict=False)
     assert not unexpected and all("position_ids" in k for k in missing)
-    ids = torch.tensor([tiny_text.clip_tokenizer()("a photo of a cat", padding="max_length", max_length=77)["input_ids"]])
+    tok = tiny_text.clip_tokenizer()
+    ids = torch.tensor([tok("a photo of a cat", padding="max_length", max_length=77)["input_ids"]])
     with net.attached():
         want = tiny_text.encode_openclip(model.te2, ids)
     hf_targets = text_encoder_lora_targets(hf, "te2", "attn-mlp")
@@ -226,7 +227,8 @@ def test_sdxl_exported_embeddings_load_in_diffusers(tmp_path: Path) -> None:
         pipe.load_textual_inversion(sd["clip_g"], token=name, text_encoder=pipe.text_encoder_2,
                                     tokenizer=pipe.tokenizer_2)
     for name, per_key in embs.tensors().items():
-        for key, te, tk in (("clip_l", pipe.text_encoder, pipe.tokenizer), ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):
+        for key, te, tk in (("clip_l", pipe.text_encoder, pipe.tokenizer),
+                            ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):
             vecs = per_key[key]
             ids = tk.convert_tokens_to_ids([name] + [f"{name}_{i}" for i in range(1, vecs.shape[0])])
             torch.testing.assert_close(te.get_input_embeddings().weight[ids].detach(), vecs)

@@ -11,6 +11,8 @@ import pytest
 pytest.importorskip("diffusers", reason="the standalone host needs diffusers (not part of the webui environment)")
 
 from pivotal.cli.main import main  # noqa: E402
+from pivotal.demo.host import DEMO_LABELS  # noqa: E402
+from pivotal.formats.bundle import read_bundle  # noqa: E402
 
 
 def run_json(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[dict]]:
@@ -19,6 +21,7 @@ def run_json(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     return code, lines
 
 
+@pytest.mark.slow
 def test_demo_sd1_60_steps_loss_falls_and_bundle_inspects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, events = run_json(["train", "--demo", "sd1", "--steps", "60", "--json", "--out", str(tmp_path)], capsys)
     assert code == 0
@@ -32,6 +35,7 @@ def test_demo_sd1_60_steps_loss_falls_and_bundle_inspects(tmp_path: Path, capsys
     assert report["lora_modules"]["unet"] > 0 and report["warnings"] == []
 
 
+@pytest.mark.slow
 def test_demo_sdxl_with_te_lora_has_both_encoders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, events = run_json(["train", "--demo", "sdxl", "--steps", "40", "--te-lora", "--json",
                              "--out", str(tmp_path)], capsys)
@@ -47,8 +51,16 @@ def test_config_file_and_flags_and_refusals(tmp_path: Path, capsys: pytest.Captu
     cfg = tmp_path / "s.toml"
     cfg.write_text('steps = 3\nunet_rank = 2\nembeddings = [{name = "zed", vectors = 1, init_text = "dog"}]\n')
     code, events = run_json(["train", "--demo", "sd1", "--config", str(cfg), "--steps", "2", "--json",
-                             "--out", str(tmp_path / "o")], capsys)
+                             "--out", str(tmp_path / "o" / "run.safetensors")], capsys)
     assert code == 0 and events[-1]["steps"] == 2  # the flag overrides the file
+    # --out naming a .safetensors file: the bundle is that file (its resume file beside it)
+    bundle = tmp_path / "o" / "run.safetensors"
+    assert events[-1]["bundle"] == str(bundle) and bundle.is_file()
+    assert (tmp_path / "o" / "run.resume.safetensors").is_file()
+    # the pre-trained demo is named as such at train start and in the bundle, never "random weights"
+    start = next(e for e in events if e["event"] == "start")
+    assert start["message"] == DEMO_LABELS["sd1"] and "pre-trained" in DEMO_LABELS["sd1"]
+    assert read_bundle(str(bundle)).metadata["ss_sd_model_name"] == DEMO_LABELS["sd1"]
     assert main(["train", "--demo", "sd1", "--out", str(tmp_path), "--phase-plan", "sideways"]) == 2
     assert "phase_plan: 'sideways' is not one of together, embeddings_first" in capsys.readouterr().err
     assert main(["train", "--demo", "sd1", "--out", str(tmp_path), "--embedding", "a.b"]) == 2

@@ -22,7 +22,8 @@ ACCEPTED = ".png .jpg .jpeg .webp .bmp .gif .tif .tiff"
 NAMES = {"mychar": 2}
 
 
-def png(path: Path, size: tuple[int, int] = (64, 64), colour: tuple[int, int, int] = (200, 30, 30), **kw: object) -> Path:
+def png(path: Path, size: tuple[int, int] = (64, 64), colour: tuple[int, int, int] = (200, 30, 30),
+        **kw: object) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, colour).save(path, "PNG", **kw)
     return path
@@ -147,7 +148,8 @@ def test_tiny_images_rejected_unless_upscale_small(tmp_path: Path) -> None:
     png(tmp_path / "small.png", size=(40, 40))
     with pytest.raises(DatasetError) as info:
         prepare_dataset(opts(tmp_path), NAMES)
-    assert "dot.png: 1x1 is smaller than its 64x64 bucket (needs 64.00x upscaling); set upscale_small=True" in str(info.value)
+    assert ("dot.png: 1x1 is smaller than its 64x64 bucket (needs 64.00x upscaling); set upscale_small=True"
+            in str(info.value))
     assert "small.png: 40x40 is smaller than its 64x64 bucket (needs 1.60x upscaling)" in str(info.value)
     dataset, _ = prepare_dataset(opts(tmp_path, upscale_small=True), NAMES)
     pixels = dataset.batch_at(0).pixels
@@ -228,7 +230,8 @@ def test_caption_extension_order_is_configurable(tmp_path: Path) -> None:
 def test_bad_caption_encoding_refuses_unless_lossy(tmp_path: Path) -> None:
     png(tmp_path / "a.png")
     (tmp_path / "a.txt").write_bytes(b"caf\xe9")
-    with pytest.raises(DatasetError, match=r"caption a\.txt: not valid UTF-8 at byte 3 \(0xe9\); re-save the file as UTF-8"):
+    with pytest.raises(DatasetError,
+                       match=r"caption a\.txt: not valid UTF-8 at byte 3 \(0xe9\); re-save the file as UTF-8"):
         prepare_dataset(opts(tmp_path), NAMES)
     dataset, report = prepare_dataset(opts(tmp_path, lossy_captions=True), NAMES)
     assert dataset.items[0].caption == "mychar, caf\ufffd"
@@ -242,7 +245,8 @@ def test_long_caption_warns_with_file_and_count(tmp_path: Path) -> None:
     _, report = run_preflight(opts(tmp_path), {"mychar": 8}, clip_tokenizer())
     expected = 8 + 1 + 30 * 2 + 29  # name as 8 vectors, commas, "red hat" x30
     assert [(c.path, c.tokens) for c in report.long_captions] == [("a.txt", expected)]
-    assert f"caption a.txt is {expected} tokens, over the 75-token limit; training cuts it after token 75" in report.warnings
+    assert (f"caption a.txt is {expected} tokens, over the 75-token limit; training cuts it after token 75"
+            in report.warnings)
 
 
 # ------------------------------------------------------------------ report

@@ -63,7 +63,8 @@ def test_lossy_captions_replace_and_warn(tmp_path: Path) -> None:
     path.write_bytes(b"caf\xe9 au lait")
     text, warnings = read_caption(path, "c.txt", lossy=True)
     assert text == "caf\ufffd au lait"
-    assert warnings == ["caption c.txt: not valid UTF-8 at byte 3 (0xe9); bad bytes replaced with U+FFFD (lossy_captions)"]
+    assert warnings == ["caption c.txt: not valid UTF-8 at byte 3 (0xe9); "
+                        "bad bytes replaced with U+FFFD (lossy_captions)"]
 
 
 def test_utf16_without_bom_is_refused_not_misread(tmp_path: Path) -> None:

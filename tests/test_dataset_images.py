@@ -206,7 +206,8 @@ def test_over_pixel_cap_is_rejected_from_the_header_before_decoding() -> None:
 
 def test_decompression_bomb_error_is_a_rejection_and_global_limit_is_untouched() -> None:
     before = Image.MAX_IMAGE_PIXELS
-    with pytest.raises(ImageRejected, match=r"^bomb\.png: refused by Pillow's decompression-bomb limit: .*400000000 pixels"):
+    with pytest.raises(ImageRejected,
+                       match=r"^bomb\.png: refused by Pillow's decompression-bomb limit: .*400000000 pixels"):
         decode_image(png_header_only(20000, 20000), "bomb.png", WHITE, max_pixels=10**12)
     assert Image.MAX_IMAGE_PIXELS == before
 

@@ -48,6 +48,23 @@ def test_memory_cache_encodes_once(dataset) -> None:
     assert enc.calls == 2 and torch.allclose(flipped, torch.flip(first, dims=[3]), atol=1e-6)
 
 
+def test_batches_come_on_the_asked_device_and_never_alias_the_cache(dataset) -> None:
+    """The trainer's path (``encode_batch`` to the host's device): entries stay on ``store``; what
+    is handed out is a new tensor, whether just encoded or from memory, so in-place ops are safe."""
+    cache, enc = LatentCache("vae-a", store="cpu"), CountingEncoder()
+    square = dataset.items[0]
+    encoded = cache.encode_batch([square], [False], enc, device="cpu")  # encoded now
+    remembered = cache.encode_batch([square], [False], enc, device=torch.device("cpu"))  # from memory
+    assert torch.equal(encoded, remembered) and enc.calls == 1 and cache.hits == 1
+    expected = encoded.clone()
+    encoded.mul_(0)
+    remembered.mul_(0)
+    assert torch.equal(cache.encode_batch([square], [False], enc), expected)
+    mixed = cache.encode_batch([square, square], [False, True], enc, device="cpu")  # one known, one new
+    assert mixed.shape == (2, 4, 8, 8) and torch.equal(mixed[:1], expected) and enc.calls == 2
+    assert all(t.device == cache.store for t in cache._memory.values()) and len(cache) == 2
+
+
 def test_key_depends_on_model_crop_flip_and_content(dataset) -> None:
     item = dataset.items[0]
     a, b = LatentCache("vae-a"), LatentCache("vae-b")
@@ -118,7 +135,8 @@ def test_demo_dataset_is_deterministic_and_usable(tmp_path: Path) -> None:
     assert [p.read_bytes() for p in paths] != [p.read_bytes() for p in other]
     caption = paths[0].with_suffix(".txt").read_text(encoding="utf-8")
     assert caption.startswith("[mychar] a") and " background, " in caption and caption.endswith("\n")
-    dataset, report = prepare_dataset(DatasetOptions(folder=tmp_path / "a", resolution=64, bucket_step=16), {"mychar": 2})
+    dataset, report = prepare_dataset(DatasetOptions(folder=tmp_path / "a", resolution=64, bucket_step=16),
+                                      {"mychar": 2})
     assert len(dataset) == 8 and report.ok and len(report.buckets) == 3 and not report.missing_captions
     assert all(item.caption.startswith("mychar a") for item in dataset.items)
 

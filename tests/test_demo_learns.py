@@ -2,8 +2,8 @@
 settings, trained on the pre-trained tiny-world model, then sampled with the bundle on backgrounds
 none of the training pictures had. The pictures are read back (:mod:`pivotal.demo.world_read`):
 with the bundle the object takes the character's colours (orange, striped purple); without it the
-model draws something else for the same prompt (mostly a white blob). This is the automatic form of "train in the Train tab, then
-prompt the Generate tab with the embedding name"."""
+model draws something else for the same prompt (mostly a white blob). This is the automatic form of
+"train in the Train tab, then prompt the Generate tab with the embedding name"."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+pytestmark = pytest.mark.slow  # trains the demo for its full 150 steps, then samples 16 pictures
 
 pytest.importorskip("diffusers", reason="the demo model's UNet and VAE are diffusers modules")
 

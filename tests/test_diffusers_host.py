@@ -90,7 +90,7 @@ def test_contract_basics(hosts: dict[str, DiffusersHost]) -> None:
         acp = host.alphas_cumprod()
         assert acp.shape == (1000,) and acp.dtype == torch.float32
         assert torch.all(acp[1:] < acp[:-1]) and abs(float(acp[0]) - (1 - 0.00085)) < 1e-6
-        assert host.default_resolution == 64 and host.vae_scale_factor == 8
+        assert host.default_resolution() == 64 and host.vae_scale_factor == 8
         if base == "sdxl":
             assert "random weights" in host.label
         with pytest.raises(ModelLayoutError, match="clip_x"):
@@ -295,6 +295,25 @@ def test_demo_build_is_deterministic(cache_dir: Path) -> None:
     assert torch.equal(torch.random.get_rng_state(), rng)  # the caller's random state is untouched
 
 
+def test_model_id_follows_the_vae_and_nothing_else(hosts: dict[str, DiffusersHost], cache_dir: Path) -> None:
+    """The latent cache's key: two models with the same label but another VAE must not share
+    latents; a change outside the VAE's encoder (the UNet) must not cost a re-encode."""
+    a = hosts["sdxl"]
+    b = build_demo_host("sdxl", seed=0, device="cpu", cache_dir=cache_dir)
+    assert a.label == b.label and a.model_id() == b.model_id()
+    assert a.model_id().startswith("diffusers-vae:") and len(a.model_id()) == len("diffusers-vae:") + 64
+    with torch.no_grad():
+        next(b.unet.parameters()).add_(1.0)
+    assert b.model_id() == a.model_id()
+    with torch.no_grad():
+        next(b.vae.encoder.parameters()).view(-1)[0] += 1e-3
+    assert b.model_id() != a.model_id()
+    c = build_demo_host("sdxl", seed=0, device="cpu", cache_dir=cache_dir)
+    c.vae.to(torch.float64)
+    c._vae_dtype = torch.float64
+    assert c.model_id() not in (a.model_id(), b.model_id())  # another VAE dtype gives other latents
+
+
 def test_demo_tokenizer_needs_open_clip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(demo_basics, "find_open_clip_bpe", lambda: None)
     with pytest.raises(ConfigError, match="pip install --no-deps open_clip_torch"):
@@ -330,11 +349,14 @@ def test_folder_round_trip(hosts: dict[str, DiffusersHost], base: str, tmp_path:
     loaded = load_diffusers_folder(tmp_path / "model", device="cpu")
     assert loaded.base_model == base and loaded.label.startswith("model (")
     assert state_hash(loaded) == state_hash(host)
+    # the latent cache's model id names the weights, not the folder or the label: the same on disk
+    assert loaded.label != host.label and loaded.model_id() == host.model_id()
     embs = EmbeddingSet()
     a = host.encode_prompts(PROMPTS, embs).context
     b = loaded.encode_prompts(PROMPTS, embs).context
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert loaded.tokenizer(host.encoder_keys()[-1]).pad_token_id == host.tokenizer(host.encoder_keys()[-1]).pad_token_id
+    last = host.encoder_keys()[-1]
+    assert loaded.tokenizer(last).pad_token_id == host.tokenizer(last).pad_token_id
 
 
 def test_folder_errors(hosts: dict[str, DiffusersHost], tmp_path: Path) -> None:

@@ -83,9 +83,11 @@ def test_duplicates_and_shapes_refused() -> None:
         s.add("a.b", {"clip_l": torch.zeros(2, 8)})
     with pytest.raises(ModelLayoutError, match=r"^embedding 'dog' \[clip_l\]: width 4 != 8 of the set$"):
         s.add("dog", {"clip_l": torch.zeros(2, 4)})
-    with pytest.raises(ModelLayoutError, match=r"^embedding 'dog': covers encoders \['clip_g', 'clip_l'\], the set uses \['clip_l'\]$"):
+    with pytest.raises(ModelLayoutError,
+                       match=r"^embedding 'dog': covers encoders \['clip_g', 'clip_l'\], the set uses \['clip_l'\]$"):
         s.add("dog", {"clip_l": torch.zeros(2, 8), "clip_g": torch.zeros(2, 4)})
-    with pytest.raises(ModelLayoutError, match=r"^embedding 'x': vector counts differ between encoders \(clip_l=2, clip_g=3\)$"):
+    with pytest.raises(ModelLayoutError,
+                       match=r"^embedding 'x': vector counts differ between encoders \(clip_l=2, clip_g=3\)$"):
         EmbeddingSet().add("x", {"clip_l": torch.zeros(2, 8), "clip_g": torch.zeros(3, 4)})
     with pytest.raises(ModelLayoutError, match=r"^embedding 'x' \[clip_l\]: expected a \(N, dim\) tensor, got \(8,\)$"):
         EmbeddingSet().add("x", {"clip_l": torch.zeros(8)})
@@ -180,7 +182,8 @@ def test_prompt_tokenizer_refusals() -> None:
 
 def _encoders() -> list[tuple[str, object, object, int]]:
     """(key, model, encode function, pad id) for the HF clip_l-like and open_clip clip_g-like encoders."""
-    return [("clip_l", hf_text_model("clip_l"), encode_hf, EOS), ("clip_g", openclip_text_tower("clip_g"), encode_openclip, 0)]
+    return [("clip_l", hf_text_model("clip_l"), encode_hf, EOS),
+            ("clip_g", openclip_text_tower("clip_g"), encode_openclip, 0)]
 
 
 def _rows(tok: object, words: str) -> list[int]:

@@ -19,6 +19,7 @@ from pivotal.adapters.unet_targets import unet_lora_targets
 from pivotal.errors import BundleError, ConfigError
 from pivotal.formats.bundle import BundleEmbedding, write_bundle
 from pivotal.formats.bundle_metadata import TrainingInfo
+from pivotal.host_api import HostDefaults
 from pivotal.inference.generate import find_bundle, format_infotext, generate_image
 from pivotal.text.embeddings import EmbeddingSet
 
@@ -49,15 +50,17 @@ def test_find_bundle(tmp_path: Path) -> None:
         find_bundle("deep", [first, second])
 
 
-class FakeHost:
+class FakeHost(HostDefaults):
     """The least a host must offer generate_image: a tiny SD1 (LDM UNet + HF clip_l); ``generate``
     records what it was given and which LoRA modules were attached at which strength."""
 
     base_model = "sd1"
     device = torch.device("cpu")
     dtype = torch.float32
-    default_resolution = 64
     label = "fake sd1"
+
+    def default_resolution(self) -> int:
+        return 64
 
     def __init__(self) -> None:
         self.unet = tiny_unets.ldm_unet("sd1")
@@ -110,10 +113,12 @@ def write_test_bundle(path: Path, targets: list, vocab: dict[str, torch.Tensor],
 def fake(tmp_path: Path) -> FakeHost:
     host = FakeHost()
     vocab = {"clip_l": host.vocabulary("clip_l")}
-    write_test_bundle(tmp_path / "mine.safetensors", host.lora_targets("unet", "attn") + host.lora_targets("te", "attn"),
+    write_test_bundle(tmp_path / "mine.safetensors",
+                      host.lora_targets("unet", "attn") + host.lora_targets("te", "attn"),
                       vocab)
     write_test_bundle(tmp_path / "other.safetensors", host.lora_targets("unet", "attn"), vocab, emb_name="Mychar")
-    write_test_bundle(tmp_path / "te_only.safetensors", host.lora_targets("te", "attn-mlp")[4:6], vocab, emb_name="tok2")
+    write_test_bundle(tmp_path / "te_only.safetensors", host.lora_targets("te", "attn-mlp")[4:6], vocab,
+                      emb_name="tok2")
     return host
 
 

@@ -8,13 +8,22 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_generate import FakeHost, fake  # noqa: F401  (the fixture: a tiny host + bundles in tmp_path)
 
 from pivotal.errors import ConfigError
-from pivotal.inference.grid import (COLUMNS, GridPlan, bundle_grid_plan, caption_words, column_tag,
-                                    host_renderer, novel_prompts, plan_grid, render_grid)
+from pivotal.inference.grid import (
+    COLUMNS,
+    GridPlan,
+    bundle_grid_plan,
+    caption_words,
+    column_tag,
+    host_renderer,
+    novel_prompts,
+    plan_grid,
+    render_grid,
+)
 from pivotal.inference.grid_sheet import compose_grid, grid_record, save_grid
 from pivotal.inference.lora_tags import parse_lora_tags
+from test_generate import FakeHost, fake  # noqa: F401  (the fixture: a tiny host + bundles in tmp_path)
 
 
 def test_each_column_writes_the_tag_of_its_part() -> None:

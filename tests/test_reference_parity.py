@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # three 6-step runs of two trainers
+
 pytest.importorskip("diffusers", reason="the reference implementation is built on diffusers")
 pytest.importorskip("peft", reason="the reference implementation uses peft for its LoRA")
 

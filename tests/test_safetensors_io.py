@@ -88,7 +88,8 @@ def test_truncated_files(tmp_path: Path) -> None:
         sio.read_header(cut)
     cut2 = tmp_path / "cut2.safetensors"
     cut2.write_bytes(good.read_bytes()[:20])
-    with pytest.raises(BundleError, match=r"cut2.safetensors: header claims 64 bytes but the file has only 12 .*\(truncated"):
+    with pytest.raises(BundleError,
+                       match=r"cut2.safetensors: header claims 64 bytes but the file has only 12 .*\(truncated"):
         sio.read_header(cut2)
 
 

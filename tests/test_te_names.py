@@ -76,8 +76,9 @@ def test_open_clip_keys_match_hf_keys(preset: str) -> None:
     assert attn_key == "lora_te2_text_model_encoder_layers_0_self_attn"
     assert attn is tower.transformer.resblocks[0].attn and isinstance(attn, nn.MultiheadAttention)
     if preset == "attn-mlp":
-        assert oc_targets[1] == ("lora_te2_text_model_encoder_layers_0_mlp_fc1", tower.transformer.resblocks[0].mlp.c_fc)
-        assert oc_targets[2] == ("lora_te2_text_model_encoder_layers_0_mlp_fc2", tower.transformer.resblocks[0].mlp.c_proj)
+        mlp = tower.transformer.resblocks[0].mlp
+        assert oc_targets[1] == ("lora_te2_text_model_encoder_layers_0_mlp_fc1", mlp.c_fc)
+        assert oc_targets[2] == ("lora_te2_text_model_encoder_layers_0_mlp_fc2", mlp.c_proj)
     else:
         assert all(isinstance(m, nn.MultiheadAttention) for _, m in oc_targets)
 
@@ -158,9 +159,11 @@ def test_converter_splits_in_proj_and_refuses_unknown_keys() -> None:
         [f"encoder.layers.0.self_attn.{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")]
         + ["encoder.layers.0.mlp.fc1.weight"]
     )
-    assert torch.equal(out["encoder.layers.0.self_attn.k_proj.weight"], sd["transformer.resblocks.0.attn.in_proj_weight"][d : 2 * d])
+    in_proj = sd["transformer.resblocks.0.attn.in_proj_weight"]
+    assert torch.equal(out["encoder.layers.0.self_attn.k_proj.weight"], in_proj[d : 2 * d])
     assert torch.equal(out["encoder.layers.0.self_attn.v_proj.bias"], torch.arange(2 * d, 3 * d, dtype=torch.float32))
-    with pytest.raises(ModelLayoutError, match=r"^transformer\.resblocks\.0\.ls_1\.gamma: open_clip text weight has no HF"):
+    with pytest.raises(ModelLayoutError,
+                       match=r"^transformer\.resblocks\.0\.ls_1\.gamma: open_clip text weight has no HF"):
         openclip_to_hf_state_dict({"transformer.resblocks.0.ls_1.gamma": torch.zeros(d)})
     with pytest.raises(ModelLayoutError, match=r"^cls_emb: open_clip text weight has no HF"):
         openclip_to_hf_state_dict({"cls_emb": torch.zeros(d)})

@@ -97,6 +97,7 @@ def test_demo_sd1_is_the_pretrained_model() -> None:
         build_demo_parts("sdxl", pretrained=True)
 
 
+@pytest.mark.slow
 @diffusers_only
 def test_follows_prompts_loss_gap(host) -> None:
     from pivotal.demo.pretrain.check import loss_gap
@@ -106,6 +107,7 @@ def test_follows_prompts_loss_gap(host) -> None:
     assert gap["relative_gap"] > MIN_RELATIVE_LOSS_GAP, gap
 
 
+@pytest.mark.slow
 @diffusers_only
 def test_follows_prompts_when_sampling(host) -> None:
     from pivotal.demo.pretrain.check import sampling_accuracy
@@ -116,6 +118,7 @@ def test_follows_prompts_when_sampling(host) -> None:
         assert result["accuracy"][attribute] > result["chance"][attribute], result
 
 
+@pytest.mark.slow
 @diffusers_only
 def test_pretraining_is_reproducible(tmp_path: Path) -> None:
     """The same settings give the same file, byte for byte (a few steps only, on one thread)."""

@@ -9,28 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("diffusers", reason="the standalone host needs diffusers (not part of the webui environment)")
 
-from pivotal.demo.data import make_demo_dataset  # noqa: E402
+from pivotal.adapters.network import LoraNetwork  # noqa: E402
 from pivotal.demo.host import build_demo_host  # noqa: E402
 from pivotal.errors import DatasetError, EmbeddingNameError, TrainingError  # noqa: E402
 from pivotal.formats.bundle import read_bundle  # noqa: E402
+from pivotal.formats.safetensors_io import read_header  # noqa: E402
+from pivotal.text.embeddings import EmbeddingSet  # noqa: E402
+from pivotal.training.batches import BatchSource  # noqa: E402
 from pivotal.training.config import EmbeddingSpec, TrainConfig  # noqa: E402
 from pivotal.training.progress import ProgressEvent  # noqa: E402
+from pivotal.training.step import StepRunner  # noqa: E402
 from pivotal.training.trainer import train  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("demo_data")
-    make_demo_dataset(folder, ["mychar"], count=4, size=64, seed=0)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def host():
-    return build_demo_host("sd1")
+# The fixtures ``host`` (the demo sd1 host) and ``data_dir`` (its dataset) are in conftest.py.
 
 
 def config(data_dir: Path, out: Path, **kw) -> TrainConfig:
@@ -118,7 +113,8 @@ def test_interrupt_discard_saves_nothing(host, data_dir: Path, tmp_path: Path) -
 
 def test_resume_refuses_other_settings(host, data_dir: Path, tmp_path: Path) -> None:
     train(config(data_dir, tmp_path, steps=2), host)
-    with pytest.raises(TrainingError, match=r"t.resume.safetensors: was made with other settings: steps=2 there, 4 now; unet_rank=4 there, 2 now"):
+    with pytest.raises(TrainingError, match=r"t.resume.safetensors: was made with other settings: "
+                                             r"steps=2 there, 4 now; unet_rank=4 there, 2 now"):
         train(config(data_dir, tmp_path, steps=4, unet_rank=2), host, resume=str(tmp_path / "t.resume.safetensors"))
     with pytest.raises(TrainingError, match="the run already reached step 2 of 2"):
         train(config(data_dir, tmp_path, steps=2), host, resume=str(tmp_path / "t.resume.safetensors"))
@@ -235,3 +231,59 @@ def test_a_host_setting_changed_mid_run_is_encoded_afresh(host, data_dir: Path, 
     assert all(not grad for _, grad in counting.calls[2:])
     # 4 captions, each encoded once before the change and once after it: never stale, never more
     assert sorted(later) == sorted(2 * sorted(set(later))) and len(set(later)) == 4, later
+
+
+def test_latent_disk_cache_only_for_a_host_that_names_its_vae(host, data_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host's ``model_id`` keys the disk cache; a host that cannot name its VAE (None) gets a
+    cache for the run only, never one on disk that another model could read."""
+    train(config(data_dir, tmp_path / "named", steps=4, latent_cache="disk"), host)
+    files = list((tmp_path / "named" / "latent_cache").glob("*.safetensors"))
+    assert len(files) == 4  # one epoch of the 4 demo pictures (batch 1, no flips): one latent each
+    assert {read_header(f).metadata["model_id"] for f in files} == {host.model_id()}
+    monkeypatch.setattr(host, "model_id", lambda: None)
+    r = train(config(data_dir, tmp_path / "anon", steps=1, latent_cache="disk"), host)
+    assert r.status == "completed" and not (tmp_path / "anon" / "latent_cache").exists()
+    assert any("no stable id" in w and "this run only" in w for w in r.warnings)
+
+
+class DeviceCrossings(TorchDispatchMode):
+    """Counts copies of latent-shaped tensors from one device to another (torch's own dispatcher
+    reports each op; nothing is replaced)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape, self.count = shape, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        src = args[1] if func is torch.ops.aten.copy_.default else args[0] if args else None
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and isinstance(src, torch.Tensor) \
+                and isinstance(out, torch.Tensor) and src.device != out.device and tuple(src.shape[1:]) == self.shape:
+            self.count += 1
+        return out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (latents crossing to it)")
+@pytest.mark.parametrize("latent_cache", ["memory", "off"])
+def test_latents_cross_to_the_device_once_per_step_at_most(data_dir: Path, tmp_path: Path, latent_cache: str) -> None:
+    """Cached latents live in CPU memory and cross once per step; encoded on the device they stay
+    there. The noise (drawn from the CPU generator, for exact resume on any device) crosses too."""
+
+    gpu = build_demo_host("sd1", device="cuda")
+    cfg = config(data_dir, tmp_path, steps=12, latent_cache=latent_cache).validate()
+    batches = BatchSource(cfg, gpu)
+    for i in range(4):  # the first epoch fills the cache
+        batches.get(i)
+    latents, _, _ = batches.get(4)
+    assert latents.device.type == "cuda" and latents.dtype == torch.float32
+    net = LoraNetwork(gpu.lora_targets("unet", "attn"), rank=2, alpha=2.0).to(gpu.device)
+    runner = StepRunner(cfg, gpu, net, EmbeddingSet(), batches, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    with gpu.training_session(False), net.attached():
+        runner.run(4, optimizer)  # warm-up (lazy state)
+        with DeviceCrossings(tuple(latents.shape[1:])) as crossings:
+            for step in range(5, 9):
+                runner.run(step, optimizer)
+    per_step = crossings.count / 4
+    assert per_step <= (2 if latent_cache == "memory" else 1), per_step  # latents (cached) + noise

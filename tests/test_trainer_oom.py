@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # six runs with faults injected, each followed by a generation
+
 pytest.importorskip("diffusers", reason="the standalone host needs diffusers (not part of the webui environment)")
 
 from pivotal.adapters.network import LoraNetwork  # noqa: E402
@@ -20,7 +22,7 @@ from pivotal.errors import TrainingError  # noqa: E402
 from pivotal.text.embeddings import EmbeddingSet  # noqa: E402
 from pivotal.training.faults import ENV  # noqa: E402
 from pivotal.training.trainer import train  # noqa: E402
-from test_trainer import config, data_dir, host, host_state  # noqa: E402,F401 (fixtures shared)
+from test_trainer import config, host_state  # noqa: E402
 
 CASES = {  # fault spec -> where the error says it happened, the saves (every 2 steps) kept
     "first step": ({"point": "step", "step": 0}, "at step 1 of 6", []),

@@ -93,6 +93,26 @@ def test_app_builds_without_launching(tmp_path: Path) -> None:
     assert "mychar on a blue background, top left" in text
 
 
+def test_app_header_names_the_pretrained_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pivotal app --demo sd1`` (up to the launch, which is skipped) heads its page with the
+    pre-trained tiny-world model's label, not the random-weights one."""
+    pytest.importorskip("diffusers", reason="the demo model's UNet and VAE are diffusers modules")
+    import argparse
+
+    import pivotal.ui.app as app
+    from pivotal.demo.host import DEMO_LABELS
+
+    built: list[Any] = []
+    monkeypatch.setattr(app, "launch", lambda blocks, **kw: built.append(blocks) or "")
+    monkeypatch.setattr(app, "serve_until_ctrl_c", lambda blocks, job: 0)
+    args = argparse.Namespace(demo="sd1", model=None, out=str(tmp_path), device="cpu", port=0, no_browser=True)
+    assert app.run_app(args) == 0
+    config = built[0].get_config_file() if hasattr(built[0], "get_config_file") else built[0].config
+    text = str(config)
+    assert f'<b id="pivotal-host-label">{DEMO_LABELS["sd1"]}</b>' in text
+    assert "random weights" not in text.lower() and "pre-trained on a synthetic world" in text
+
+
 def test_tabs_embed_in_an_existing_blocks(tmp_path: Path) -> None:
     """The webui builds its own Blocks and asks for the tab inside it."""
     job = TrainingJob(trainer=fake_trainer)

@@ -6,6 +6,8 @@ tests run in both environments.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -17,8 +19,9 @@ from pivotal.adapters.unet_names import (
     is_diffusers_unet,
     is_ldm_unet,
 )
-from pivotal.adapters.unet_targets import PRESETS, unet_lora_targets
+from pivotal.adapters.unet_targets import PRESET_SETTING, PRESETS, unet_lora_targets
 from pivotal.errors import LoraTargetError, ModelLayoutError
+from pivotal.training.config import TrainConfig
 from tiny_unets import BASES, diffusers_unet, ldm_unet, run_diffusers, run_ldm, sample_inputs
 
 NEEDS_DIFFUSERS = "diffusers is not installed (webui environment); diffusers-side checks need it"
@@ -336,7 +339,9 @@ def test_targets_same_keys_on_both_sides(base, diff, ldm, preset):
 
 
 def test_unknown_preset(ldm, base):
-    with pytest.raises(LoraTargetError, match=r"^unknown LoRA target preset 'all' \(setting: lora_targets; "
+    # the error names the setting a user can change: it must be a real one
+    assert PRESET_SETTING in {f.name for f in dataclasses.fields(TrainConfig)}
+    with pytest.raises(LoraTargetError, match=r"^unknown LoRA target preset 'all' \(setting: lora_preset; "
                                                r"allowed: attn, attn-mlp, attn-mlp-conv\)$"):
         unet_lora_targets(ldm, base, "all")
 

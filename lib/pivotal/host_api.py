@@ -6,7 +6,8 @@ embeddings in), runs the UNet, and restores itself afterwards. Nothing in the co
 
 Tensor conventions:
 * images: (B, 3, H, W) float in [-1, 1];
-* latents: (B, C, H/8, W/8), already multiplied by the VAE scale factor;
+* latents: (B, C, H/8, W/8) fp32 on the host's ``device``, already multiplied by the VAE scale
+  factor (the trainer keeps them there: only a cached batch is copied in, once per step);
 * timesteps: (B,) long in [0, num_train_timesteps);
 * conditioning: an opaque :class:`Conditioning` made by the host and handed back to it.
 """
@@ -14,8 +15,9 @@ Tensor conventions:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Hashable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -34,15 +36,26 @@ class SizeInfo:
 
 @dataclass
 class Conditioning:
-    """What the UNet is conditioned on. ``context``: (B, 77·k, D). SDXL adds ``extra``:
-    ``{"text_embeds": (B, P), "time_ids": (B, 6)}`` (pooled clip_g output and size info)."""
+    """What the UNet is conditioned on: made by a host's ``encode_prompts``, read only by its own
+    ``predict``. ``context``: (B, 77·k, D). ``extra``: the host's other conditioning tensors, each
+    with the batch as its first dimension (the trainer concatenates cached rows along it). Per host,
+    for SDXL (SD1 has none): the diffusers host ``{"text_embeds": (B, P), "time_ids": (B, 6)}``
+    (clip_g's pooled projection and the size ids, as diffusers' UNet takes them); the A1111 host
+    ``{"y": (B, P + 6·256)}`` (the same two, already embedded and joined, as the webui's LDM UNet
+    takes them: 2816 wide for SDXL base)."""
 
     context: torch.Tensor
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class TrainingHost(Protocol):
-    """What a host provides to the trainer."""
+    """What a host provides to the trainer (and to :func:`pivotal.inference.generate.generate_image`).
+
+    To write a host: subclass :class:`HostDefaults` (it supplies the optional members below with
+    their documented defaults; override what the host knows), implement the rest, and add the class
+    to ``tests/host_protocol_check.py`` (CI's mypy then checks it against this Protocol). Nothing
+    probes a host with ``getattr``: a member missing here is a type error, not a silent fallback.
+    """
 
     #: "sd1" or "sdxl"
     base_model: str
@@ -51,7 +64,38 @@ class TrainingHost(Protocol):
     device: torch.device
     #: the UNet's compute dtype (LoRA and embeddings stay fp32; autocast bridges the two)
     dtype: torch.dtype
+    #: what UIs show for the model, the train-start message, and the bundle's ``ss_sd_model_name``
+    label: str
 
+    # -- optional (HostDefaults gives the default named in each docstring) -------------------
+    #: the sampler :meth:`generate` uses, as infotext names it; default "" (not known)
+    sampler: str
+
+    def model_id(self) -> str | None:
+        """A string that changes whenever :meth:`encode_images` would give other latents (other VAE
+        weights, scale factor or dtype) and is the same across processes for the same model: the
+        latent cache keys on it, on disk too. Default None: the host cannot say, so latents are
+        cached for the current run only and never shared through the disk cache."""
+        ...
+
+    def default_resolution(self) -> int:
+        """The image side (pixels) the model was trained at; generation uses it when no size is
+        given. Default: 512 for sd1, 1024 for sdxl."""
+        ...
+
+    def text_encoding_is_deterministic(self) -> bool:
+        """True when encoding the same prompt twice gives the same result in training mode (no active
+        dropout on the text side); the trainer then reuses a caption's conditioning while nothing on
+        the text side trains. Default False: never cached."""
+        ...
+
+    def text_encoding_key(self) -> Hashable:
+        """The host's settings outside the run that change what :meth:`encode_prompts` returns (the
+        webui's clip skip, emphasis mode...), as they are now; part of the conditioning cache key,
+        so a setting changed mid-run is encoded afresh instead of served stale. Default None."""
+        ...
+
+    # -- required -----------------------------------------------------------------------------
     def alphas_cumprod(self) -> torch.Tensor:
         """(T,) fp32 cumulative alphas of the training noise schedule (T = 1000 for SD)."""
         ...
@@ -73,7 +117,8 @@ class TrainingHost(Protocol):
         ...
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Latents (B, C, h, w) of images (B, 3, H, W) in [-1, 1], no grad, scale factor applied."""
+        """Latents (B, C, h, w) on :attr:`device` of images (B, 3, H, W) in [-1, 1] (on any device),
+        no grad, scale factor applied."""
         ...
 
     def encode_prompts(self, prompts: Sequence[str], embeddings: EmbeddingSet,
@@ -97,14 +142,44 @@ class TrainingHost(Protocol):
         """A preview image (PIL) with the current LoRA (attached by the caller) and embeddings."""
         ...
 
-    # Optional: ``text_encoding_is_deterministic() -> bool``. True when encoding the same prompt
-    # twice gives the same result in training mode (no active dropout on the text side); the
-    # trainer then reuses a caption's conditioning while nothing on the text side trains. A host
-    # without it is never cached.
-    #
-    # Optional: ``text_encoding_key() -> Hashable``. The host's settings outside the run that change
-    # what ``encode_prompts`` returns (the webui's clip skip, emphasis mode...); it is part of the
-    # cache key, so a setting changed mid-run is encoded afresh instead of served stale.
+
+#: The image side each base model was trained at (:meth:`TrainingHost.default_resolution`).
+DEFAULT_RESOLUTIONS = {"sd1": 512, "sdxl": 1024}
+
+
+class HostDefaults:
+    """The optional members of :class:`TrainingHost` with their defaults; a host subclasses this and
+    overrides what it knows. The defaults are the safe answers: no stable model id (latents not
+    shared across runs), text never cached."""
+
+    base_model: str
+    sampler: str = ""
+
+    def model_id(self) -> str | None:
+        return None
+
+    def default_resolution(self) -> int:
+        return DEFAULT_RESOLUTIONS.get(self.base_model, 512)
+
+    def text_encoding_is_deterministic(self) -> bool:
+        return False
+
+    def text_encoding_key(self) -> Hashable:
+        return None
+
+
+def weights_fingerprint(modules: Sequence[torch.nn.Module], *extra: object) -> str:
+    """Hex SHA-256 of the modules' parameters and buffers (names, dtypes, shapes, bytes) and of
+    ``extra`` (e.g. the latent scale factor): a :meth:`TrainingHost.model_id` that changes with the
+    weights themselves, whatever file or setting they came from. Reads every tensor once (a VAE
+    encoder: ~70 MB in fp16, well under a second)."""
+    h = hashlib.sha256(repr(extra).encode("utf-8"))
+    for i, module in enumerate(modules):
+        for name, t in (*module.named_parameters(), *module.named_buffers()):
+            h.update(f"{i}.{name}:{t.dtype}:{tuple(t.shape)}".encode("utf-8"))
+            # the raw bytes (numpy has no bfloat16, so never through a float view)
+            h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def has_active_dropout(modules: Sequence[torch.nn.Module]) -> bool:

@@ -48,7 +48,8 @@ def baseline(webui: Webui) -> tuple[bytes, dict]:
     return image, webui.request("GET", "/pivotal/v1/host")
 
 
-def test_train_10_steps_then_generate_with_the_bundle(webui: Webui, dataset: Path, baseline: tuple[bytes, dict]) -> None:
+def test_train_10_steps_then_generate_with_the_bundle(webui: Webui, dataset: Path,
+                                                      baseline: tuple[bytes, dict]) -> None:
     before_image, before_host = baseline
     name = _unique("pvt")
     body = {**_config(dataset, name, 10, preview_every=5), "preview_sampler": "DPM++ 2M", "preview_cfg": 5.0}

@@ -128,7 +128,8 @@ def start_webui(port: int, extra_args: tuple[str, ...] = ()) -> Webui:
         tempfile.gettempdir(), f"pivotal-webui-fault-{port}-{os.getpid()}.json")
     if os.path.exists(fault_file):
         os.unlink(fault_file)  # armed by nobody: a stale file would fail the first run
-    proc = subprocess.Popen([os.environ["PIVOTAL_WEBUI_PYTHON"], "launch.py", *args], cwd=os.environ["PIVOTAL_WEBUI_DIR"],
+    proc = subprocess.Popen([os.environ["PIVOTAL_WEBUI_PYTHON"], "launch.py", *args],
+                            cwd=os.environ["PIVOTAL_WEBUI_DIR"],
                             env={**os.environ, "PIVOTAL_FAULT_FILE": fault_file},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     webui = Webui(f"http://127.0.0.1:{port}", process=proc, fault_file=fault_file)

@@ -20,7 +20,7 @@ weight to an input with the layer's geometry, and how the delta joins the host's
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, cast
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ class Adapter(Protocol):
     def host(self) -> nn.Module: ...
 
     @property
-    def algorithms(self) -> Sequence[Any]: ...
+    def algorithms(self) -> nn.ModuleList: ...
 
 
 class LayerKind:
@@ -53,7 +53,7 @@ class LayerKind:
 
     def host_weights(self, host: nn.Module) -> list[torch.Tensor]:
         """The host weight each delta applies to, in :meth:`weight_suffixes` order."""
-        return [host.weight]
+        return [cast(torch.Tensor, host.weight)]
 
     def weight_shapes(self, host: nn.Module) -> list[tuple[int, ...]]:
         return [tuple(w.shape) for w in self.host_weights(host)]
@@ -73,7 +73,7 @@ class LayerKind:
         if module.multiplier == 0.0:
             return out
         x = args[0] if args else next(iter(kwargs.values()))
-        algorithm = module.algorithms[0]
+        algorithm: Any = module.algorithms[0]  # an Algorithm (nn.ModuleList is typed as holding Modules)
         delta = algorithm.forward_delta(x, self, module.host)
         return out + (delta * module.multiplier).to(out.dtype)
 
@@ -129,8 +129,9 @@ class MultiheadAttentionKind(LayerKind):
         return tuple(f"_{p}" for p in MHA_PROJECTIONS)
 
     def host_weights(self, host: nn.Module) -> list[torch.Tensor]:
-        q, k, v = host.in_proj_weight.chunk(3, 0)
-        return [q, k, v, host.out_proj.weight]
+        mha = cast(nn.MultiheadAttention, host)
+        q, k, v = mha.in_proj_weight.chunk(3, 0)
+        return [q, k, v, mha.out_proj.weight]
 
     def forward(self, module: Adapter, base_forward: Callable[..., Any], args: tuple,
                 kwargs: dict) -> Any:
@@ -144,7 +145,8 @@ class MultiheadAttentionKind(LayerKind):
                                 average_attn_weights=average_attn_weights, is_causal=is_causal)
         mha: nn.MultiheadAttention = module.host  # type: ignore[assignment]
         hosts = self.host_weights(mha)
-        deltas = [a.delta_weight(w) * module.multiplier for a, w in zip(module.algorithms, hosts)]
+        algorithms: list[Any] = list(module.algorithms)
+        deltas = [a.delta_weight(w) * module.multiplier for a, w in zip(algorithms, hosts)]
         w = mha.in_proj_weight
         in_w = w + torch.cat(deltas[:3], dim=0).to(w.dtype)
         out_w = mha.out_proj.weight + deltas[3].to(mha.out_proj.weight.dtype)

@@ -16,7 +16,7 @@ each kind, kept as short names.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, cast
 
 import torch
 from torch import nn
@@ -110,7 +110,8 @@ class LoraModule(nn.Module):
     def delta_weights(self) -> dict[str, torch.Tensor]:
         """{kohya module name: ΔW} at multiplier 1, each shaped like its host weight."""
         hosts = self.kind.host_weights(self.host)
-        return {n: a.delta_weight(w) for n, a, w in zip(self.module_names(), self.algorithms, hosts)}
+        algorithms = cast(list[Algorithm], list(self.algorithms))  # nn.ModuleList is typed as holding Modules
+        return {n: a.delta_weight(w) for n, a, w in zip(self.module_names(), algorithms, hosts)}
 
     # -- attach / detach ---------------------------------------------------------------------
     def attach(self) -> None:

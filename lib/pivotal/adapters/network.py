@@ -161,11 +161,11 @@ class LoraNetwork(nn.Module):
         by_module: dict[LoraModule, dict[str, torch.Tensor]] = {}
         report = LoadReport()
         for k, t in tensors.items():
-            m = owner.get(split_key(k)[0])
-            if m is None:
+            found = owner.get(split_key(k)[0])
+            if found is None:
                 report.unmatched.append(k)
             else:
-                by_module.setdefault(m, {})[k] = t
+                by_module.setdefault(found, {})[k] = t
         if not by_module:
             raise LoraTargetError(f"none of the {len(tensors)} LoRA tensors matches this network "
                                   f"(first keys: {', '.join(sorted(tensors)[:5])})")

@@ -20,7 +20,7 @@ With ``n = layers_per_block`` the block indices are::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, cast
 
 import torch
 from torch import nn
@@ -138,10 +138,10 @@ class UNetLayout:
         if not is_ldm_unet(unet):
             raise ModelLayoutError(f"{type(unet).__name__} is not an LDM UNetModel (no input_blocks / "
                                    "middle_block / output_blocks / time_embed)")
-        down, n = _ldm_down_levels(unet.input_blocks)
-        up = _ldm_up_levels(unet.output_blocks, len(down), n)
+        down, n = _ldm_down_levels(cast(nn.ModuleList, unet.input_blocks))
+        up = _ldm_up_levels(cast(nn.ModuleList, unet.output_blocks), len(down), n)
         return cls(levels=len(down), layers_per_block=n, down_attention=down, up_attention=up,
-                   mid_attention=_ldm_mid_attention(unet.middle_block))
+                   mid_attention=_ldm_mid_attention(cast(nn.Module, unet.middle_block)))
 
     # -- name mapping ------------------------------------------------------------------------
     def to_ldm(self, path: str) -> str:
@@ -211,16 +211,16 @@ class UNetLayout:
             if k == 1 and self.mid_attention:
                 return _join("mid_block", "attentions", 0, *rest)
         elif head == "output_blocks" and len(parts) >= 3:
-            k, child = _index(parts[1], path, "diffusers"), _index(parts[2], path, "diffusers")
+            k, c = _index(parts[1], path, "diffusers"), _index(parts[2], path, "diffusers")
             rest = parts[3:]
             i, j = divmod(k, n + 1)
             if i < self.levels:
                 sampler = 2 if self.up_attention[i] else 1
-                if child == 0:
+                if c == 0:
                     return _join("up_blocks", i, "resnets", j, *_resnet_to_diffusers(rest, path))
-                if child == 1 and self.up_attention[i]:
+                if c == 1 and self.up_attention[i]:
                     return _join("up_blocks", i, "attentions", j, *rest)
-                if child == sampler and j == n and i < self.levels - 1 and rest[:1] in ([], ["conv"]):
+                if c == sampler and j == n and i < self.levels - 1 and rest[:1] in ([], ["conv"]):
                     return _join("up_blocks", i, "upsamplers", 0, *rest)
         raise _no_counterpart(path, "diffusers")
 

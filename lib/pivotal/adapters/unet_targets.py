@@ -24,8 +24,8 @@ from pivotal.errors import LoraTargetError, ModelLayoutError
 PRESETS: tuple[str, ...] = ("attn", "attn-mlp", "attn-mlp-conv")
 #: Base model -> which naming its kohya UNet keys use.
 KOHYA_UNET_NAMING: dict[str, str] = {"sd1": "diffusers", "sdxl": "ldm"}
-#: The user-facing setting the preset comes from, named in errors.
-PRESET_SETTING = "lora_targets"
+#: The user-facing setting the preset comes from (``TrainConfig.lora_preset``), named in errors.
+PRESET_SETTING = "lora_preset"
 
 _BLOCK = r"^(?:down_blocks\.\d+|mid_block|up_blocks\.\d+)\."
 _ATTN = [_BLOCK + r"attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0)$"]

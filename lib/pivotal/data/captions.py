@@ -98,7 +98,7 @@ def apply_trigger(caption: str, names: Sequence[str]) -> tuple[str, str]:
     caption contains none of them. ``trigger`` is the names the result contains, space-separated
     in order of first appearance (what caption dropout leaves)."""
     for name in names:
-        caption = re.sub(rf"\[\s*{re.escape(name)}\s*\]", lambda _m, n=name: n, caption, flags=re.IGNORECASE)
+        caption = re.sub(rf"\[\s*{re.escape(name)}\s*\]", lambda _m: name, caption, flags=re.IGNORECASE)
     found = []
     for name in names:
         match = _name_pattern(name).search(caption)

@@ -198,8 +198,9 @@ def run_preflight(options: DatasetOptions, embedding_vectors: Mapping[str, int],
         bw, bh = closest_bucket((w, h), buckets)
         factor = upscale_factor((h, w), (bh, bw))
         if factor > 1.0 and not opts.upscale_small:
-            report.skipped.append(SkippedImage(rel, f"{w}x{h} is smaller than its {bw}x{bh} bucket (needs {factor:.2f}x "
-                                                    "upscaling); set upscale_small=True or lower the resolution"))
+            report.skipped.append(SkippedImage(rel, f"{w}x{h} is smaller than its {bw}x{bh} bucket "
+                                                    f"(needs {factor:.2f}x upscaling); set upscale_small=True "
+                                                    "or lower the resolution"))
             continue
         resized_hw, crop_yx = plan_crop((h, w), (bh, bw))
         caption_path = captions.find(path)
@@ -245,8 +246,9 @@ def _summarise(report: PreflightReport, opts: DatasetOptions, items: list[Datase
         key = f"{item.target_hw[1]}x{item.target_hw[0]}"
         report.buckets[key] = report.buckets.get(key, 0) + 1
     if report.empty_captions:
+        more = " ..." if len(report.empty_captions) > 5 else ""
         report.warnings.append(f"{len(report.empty_captions)} empty caption file(s) treated as missing: "
-                               + ", ".join(report.empty_captions[:5]) + (" ..." if len(report.empty_captions) > 5 else ""))
+                               + ", ".join(report.empty_captions[:5]) + more)
     missing = report.missing_captions
     if items and len(missing) >= len(items):
         report.warnings.append(f"no image has a caption ({'/'.join(opts.caption_extensions)} next to it); every image "

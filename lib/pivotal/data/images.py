@@ -288,7 +288,8 @@ def scan_folder(folder: Path) -> FolderScan:
     if not scan.images:
         if not scan.others and not scan.hidden:
             raise DatasetError(f"dataset folder {folder} is empty; add images ({accepted}) with .txt captions")
-        found = ", ".join(f"{ext} x{n}" for ext, n in sorted(count_extensions(scan.others).items())) or "hidden files only"
+        counts = sorted(count_extensions(scan.others).items())
+        found = ", ".join(f"{ext} x{n}" for ext, n in counts) or "hidden files only"
         raise DatasetError(f"dataset folder {folder} has no supported images (accepted: {accepted}); found: {found}")
     return scan
 

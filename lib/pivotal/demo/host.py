@@ -36,7 +36,8 @@ def build_demo_host(base: str, seed: int = 0, device: str | torch.device | None 
     dev = resolve_device(device)
     for m in (parts.unet, parts.vae, *parts.text_encoders.values()):
         m.to(dev)
-    label = DEMO_LABELS[base] if is_pretrained(base, pretrained) else f"demo {base} (tiny, random weights — outputs are noise)"
+    label = (DEMO_LABELS[base] if is_pretrained(base, pretrained)
+             else f"demo {base} (tiny, random weights — outputs are noise)")
     return DiffusersHost(parts, label=label)
 
 

@@ -36,8 +36,12 @@ def _init_texts(meta: dict[str, str]) -> dict[str, str]:
     if not isinstance(records, list):
         return {}
     # only strings: str() of an arbitrary nested value can recurse as deep as the JSON did
-    return {r["name"]: r.get("init_text") if isinstance(r.get("init_text"), str) else ""
-            for r in records if isinstance(r, dict) and isinstance(r.get("name"), str)}
+    texts: dict[str, str] = {}
+    for r in records:
+        if isinstance(r, dict) and isinstance(r.get("name"), str):
+            init = r.get("init_text")
+            texts[r["name"]] = init if isinstance(init, str) else ""
+    return texts
 
 
 def lora_summary(bundle: Bundle) -> dict[str, dict[str, Any]]:

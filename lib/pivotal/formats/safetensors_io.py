@@ -235,7 +235,7 @@ def _read_tensor(f: BinaryIO, path: str, key: str, info: TensorInfo, base: int) 
         return torch.empty(info.shape, dtype=dtype)
     f.seek(base + info.start)
     buf = bytearray(size)
-    if f.readinto(buf) != size:
+    if f.readinto(buf) != size:  # type: ignore[attr-defined]  # real files are buffered readers
         raise BundleError(path, "file ended inside this tensor (truncated while being read?)", key=key)
     if sys.byteorder != "little" and DTYPES[info.dtype][1] > 1:
         raise BundleError(path, "safetensors data is little-endian; this machine is not", key=key)

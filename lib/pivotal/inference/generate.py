@@ -27,7 +27,6 @@ from pivotal.text.inject import PromptTokenizer
 #: Load with the widest preset, so a bundle trained with any preset finds all its modules.
 WIDEST_PRESET = "attn-mlp-conv"
 PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
-DEFAULT_RESOLUTION = {"sd1": 512, "sdxl": 1024}
 SAMPLER_NAMES = {"euler": "Euler", "ddim": "DDIM"}
 #: length of the LoRA hash the webui shows ("Lora hashes" in infotext)
 SHORT_HASH = 12
@@ -83,9 +82,9 @@ def generate_image(host: TrainingHost, prompt: str, negative: str, lora_dirs: Se
                    guidance: float) -> tuple[Any, dict[str, Any]]:
     """Generate one image with the prompt's ``<lora:...>`` bundles applied.
 
-    ``width`` / ``height`` None: the host's ``default_resolution`` (512 SD1, 1024 SDXL when the
-    host has none). Returns ``(PIL image, info)``; ``info`` holds the clean prompts, the settings,
-    ``loras`` ([{name, weight, path, hash}]), ``embeddings`` (names) and ``warnings`` (strings).
+    ``width`` / ``height`` None: the host's ``default_resolution()``. Returns ``(PIL image, info)``;
+    ``info`` holds the clean prompts, the settings, ``loras`` ([{name, weight, path, hash}]),
+    ``embeddings`` (names) and ``warnings`` (strings).
     Every LoRA attached here is detached before returning or raising.
     """
     clean, tags = parse_lora_tags(prompt)
@@ -96,7 +95,7 @@ def generate_image(host: TrainingHost, prompt: str, negative: str, lora_dirs: Se
     for text in (clean, neg_clean):
         for m in OTHER_TAG.finditer(text):
             warnings.append(f"{m.group(0)!r}: only <lora:...> tags are applied; this one stays in the prompt as text")
-    default = int(getattr(host, "default_resolution", 0) or DEFAULT_RESOLUTION.get(host.base_model, 512))
+    default = host.default_resolution()
     width, height = width or default, height or default
     embeddings = EmbeddingSet()
     loras: list[dict[str, Any]] = []
@@ -141,7 +140,7 @@ def generate_image(host: TrainingHost, prompt: str, negative: str, lora_dirs: Se
     info: dict[str, Any] = {
         "prompt": prompt, "clean_prompt": clean, "negative": negative, "clean_negative": neg_clean,
         "steps": steps, "seed": seed, "width": width, "height": height, "guidance": guidance,
-        "sampler": getattr(host, "sampler", ""), "model": getattr(host, "label", host.base_model),
+        "sampler": host.sampler, "model": host.label,
         "base_model": host.base_model, "loras": loras, "embeddings": embeddings.names(), "warnings": warnings,
     }
     return image, info
@@ -171,7 +170,10 @@ def format_infotext(info: dict[str, Any]) -> str:
 
         PROMPT
         Negative prompt: NEGATIVE
-        Steps: 20, Sampler: Euler, CFG scale: 7.0, Seed: 0, Size: 512x512, Model: ..., Lora hashes: "a: 0123abcd4567", Version: pivotal 0.1.0
+        Steps: 20, Sampler: Euler, CFG scale: 7.0, Seed: 0, Size: 512x512, Model: ...,
+        Lora hashes: "a: 0123abcd4567", Version: pivotal 0.1.0
+
+    (the last two lines are one line in the text, wrapped here)
     """
     lines = [info["prompt"]]
     if info["negative"]:

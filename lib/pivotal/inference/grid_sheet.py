@@ -67,7 +67,7 @@ def compose_grid(result: GridResult) -> tuple[Any, dict[tuple[int, str], tuple[i
             w, h = image.size[0] * factor, image.size[1] * factor
             cell = image.convert("RGB")
             if factor > 1:
-                cell = cell.resize((w, h), Image.NEAREST)
+                cell = cell.resize((w, h), Image.Resampling.NEAREST)
             sheet.paste(cell, (x, y))
             boxes[(r, column)] = (x, y, w, h)
     return sheet, boxes

@@ -81,7 +81,8 @@ class EmbeddingSet:
 
     def _get(self, name: str) -> dict[str, nn.Parameter]:
         if name not in self._params:
-            raise EmbeddingNameError(f"embedding {name!r} is not in the set (have: {', '.join(self._params) or 'none'})")
+            have = ", ".join(self._params) or "none"
+            raise EmbeddingNameError(f"embedding {name!r} is not in the set (have: {have})")
         return self._params[name]
 
     def _check_new(self, name: str, vectors: Mapping[str, torch.Tensor]) -> None:
@@ -149,7 +150,8 @@ class EmbeddingSet:
             ids = list((init_ids or {}).get(key) or [])
             bad = [i for i in ids if not 0 <= int(i) < vocab.shape[0]]
             if bad:
-                raise ModelLayoutError(f"embedding {name!r} [{key}]: init token ids {bad} outside vocabulary of {vocab.shape[0]}")
+                raise ModelLayoutError(f"embedding {name!r} [{key}]: init token ids {bad} "
+                                       f"outside vocabulary of {vocab.shape[0]}")
             if ids:
                 vectors[key] = init_vectors_from_ids(vocab, ids, num_vectors)
             else:

@@ -112,7 +112,8 @@ class PromptTokenizer:
         self.placeholder_id = int(placeholder_id)
         self.max_length = int(max_length)
         if self.placeholder_id in (self.eos_id, self.bos_id):
-            raise ValueError(f"placeholder id {placeholder_id} must differ from BOS {self.bos_id} and EOS {self.eos_id}")
+            raise ValueError(f"placeholder id {placeholder_id} must differ from BOS {self.bos_id} "
+                             f"and EOS {self.eos_id}")
         if self.max_length < 3:
             raise ValueError(f"max_length {max_length} leaves no room between BOS and EOS")
         self.num_vectors = {validate_embedding_name(n): int(c) for n, c in num_vectors.items()}
@@ -221,9 +222,11 @@ def splice_vectors(
             vec = vectors[name]
             n = vec.shape[0]
             if vec.dim() != 2 or vec.shape[1] != width:
-                raise ModelLayoutError(f"embedding {name!r}: vectors {tuple(vec.shape)} do not fit encoder width {width}")
+                raise ModelLayoutError(f"embedding {name!r}: vectors {tuple(vec.shape)} "
+                                       f"do not fit encoder width {width}")
             if offset < 1 or offset + n > seq_len:
-                raise ModelLayoutError(f"embedding {name!r}: positions {offset}..{offset + n - 1} outside 1..{seq_len - 1}")
+                raise ModelLayoutError(f"embedding {name!r}: positions {offset}..{offset + n - 1} "
+                                       f"outside 1..{seq_len - 1}")
             vec = vec.to(device=output.device, dtype=output.dtype)
             row = torch.cat([row[:offset], vec, row[offset + n :]], dim=0)
         rows.append(row)

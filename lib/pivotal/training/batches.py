@@ -33,21 +33,26 @@ class BatchSource:
         self.warnings: list[str] = list(getattr(self.report, "warnings", []))
         self.cache: LatentCache | None = None
         if config.latent_cache != "off":
-            # The id must change with the VAE, or a disk cache would hand one model's latents to another.
-            model_id = f"{host.base_model}:{getattr(host, 'model_id', getattr(host, 'label', 'unknown'))}"
+            # The id changes with the VAE, or a disk cache would hand one model's latents to another.
+            model_id = host.model_id()
             folder = Path(config.out_dir) / "latent_cache" if config.latent_cache == "disk" else None
-            self.cache = LatentCache(model_id, folder)
-
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.host.encode_images(pixels.to(self.host.device)).float().cpu()
+            if model_id is None:
+                # This host cannot name its VAE: latents are kept for this run, in memory only.
+                if folder is not None:
+                    self.warnings.append("latent_cache 'disk': this model has no stable id, so its latents "
+                                         "are cached in memory for this run only")
+                model_id, folder = f"{host.base_model}:this run only", None
+            self.cache = LatentCache(model_id, folder, store="cpu")
 
     def get(self, index: int) -> tuple[torch.Tensor, list[str], list[SizeInfo]]:
+        """Latents (B, C, h, w) fp32 on the host's device: encoded there, or copied there once from
+        the latent cache (which keeps its entries in CPU memory, see :mod:`pivotal.data.latent_cache`)."""
         batch = self.dataset.batch_at(index)
         if self.cache is not None:
-            latents = self.cache.encode_batch(batch.items, batch.flipped, self._encode)
+            latents = self.cache.encode_batch(batch.items, batch.flipped, self.host.encode_images, self.host.device)
         else:
-            latents = self._encode(batch.pixels)
-        return latents.to(self.host.device), list(batch.captions), list(batch.sizes)
+            latents = self.host.encode_images(batch.pixels).float()
+        return latents, list(batch.captions), list(batch.sizes)
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
         """{dataset folder name: {tag: count}} as kohya records it (``ss_tag_frequency``)."""

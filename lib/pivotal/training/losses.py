@@ -28,7 +28,8 @@ def _gather(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     return values.to(t.device)[t].reshape(-1, *([1] * (ndim - 1)))
 
 
-def add_noise(latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def add_noise(latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+              alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε, computed in fp32."""
     a = _gather(alphas_cumprod.float(), t, latents.dim())
     return a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float()

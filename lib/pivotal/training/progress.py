@@ -97,7 +97,7 @@ class LossSmoother:
     def update(self, loss: float) -> float:
         self._n += 1
         self._avg = self.beta * self._avg + (1 - self.beta) * loss
-        return self.value()
+        return self._avg / (1 - self.beta ** self._n)  # value(), never None after an update
 
     def value(self) -> float | None:
         if self._n == 0:

@@ -47,7 +47,7 @@ class StepRunner:
         self.embeddings = embeddings
         self.batches = batches
         self.generator = generator
-        self.alphas = host.alphas_cumprod().float()
+        self.alphas = host.alphas_cumprod().float().to(host.device)
         self.prediction = config.prediction_type if config.prediction_type != "auto" else host.prediction_type
         self.device = host.device
         autocast_dtype = AUTOCAST_DTYPES.get(config.precision)
@@ -59,13 +59,9 @@ class StepRunner:
         # frozen embeddings), a caption's conditioning is the same every step and is computed once.
         text_lora = [m for m in net.modules_of() if m.part != "unet"]
         self._text_params = [p for m in text_lora for p in m.parameters()] + list(embeddings.parameters())
-        deterministic = getattr(host, "text_encoding_is_deterministic", None)
-        self._text_cacheable = (callable(deterministic) and bool(deterministic())
-                                and not any(m.dropout for m in text_lora))
+        self._text_cacheable = host.text_encoding_is_deterministic() and not any(m.dropout for m in text_lora)
         self._text_cache: OrderedDict[tuple, Conditioning] = OrderedDict()
         self._text_cache_bytes = 0
-        key_of = getattr(host, "text_encoding_key", None)
-        self._host_key = key_of if callable(key_of) else (lambda: None)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -84,7 +80,7 @@ class StepRunner:
                 self._text_cache.clear()
                 self._text_cache_bytes = 0
             return self.host.encode_prompts(captions, self.embeddings, sizes)
-        versions = (tuple(p._version for p in self._text_params), self._host_key())  # once per batch
+        versions = (tuple(p._version for p in self._text_params), self.host.text_encoding_key())  # once per batch
         rows = []
         for caption, size in zip(captions, sizes):
             key = (caption, (size.original, size.crop_top_left, size.target), versions)
@@ -118,15 +114,18 @@ class StepRunner:
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for k in range(cfg.grad_accum):
-            latents, captions, sizes = self.batches.get(step * cfg.grad_accum + k)
-            t = sample_timesteps(latents.shape[0], self.alphas.shape[0], self.generator)
-            noise = sample_noise(latents.shape, self.generator, cfg.noise_offset)
-            noisy = add_noise(latents.cpu(), noise, t, self.alphas)
-            target = training_target(self.prediction, latents.cpu(), noise, t, self.alphas).to(self.device)
-            weights = min_snr_weights(t, self.alphas, cfg.min_snr_gamma, self.prediction)
+            latents, captions, sizes = self.batches.get(step * cfg.grad_accum + k)  # on the device
+            # The random draws come from the CPU generator (same stream on any device, exact resume);
+            # only they cross to the device: the latents stay where they are.
+            t_cpu = sample_timesteps(latents.shape[0], self.alphas.shape[0], self.generator)
+            noise = sample_noise(latents.shape, self.generator, cfg.noise_offset).to(self.device)
+            t = t_cpu.to(self.device)
+            noisy = add_noise(latents, noise, t, self.alphas)
+            target = training_target(self.prediction, latents, noise, t, self.alphas)
+            weights = min_snr_weights(t_cpu, self.alphas, cfg.min_snr_gamma, self.prediction)
             with self._autocast():
                 cond = self._encode(captions, sizes)
-                pred = self.host.predict(noisy.to(self.device, self.host.dtype), t.to(self.device), cond)
+                pred = self.host.predict(noisy.to(self.host.dtype), t, cond)
             loss = diffusion_loss(pred, target, weights) / cfg.grad_accum
             if not torch.isfinite(loss):
                 # Nothing reaches the weights: the gradients of this step are dropped whole.

@@ -180,7 +180,7 @@ class _Run:
         bad_in_a_row = 0
         last_phase = ""
         step_time: float | None = None
-        self.emit(ProgressEvent("start", step=self.step, total=cfg.steps, message=getattr(self.host, "label", "")))
+        self.emit(ProgressEvent("start", step=self.step, total=cfg.steps, message=self.host.label))
         with self.host.training_session(cfg.gradient_checkpointing), self.net.attached():
             self.net.train()
             while self.step < cfg.steps:
@@ -245,7 +245,7 @@ class _Run:
         info = TrainingInfo(cfg.output_name, resolution=(cfg.resolution, cfg.resolution),
                             num_train_images=len(self.batches.dataset.items),
                             tag_frequency=self.batches.tag_frequency(), settings=cfg.to_dict(),
-                            base_checkpoint=getattr(self.host, "label", ""))
+                            base_checkpoint=self.host.label)
         write_bundle(path, self.host.base_model, self.net.kohya_state_dict(SAVE_DTYPES[cfg.save_precision]),
                      embs, info)
         save_state(self.out_dir / f"{stem}.resume.safetensors",
@@ -267,7 +267,8 @@ class _Run:
             fault_point("preview", self.step)
             with torch.no_grad():
                 for i, prompt in enumerate(prompts):
-                    image = self.host.generate(prompt, "", self.embeddings, cfg.preview_steps, cfg.seed, size, size, 7.0)
+                    image = self.host.generate(prompt, "", self.embeddings, cfg.preview_steps, cfg.seed,
+                                               size, size, 7.0)
                     path = folder / f"{cfg.output_name}-step{self.step:06d}-{i}.png"
                     image.save(path)
                     self.emit(ProgressEvent("preview", step=self.step, total=cfg.steps, path=str(path), image=image,

@@ -132,7 +132,7 @@ def run_app(args: argparse.Namespace) -> int:
     else:
         base, data_dir = TrainConfig(out_dir=str(out_dir)), ""
     host = load_host(model=args.model, demo=args.demo, device=args.device)
-    label = str(getattr(host, "label", "") or args.model or args.demo or "")
+    label = host.label
     print(f"model: {label}", flush=True)
     small = base.resolution if args.demo else 512
     job = TrainingJob()

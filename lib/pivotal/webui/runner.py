@@ -132,7 +132,8 @@ def _progress_api() -> Any:
 
 
 def run_in_webui(config: TrainConfig, host: Any, on_event: Callable[[ProgressEvent], None],
-                 stop: threading.Event, resume: Optional[str] = None, train_fn: Optional[Callable[..., TrainResult]] = None,
+                 stop: threading.Event, resume: Optional[str] = None,
+                 train_fn: Optional[Callable[..., TrainResult]] = None,
                  lora_dir: Optional[str] = None) -> TrainResult:
     """The trainer, run through the webui's queue and progress state (see the module docstring)."""
     if train_fn is None:

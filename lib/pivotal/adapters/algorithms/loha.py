@@ -55,13 +55,13 @@ class LoHa(Algorithm):
         self.t2 = _normal((rank, rank, *kernel), 0.1) if self.tucker else None
 
     def own_tensors(self) -> dict[str, torch.Tensor]:
-        out = {W1A: self.w1_a, W1B: self.w1_b, W2A: self.w2_a, W2B: self.w2_b}
-        if self.t1 is not None:
+        out: dict[str, torch.Tensor] = {W1A: self.w1_a, W1B: self.w1_b, W2A: self.w2_a, W2B: self.w2_b}
+        if self.t1 is not None and self.t2 is not None:
             out[T1], out[T2] = self.t1, self.t2
         return out
 
     def raw_delta(self) -> torch.Tensor:
-        if self.t1 is None:
+        if self.t1 is None or self.t2 is None:
             return (self.w1_a @ self.w1_b) * (self.w2_a @ self.w2_b)
         return _tucker(self.t1, self.w1_a, self.w1_b) * _tucker(self.t2, self.w2_a, self.w2_b)
 
@@ -81,7 +81,7 @@ class LoHa(Algorithm):
         if any(t.dim() != 2 for t in (w1a, w1b, w2a, w2b)):
             raise ValueError("hada_w1_a/_b and hada_w2_a/_b must be matrices")
         rank = int(w1b.shape[0])
-        if t1 is None:
+        if t1 is None or t2 is None:
             if w1a.shape[1] != rank or w2a.shape != w1a.shape or w2b.shape != w1b.shape:
                 raise ValueError(f"LoHa factor shapes do not agree: w1_a {tuple(w1a.shape)}, w1_b "
                                  f"{tuple(w1b.shape)}, w2_a {tuple(w2a.shape)}, w2_b {tuple(w2b.shape)}")

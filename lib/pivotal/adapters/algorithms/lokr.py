@@ -86,7 +86,10 @@ class LoKr(Algorithm):
         self.w1 = nn.Parameter(kaiming((a, c))) if not w1_rank else None
         self.w1_a = nn.Parameter(kaiming((a, w1_rank))) if w1_rank else None
         self.w1_b = nn.Parameter(kaiming((w1_rank, c))) if w1_rank else None
-        self.w2 = self.w2_a = self.w2_b = self.t2 = None
+        self.w2: nn.Parameter | None = None
+        self.w2_a: nn.Parameter | None = None
+        self.w2_b: nn.Parameter | None = None
+        self.t2: nn.Parameter | None = None
         if w2_mode == "full":
             self.w2 = nn.Parameter(torch.zeros(b, d, *kernel))
         elif w2_mode == "tucker":
@@ -110,13 +113,22 @@ class LoKr(Algorithm):
     def raw_delta(self) -> torch.Tensor:
         a, b, c, d = self.split
         kernel = self.shape[2:]
-        w1 = self.w1 if self.w1 is not None else self.w1_a @ self.w1_b
+        w1a, w1b, w2a, w2b = self.w1_a, self.w1_b, self.w2_a, self.w2_b
+        w1: torch.Tensor
+        w2: torch.Tensor
+        if self.w1 is not None:
+            w1 = self.w1
+        else:
+            assert w1a is not None and w1b is not None  # a low-rank w1 (w1_rank > 0)
+            w1 = w1a @ w1b
         if self.w2 is not None:
             w2 = self.w2
-        elif self.t2 is not None:
-            w2 = torch.einsum("i j k l, i p, j r -> p r k l", self.t2, self.w2_a, self.w2_b)
         else:
-            w2 = (self.w2_a @ self.w2_b).reshape(b, d, *kernel)
+            assert w2a is not None and w2b is not None  # w2_mode "tucker" or "lowrank"
+            if self.t2 is not None:
+                w2 = torch.einsum("i j k l, i p, j r -> p r k l", self.t2, w2a, w2b)
+            else:
+                w2 = (w2a @ w2b).reshape(b, d, *kernel)
         w1 = w1.reshape(a, c, *[1] * len(kernel))
         return torch.kron(w1, w2.contiguous())
 
@@ -126,29 +138,29 @@ class LoKr(Algorithm):
 
     @classmethod
     def layout(cls, tensors: Mapping[str, torch.Tensor]) -> ModuleLayout:
-        g = tensors.get
         for name in (W1, W1A, W1B, W2A, W2B):
-            if g(name) is not None and g(name).dim() != 2:
-                raise ValueError(f"{name} has shape {tuple(g(name).shape)}; LoKr factors must be matrices "
+            t = tensors.get(name)
+            if t is not None and t.dim() != 2:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}; LoKr factors must be matrices "
                                  "(the webuis multiply them as such)")
-        if g(W1) is not None:
-            a, c = g(W1).shape
+        w1, w1a, w1b = tensors.get(W1), tensors.get(W1A), tensors.get(W1B)
+        w2, w2a, w2b, t2 = tensors.get(W2), tensors.get(W2A), tensors.get(W2B), tensors.get(T2)
+        if w1 is not None:
+            a, c = w1.shape
             w1_rank = 0
-        elif g(W1A) is not None and g(W1B) is not None:
-            if g(W1A).shape[1] != g(W1B).shape[0]:
-                raise ValueError(f"lokr_w1_a {tuple(g(W1A).shape)} and lokr_w1_b {tuple(g(W1B).shape)} do not chain")
-            a, c, w1_rank = g(W1A).shape[0], g(W1B).shape[1], int(g(W1B).shape[0])
+        elif w1a is not None and w1b is not None:
+            if w1a.shape[1] != w1b.shape[0]:
+                raise ValueError(f"lokr_w1_a {tuple(w1a.shape)} and lokr_w1_b {tuple(w1b.shape)} do not chain")
+            a, c, w1_rank = w1a.shape[0], w1b.shape[1], int(w1b.shape[0])
         else:
             raise ValueError("LoKr module lacks lokr_w1 (or lokr_w1_a + lokr_w1_b)")
         kernel: tuple[int, ...] | None = None
-        if g(W2) is not None:
-            w2 = g(W2)
+        if w2 is not None:
             if w2.dim() not in (2, 4):
                 raise ValueError(f"lokr_w2 has shape {tuple(w2.shape)}")
             b, d_numel, mode, rank = int(w2.shape[0]), int(w2[0].numel()), "full", 0
             kernel = tuple(int(s) for s in w2.shape[2:]) or None
-        elif g(W2A) is not None and g(W2B) is not None:
-            w2a, w2b, t2 = g(W2A), g(W2B), g(T2)
+        elif w2a is not None and w2b is not None:
             rank = int(w2b.shape[0])
             if t2 is not None:
                 if t2.dim() != 4 or tuple(t2.shape[:2]) != (rank, rank) or w2a.shape[0] != rank:

@@ -44,6 +44,8 @@ class LoRA(Algorithm):
         out, inp, *kernel = self.shape
         # Tucker only means something for a kernel larger than 1x1 (LyCORIS' rule).
         self.tucker = bool(tucker and kernel and math.prod(kernel) != 1)
+        down: tuple[int, ...]
+        up: tuple[int, ...]
         if not kernel:
             down, up = (rank, inp), (out, rank)
         elif self.tucker:
@@ -56,7 +58,7 @@ class LoRA(Algorithm):
         self.up = nn.Parameter(torch.zeros(up))
 
     def own_tensors(self) -> dict[str, torch.Tensor]:
-        out = {DOWN: self.down, UP: self.up}
+        out: dict[str, torch.Tensor] = {DOWN: self.down, UP: self.up}
         if self.mid is not None:
             out[MID] = self.mid
         return out
@@ -108,8 +110,9 @@ class LoRA(Algorithm):
                     or tuple(down.shape[2:]) != (1, 1):
                 raise ValueError(f"lora_mid {tuple(mid.shape)} with lora_down {tuple(down.shape)} is not a "
                                  f"Tucker core: expected ({rank}, {rank}, kh, kw) and a 1x1 down")
-            kernel: tuple[int, ...] | None = tuple(int(s) for s in mid.shape[2:])
-            in_numel = int(down.shape[1]) * math.prod(kernel)
+            mid_kernel = tuple(int(s) for s in mid.shape[2:])
+            kernel: tuple[int, ...] | None = mid_kernel
+            in_numel = int(down.shape[1]) * math.prod(mid_kernel)
         else:
             kernel = tuple(int(s) for s in down.shape[2:]) or None
             in_numel = int(down[0].numel())

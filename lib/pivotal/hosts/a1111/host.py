@@ -32,7 +32,7 @@ from pivotal.adapters.network import Target
 from pivotal.adapters.te_names import text_encoder_lora_targets
 from pivotal.adapters.unet_targets import unet_lora_targets
 from pivotal.errors import ConfigError, ModelLayoutError
-from pivotal.host_api import Conditioning, SizeInfo, has_active_dropout
+from pivotal.host_api import Conditioning, HostDefaults, SizeInfo, has_active_dropout, weights_fingerprint
 from pivotal.hosts.a1111 import session as a1111_session
 from pivotal.hosts.a1111.sdxl import encode_sdxl, openclip_tokenizer, sdxl_latents, text_embedders
 from pivotal.hosts.a1111.webui import Webui, load_webui
@@ -51,7 +51,8 @@ DEFAULT_PREVIEW_SCHEDULER = "Automatic"
 
 def detect_base(sd_model: Any) -> str:
     """"sd1" or "sdxl" from the webui's type flags; ModelLayoutError for the kinds not supported."""
-    for flag, kind in (("is_sd2", "SD2"), ("is_sd3", "SD3"), ("is_ssd", "SSD-1B"), ("is_sdxl_inpaint", "SDXL inpainting")):
+    for flag, kind in (("is_sd2", "SD2"), ("is_sd3", "SD3"), ("is_ssd", "SSD-1B"),
+                       ("is_sdxl_inpaint", "SDXL inpainting")):
         if getattr(sd_model, flag, False):
             raise ModelLayoutError(f"the loaded checkpoint is {kind}; Pivotal's webui host supports SD1 and SDXL "
                                    "checkpoints (load one in the webui)")
@@ -63,7 +64,8 @@ def detect_base(sd_model: Any) -> str:
         raise ModelLayoutError(f"{type(sd_model).__name__}: no model.diffusion_model UNet (not an A1111/ldm model; "
                                "Forge-style backends are not supported by this host)")
     wrapper = sd_model.model
-    if getattr(wrapper, "conditioning_key", "crossattn") != "crossattn" or int(getattr(wrapper.diffusion_model, "in_channels", 4)) != 4:
+    if (getattr(wrapper, "conditioning_key", "crossattn") != "crossattn"
+            or int(getattr(wrapper.diffusion_model, "in_channels", 4)) != 4):
         raise ModelLayoutError("the loaded checkpoint is an inpainting/depth/edit model; train on a plain checkpoint")
     return "sdxl" if getattr(sd_model, "is_sdxl", False) else "sd1"
 
@@ -73,7 +75,8 @@ def plain_token_embedding(module: nn.Module) -> nn.Embedding:
     module itself when it is not wrapped)."""
     inner = getattr(module, "wrapped", module)
     if not isinstance(inner, nn.Embedding):
-        raise ModelLayoutError(f"{type(module).__name__}: expected the token nn.Embedding (or the webui's wrapper of one)")
+        raise ModelLayoutError(f"{type(module).__name__}: expected the token nn.Embedding "
+                               "(or the webui's wrapper of one)")
     return inner
 
 
@@ -95,13 +98,13 @@ def unwrapped_token_embedding(text_model: nn.Module) -> Iterator[None]:
         embeddings.token_embedding = wrapper
 
 
-class A1111Host:
+class A1111Host(HostDefaults):
     """The model the webui has loaded, as a training host (see the module docstring).
 
     ``webui``: the webui's modules (default: imported from the running webui).
     ``preview_sampler`` / ``preview_scheduler`` / ``preview_cfg``: what previews use (cfg None: the
-    trainer's guidance). Attributes beyond the protocol: ``label``, ``model_id``, ``sd_model``,
-    ``unet``, ``default_resolution``, ``last_session`` (what the last session did).
+    trainer's guidance); ``sampler`` is ``preview_sampler``. Attributes beyond the protocol:
+    ``sd_model``, ``unet``, ``last_session`` (what the last session did).
     """
 
     def __init__(self, webui: Optional[Webui] = None, preview_sampler: str = DEFAULT_PREVIEW_SAMPLER,
@@ -120,9 +123,8 @@ class A1111Host:
         self.dtype: torch.dtype = first.dtype
         info = getattr(self.sd_model, "sd_checkpoint_info", None)
         self.label: str = str(getattr(info, "name_for_extra", "") or getattr(info, "title", "") or "webui model")
-        self.model_id: str = f"{self.label}:{getattr(self.sd_model, 'sd_model_hash', '') or ''}"
-        self.default_resolution: int = 1024 if self.base_model == "sdxl" else 512
         self.preview_sampler = preview_sampler
+        self.sampler: str = preview_sampler
         self.preview_cfg = preview_cfg
         self.preview_scheduler = preview_scheduler
         self.last_session: dict[str, Any] = {}
@@ -151,7 +153,8 @@ class A1111Host:
 
     def _check_key(self, key: str) -> None:
         if key not in self.encoder_keys():
-            raise ModelLayoutError(f"encoder key {key!r}: this {self.base_model} model has {', '.join(self.encoder_keys())}")
+            raise ModelLayoutError(f"encoder key {key!r}: this {self.base_model} model has "
+                                   f"{', '.join(self.encoder_keys())}")
 
     def vocabulary(self, key: str) -> torch.Tensor:
         """(V, dim) token-embedding weight, detached (shares storage: never written)."""
@@ -224,6 +227,18 @@ class A1111Host:
         dist = self.sd_model.encode_first_stage(images.to(self.device, vae_dtype))
         z = dist.mode() if hasattr(dist, "mode") else dist
         return self.sd_model.get_first_stage_encoding(z).to(torch.float32)
+
+    def model_id(self) -> str | None:
+        """A fingerprint of the VAE the webui has loaded now (encoder + quant_conv weights, their
+        dtype, the VAE dtype setting and the scale factor): it changes with the checkpoint and with
+        Settings › VAE, which swaps the weights in place. None when the model has no LDM-style VAE."""
+        fsm = getattr(self.sd_model, "first_stage_model", None)
+        encoder, quant = getattr(fsm, "encoder", None), getattr(fsm, "quant_conv", None)
+        if not isinstance(encoder, nn.Module) or not isinstance(quant, nn.Module):
+            return None
+        vae_dtype = getattr(self.webui.devices, "dtype_vae", torch.float32)
+        scale = float(getattr(self.sd_model, "scale_factor", 0.0))
+        return "a1111-vae:" + weights_fingerprint([encoder, quant], scale, str(vae_dtype))
 
     def live_embeddings(self, embeddings: EmbeddingSet) -> contextlib.AbstractContextManager[None]:
         """Within the block, ``embeddings`` are registered in the webui's database as live

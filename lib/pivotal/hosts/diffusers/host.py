@@ -25,7 +25,7 @@ from pivotal.adapters.network import Target
 from pivotal.adapters.te_names import text_encoder_lora_targets, token_embedding_of
 from pivotal.adapters.unet_targets import unet_lora_targets
 from pivotal.errors import ConfigError, ModelLayoutError
-from pivotal.host_api import Conditioning, SizeInfo, has_active_dropout
+from pivotal.host_api import Conditioning, HostDefaults, SizeInfo, has_active_dropout, weights_fingerprint
 from pivotal.hosts.diffusers.parts import DEFAULT_PAD_IDS, ENCODER_KEYS, PipelineParts
 from pivotal.hosts.diffusers.sampling import SAMPLERS, denoise, make_scheduler, to_pil
 from pivotal.hosts.module_state import capture, enable_checkpointing, uses_checkpoint_func
@@ -36,12 +36,11 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 INSTALL_HINT = "pip install 'diffusers>=0.27' 'transformers>=4.30.2' (or: pip install -e '.[standalone]')"
 
 
-class DiffusersHost:
+class DiffusersHost(HostDefaults):
     """A Stable Diffusion 1.x or SDXL model held as diffusers / transformers modules.
 
-    Attributes beyond the protocol: ``label`` (what UIs show), ``default_resolution`` (pixels),
-    ``vae_scale_factor`` (image / latent size), ``scheduler_config``, ``sampler`` ("euler" or
-    "ddim", used by :meth:`generate`), ``unet``, ``vae``.
+    ``sampler`` ("euler" or "ddim") is what :meth:`generate` uses. Attributes beyond the protocol:
+    ``vae_scale_factor`` (image / latent size), ``scheduler_config``, ``unet``, ``vae``.
     """
 
     def __init__(self, parts: PipelineParts, label: str = "", sampler: str = "euler") -> None:
@@ -75,7 +74,7 @@ class DiffusersHost:
         self.latent_channels: int = int(vae_cfg.latent_channels)
         self.scaling_factor: float = float(vae_cfg.scaling_factor)
         sample = self.unet.config.sample_size
-        self.default_resolution: int = int(sample if isinstance(sample, int) else sample[0]) * self.vae_scale_factor
+        self._default_resolution = int(sample if isinstance(sample, int) else sample[0]) * self.vae_scale_factor
         self.force_zeros_for_empty_prompt: bool = parts.force_zeros_for_empty_prompt
         self.label: str = label or parts.source or base
         self.sampler: str = sampler
@@ -87,7 +86,8 @@ class DiffusersHost:
         cfg = self.unet.config
         if int(cfg.in_channels) != self.latent_channels:
             raise ModelLayoutError(f"{source}: the UNet takes {cfg.in_channels} input channels but the VAE makes "
-                                   f"{self.latent_channels}-channel latents (inpainting/depth models are not supported)")
+                                   f"{self.latent_channels}-channel latents "
+                                   "(inpainting/depth models are not supported)")
         width = sum(int(te.config.hidden_size) for te in self._encoders.values())
         if int(cfg.cross_attention_dim) != width:
             raise ModelLayoutError(f"{source}: the UNet attends to {cfg.cross_attention_dim}-wide context but the "
@@ -120,6 +120,18 @@ class DiffusersHost:
             raise ModelLayoutError(f"encoder key {key!r}: this {self.base_model} model has "
                                    f"{', '.join(self.encoder_keys())}")
         return self._token_embeddings[key]
+
+    def default_resolution(self) -> int:
+        """The UNet config's sample size in pixels (512 for SD 1.5, 1024 for SDXL, 64 for the demo)."""
+        return self._default_resolution
+
+    def model_id(self) -> str:
+        """A fingerprint of what makes the latents: the VAE encoder's weights (+ quant_conv) and
+        dtype, and the scale factor; a folder whose VAE file was replaced gets a new id."""
+        parts = [self.vae.encoder] + ([self.vae.quant_conv] if getattr(self.vae, "quant_conv", None) is not None
+                                      else [])
+        shift = getattr(self.vae.config, "shift_factor", None)
+        return "diffusers-vae:" + weights_fingerprint(parts, self.scaling_factor, shift, str(self._vae_dtype))
 
     def text_encoding_is_deterministic(self) -> bool:
         """True when encoding a prompt twice gives the same result in training mode too (no
