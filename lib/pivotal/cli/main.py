@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--demo", choices=("sd1", "sdxl"), help="a tiny demo model (sd1: pre-trained on a world of "
                      "coloured shapes; sdxl: random weights) and a synthetic dataset")
-    src.add_argument("--model", help="diffusers model folder")
+    src.add_argument("--model", help="a diffusers model folder or a single-file .safetensors checkpoint (SD 1.x, SDXL)")
     p.add_argument("--out", default="output", help="output folder for bundles (default: output)")
     p.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (default: 7860)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")

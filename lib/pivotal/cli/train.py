@@ -38,7 +38,7 @@ FLAG_FIELDS = {
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train LoRA + embeddings into a bundle (standalone host)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="diffusers model folder")
+    src.add_argument("--model", help="a diffusers model folder or a single-file .safetensors checkpoint")
     src.add_argument("--demo", choices=("sd1", "sdxl"), help="a tiny demo model (sd1: pre-trained on a world of "
                      "coloured shapes; sdxl: random weights; runs on a CPU in seconds)")
     p.add_argument("--config", help="TOML or JSON file of settings (flags override it)")
