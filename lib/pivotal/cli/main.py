@@ -1,5 +1,5 @@
 """The ``pivotal`` command line: ``inspect``, ``export-embeddings``, ``convert``, ``app``, ``train``,
-``generate``, ``export-checkpoint``.
+``generate``, ``export-checkpoint``, ``export-diffusers``.
 
 Errors Pivotal raises on purpose (bad files, bad settings) print one line naming the file and the
 problem and exit with status 2; there is no traceback for those.
@@ -13,6 +13,7 @@ import sys
 from typing import Sequence
 
 from pivotal import __version__
+from pivotal.cli.export_diffusers import add_export_diffusers_command
 from pivotal.cli.generate import add_generate_command
 from pivotal.cli.grid import add_grid_command
 from pivotal.errors import PivotalError
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_generate_command(sub)
     add_grid_command(sub)
+    add_export_diffusers_command(sub)
     return parser
 
 
