@@ -109,6 +109,7 @@ def _printer(as_json: bool):
 
 def run_train(args: argparse.Namespace) -> int:
     from pivotal.demo.host import load_host
+    from pivotal.training.distributed import launched_rank
     from pivotal.training.trainer import train
 
     cfg = build_config(args)
@@ -127,10 +128,13 @@ def run_train(args: argparse.Namespace) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+    code = {"completed": 0, "stopped": 1, "interrupted": 130}.get(result.status, 1)
+    if launched_rank() > 0:  # data-parallel (torchrun / accelerate launch): rank 0 reports
+        return code
     if args.json:
         print(json.dumps({"event": "summary", **result.summary()}), flush=True)
     else:
         first, last = result.first_smoothed_loss, result.last_smoothed_loss
         trend = f"  smoothed loss {first:.4f} -> {last:.4f}" if first is not None and last is not None else ""
         print(f"{result.status}: {result.steps_done}/{result.total_steps} steps{trend}  {result.bundle_path}")
-    return {"completed": 0, "stopped": 1, "interrupted": 130}.get(result.status, 1)
+    return code
