@@ -39,21 +39,23 @@ def _randomize(model: nn.Module, gen: torch.Generator) -> nn.Module:
     return model
 
 
-def sd15_parts(seed: int = 0, full_vae: bool = False) -> PipelineParts:
+def sd15_parts(seed: int = 0, full_vae: bool = False, device: str = "cpu") -> PipelineParts:
     """The SD1.5 architecture with random weights: diffusers' SD1.5 UNet config, CLIP ViT-L/14's text
     config, the real CLIP tokenizer. ``full_vae``: SD's VAE architecture; else the demo's tiny VAE
-    (it only fills the latent cache once and is not part of a training step)."""
+    (it only fills the latent cache once and is not part of a training step). ``device``: where the
+    UNet is built and drawn (the text encoder and VAE are drawn on the CPU, small)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     gen = torch.Generator().manual_seed(seed)
+    unet_gen = gen if device == "cpu" else torch.Generator(device=device).manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with torch.device("meta"):  # no default init: every weight is drawn once, below
             unet = UNet2DConditionModel(**SD15_UNET)
-        unet = unet.to_empty(device="cpu")
+        unet = unet.to_empty(device=device)
         assert not list(unet.buffers()), "the UNet has buffers; to_empty would leave them unset"
-        _randomize(unet, gen)
+        _randomize(unet, unet_gen)
         te = _randomize(CLIPTextModel(CLIPTextConfig(**SD15_TEXT)), gen)
         vae = _randomize(AutoencoderKL(**(SD15_VAE if full_vae else vae_config("sd1"))), gen)
     for m in (unet, vae, te):

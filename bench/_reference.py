@@ -5,6 +5,7 @@ AdamW loop). See ``_common`` for how both sides are made to do equal work."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from typing import Any, Callable
@@ -125,6 +126,15 @@ class ReferenceSide:
         if self.train_embeddings:
             groups.append({"params": emb_params, "lr": config.embedding_lr, "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+        # Mixed precision and checkpointing as the diffusers examples do them (accelerate's
+        # autocast around the forward, a GradScaler for fp16; enable_gradient_checkpointing).
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16" and self.device.type == "cuda")
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if config.te_lora:
+                for te in self.text_encoders.values():
+                    te.gradient_checkpointing_enable()
         self.unet.train()
         for te in self.text_encoders.values():
             te.train()
@@ -176,16 +186,20 @@ class ReferenceSide:
         noise = torch.randn(latents.shape, generator=self.generator)
         timesteps, noise = timesteps.to(self.device), noise.to(self.device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        context, added = self._encode(captions, sizes)
-        kwargs = {"added_cond_kwargs": added} if added else {}
-        pred = self.unet(noisy, timesteps, context, **kwargs).sample
+        autocast = (torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+                    if self.autocast_dtype is not None else contextlib.nullcontext())
+        with autocast:
+            context, added = self._encode(captions, sizes)
+            kwargs = {"added_cond_kwargs": added} if added else {}
+            pred = self.unet(noisy, timesteps, context, **kwargs).sample
         target = noise
         snr = compute_snr(self.scheduler, timesteps)
         weights = torch.stack([snr, self.gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0] / snr
         loss = nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
         loss = (loss.mean(dim=list(range(1, len(loss.shape)))) * weights).mean()
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.train_embeddings:
             with torch.no_grad():

@@ -14,12 +14,12 @@ pytest.importorskip("diffusers", reason="the standalone diffusers host is not us
                                         "environment, which has no diffusers")
 
 from pivotal.adapters.network import LoraNetwork  # noqa: E402
-from pivotal.demo import basics as demo_basics  # noqa: E402
 from pivotal.demo import model as demo_model  # noqa: E402
 from pivotal.demo.basics import SCHEDULER_CONFIG  # noqa: E402
 from pivotal.demo.host import build_demo_host, load_host  # noqa: E402
 from pivotal.errors import ConfigError, ModelLayoutError  # noqa: E402
 from pivotal.host_api import SizeInfo  # noqa: E402
+from pivotal.hosts.diffusers import clip_tokenizer  # noqa: E402
 from pivotal.hosts.diffusers.host import DiffusersHost, load_diffusers_folder  # noqa: E402
 from pivotal.text.embeddings import EmbeddingSet  # noqa: E402
 
@@ -315,7 +315,7 @@ def test_model_id_follows_the_vae_and_nothing_else(hosts: dict[str, DiffusersHos
 
 
 def test_demo_tokenizer_needs_open_clip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(demo_basics, "find_open_clip_bpe", lambda: None)
+    monkeypatch.setattr(clip_tokenizer, "find_open_clip_bpe", lambda: None)
     with pytest.raises(ConfigError, match="pip install --no-deps open_clip_torch"):
         build_demo_host("sd1", cache_dir=tmp_path / "empty")
 
@@ -364,7 +364,7 @@ def test_folder_errors(hosts: dict[str, DiffusersHost], tmp_path: Path) -> None:
         load_diffusers_folder(tmp_path / "nope")
     ckpt = tmp_path / "model.safetensors"
     ckpt.write_bytes(b"x")
-    with pytest.raises(ConfigError, match="single-file checkpoints are not supported yet"):
+    with pytest.raises(ConfigError, match="a single-file checkpoint, not a diffusers folder"):
         load_diffusers_folder(ckpt)
     root = tmp_path / "m"
     save_as_folder(hosts["sdxl"], root)

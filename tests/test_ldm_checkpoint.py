@@ -18,31 +18,10 @@ from pivotal.demo.checkpoint import TEXT_KEY, UNET_KEY, VAE_KEY, export_checkpoi
 from pivotal.errors import ConfigError, ModelLayoutError, SaveError
 from pivotal.formats.safetensors_io import load_tensors, read_header
 from pivotal.formats.vae_names import vae_name_to_ldm, vae_state_to_ldm
+from tiny_checkpoints import LdmAutoencoder
 
 pytest.importorskip("omegaconf", reason="reading the exported yaml needs omegaconf")
 pytest.importorskip("ldm", reason="the LDM classes come from stable-diffusion-sdkit")
-
-
-class LdmAutoencoder(nn.Module):
-    """The parameter-holding part of ``ldm.models.autoencoder.AutoencoderKL`` (whose module
-    imports pytorch_lightning, which the test environments lack): the same attribute names,
-    built from the real ``Encoder`` / ``Decoder``."""
-
-    def __init__(self, ddconfig: Any, embed_dim: int) -> None:
-        super().__init__()
-        from ldm.modules.diffusionmodules.model import Decoder, Encoder
-
-        self.encoder = Encoder(**ddconfig)
-        self.decoder = Decoder(**ddconfig)
-        self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
-
-    def encode_mean(self, x: torch.Tensor) -> torch.Tensor:
-        moments = self.quant_conv(self.encoder(x))
-        return moments.chunk(2, dim=1)[0]
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z))
 
 
 def _part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -24,7 +24,8 @@ def add_generate_command(sub: Any) -> None:
     p = sub.add_parser("generate", help="generate an image (standalone diffusers host), applying "
                                         "<lora:NAME:WEIGHT> bundles from --lora-dir")
     model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--model", metavar="PATH", help="a diffusers pipeline folder (SD1 or SDXL)")
+    model.add_argument("--model", metavar="PATH",
+                       help="a diffusers pipeline folder or a single-file .safetensors checkpoint (SD1 or SDXL)")
     model.add_argument("--demo", choices=("sd1", "sdxl"), help="a tiny demo model (sd1 pre-trained, sdxl random)")
     p.add_argument("--prompt", required=True, help="the prompt; <lora:NAME:WEIGHT> tags apply bundles")
     p.add_argument("--negative", default="", help="negative prompt")

@@ -1,5 +1,5 @@
 """The ``pivotal`` command line: ``inspect``, ``export-embeddings``, ``convert``, ``app``, ``train``,
-``generate``, ``export-checkpoint``.
+``generate``, ``export-checkpoint``, ``export-diffusers``, ``queue``.
 
 Errors Pivotal raises on purpose (bad files, bad settings) print one line naming the file and the
 problem and exit with status 2; there is no traceback for those.
@@ -13,8 +13,10 @@ import sys
 from typing import Sequence
 
 from pivotal import __version__
+from pivotal.cli.export_diffusers import add_export_diffusers_command
 from pivotal.cli.generate import add_generate_command
 from pivotal.cli.grid import add_grid_command
+from pivotal.cli.queue import add_queue_command
 from pivotal.errors import PivotalError
 
 EXIT_USAGE = 2
@@ -84,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--demo", choices=("sd1", "sdxl"), help="a tiny demo model (sd1: pre-trained on a world of "
                      "coloured shapes; sdxl: random weights) and a synthetic dataset")
-    src.add_argument("--model", help="diffusers model folder")
+    src.add_argument("--model", help="a diffusers model folder or a single-file .safetensors checkpoint (SD 1.x, SDXL)")
     p.add_argument("--out", default="output", help="output folder for bundles (default: output)")
     p.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (default: 7860)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -104,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_generate_command(sub)
     add_grid_command(sub)
+    add_export_diffusers_command(sub)
+    add_queue_command(sub)
     return parser
 
 

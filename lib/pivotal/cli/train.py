@@ -36,7 +36,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                        "has a flag; precedence: defaults < --demo defaults < --config file < flags. The settings "
                        "file schema: pivotal train --print-schema.")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="DIR", help="diffusers model folder")
+    src.add_argument("--model", metavar="PATH", help="a diffusers model folder or a single-file .safetensors "
+                     "checkpoint")
     src.add_argument("--demo", choices=("sd1", "sdxl"), help="a tiny demo model (sd1: pre-trained on a world of "
                      "coloured shapes; sdxl: random weights; runs on a CPU in seconds)")
     p.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (flags override it)")
@@ -146,6 +147,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(json.dumps(config_schema(), indent=2))
         return 0
     from pivotal.demo.host import load_host
+    from pivotal.training.distributed import launched_rank
     from pivotal.training.trainer import train
 
     cfg = build_config(args)
@@ -165,10 +167,13 @@ def run_train(args: argparse.Namespace) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+    code = {"completed": 0, "stopped": 1, "interrupted": 130}.get(result.status, 1)
+    if launched_rank() > 0:  # data-parallel (torchrun / accelerate launch): rank 0 reports
+        return code
     if args.json:
         print(json.dumps({"event": "summary", **result.summary()}), flush=True)
     else:
         first, last = result.first_smoothed_loss, result.last_smoothed_loss
         trend = f"  smoothed loss {first:.4f} -> {last:.4f}" if first is not None and last is not None else ""
         print(f"{result.status}: {result.steps_done}/{result.total_steps} steps{trend}  {result.bundle_path}")
-    return {"completed": 0, "stopped": 1, "interrupted": 130}.get(result.status, 1)
+    return code

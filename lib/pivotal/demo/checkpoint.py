@@ -29,11 +29,12 @@ import torch
 from pivotal.adapters.unet_names import UNetLayout
 from pivotal.demo import tiny_world
 from pivotal.errors import ConfigError, SaveError
+from pivotal.formats.checkpoint_kind import SD1_TEXT_KEY as TEXT_KEY
+from pivotal.formats.checkpoint_kind import UNET_KEY, VAE_KEY
 from pivotal.formats.safetensors_io import atomic_save
 from pivotal.formats.vae_names import vae_state_to_ldm
 from pivotal.formats.yaml_text import to_yaml
 
-UNET_KEY, VAE_KEY, TEXT_KEY = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 CLIP_FOLDER_SUFFIX = "-clip"
 SPECIAL_TOKENS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                   "pad_token": "<|endoftext|>"}

@@ -1,8 +1,10 @@
-"""The standalone host the CLI and the app start: a diffusers folder, or one of the demo models."""
+"""The standalone host the CLI and the app start: a diffusers folder, a single-file checkpoint, or one
+of the demo models."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -42,9 +44,15 @@ def build_demo_host(base: str, seed: int = 0, device: str | torch.device | None 
 
 
 def load_host(model: str | None = None, demo: str | None = None, device: str | None = None) -> DiffusersHost:
-    """Exactly one of ``model`` (a diffusers folder) or ``demo`` ("sd1" / "sdxl")."""
+    """Exactly one of ``model`` (a diffusers folder or a single-file .safetensors checkpoint) or
+    ``demo`` ("sd1" / "sdxl")."""
     if (model is None) == (demo is None):
-        raise ConfigError("give exactly one of --model PATH (a diffusers folder) or --demo {sd1,sdxl}")
+        raise ConfigError("give exactly one of --model PATH (a diffusers folder or a .safetensors checkpoint) "
+                          "or --demo {sd1,sdxl}")
     if demo is not None:
         return build_demo_host(demo, device=device)
+    if Path(model).is_file():
+        from pivotal.hosts.diffusers.single_file import load_single_file
+
+        return load_single_file(model, device=device)
     return load_diffusers_folder(str(model), device=device)

@@ -8,6 +8,7 @@ uninterrupted run would have.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -53,6 +54,23 @@ class BatchSource:
         else:
             latents = self.host.encode_images(batch.pixels).float()
         return latents, list(batch.captions), list(batch.sizes)
+
+    def get_shard(self, index: int, shard: Callable[[int], slice]
+                  ) -> tuple[torch.Tensor, list[str], list[SizeInfo], int, slice]:
+        """This process's part of micro-step ``index``'s batch: ``(latents, captions, sizes, global
+        count, part)`` where ``part = shard(global count)`` and only those samples are encoded
+        (latents (n, C, h, w), or (0,) when the part is empty)."""
+        batch = self.dataset.batch_at(index)
+        count = len(batch.items)
+        part = shard(count)
+        items, flipped = batch.items[part], batch.flipped[part]
+        if not items:
+            return torch.zeros(0), [], [], count, part
+        if self.cache is not None:
+            latents = self.cache.encode_batch(items, flipped, self.host.encode_images, self.host.device)
+        else:
+            latents = self.host.encode_images(batch.pixels[part]).float()
+        return latents, list(batch.captions[part]), list(batch.sizes[part]), count, part
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
         """{dataset folder name: {tag: count}} as kohya records it (``ss_tag_frequency``)."""

@@ -14,6 +14,7 @@ from pivotal.host_api import Conditioning, SizeInfo, TrainingHost
 from pivotal.text.embeddings import EmbeddingSet
 from pivotal.training.batches import BatchSource
 from pivotal.training.config import TrainConfig
+from pivotal.training.distributed import DataParallel
 from pivotal.training.losses import (
     add_noise,
     diffusion_loss,
@@ -40,8 +41,9 @@ class StepRunner:
     """Computes the loss of one optimizer step and applies the update (or refuses to)."""
 
     def __init__(self, config: TrainConfig, host: TrainingHost, net: LoraNetwork, embeddings: EmbeddingSet,
-                 batches: BatchSource, generator: torch.Generator) -> None:
+                 batches: BatchSource, generator: torch.Generator, parallel: DataParallel | None = None) -> None:
         self.config = config
+        self.parallel = parallel
         self.host = host
         self.net = net
         self.embeddings = embeddings
@@ -109,17 +111,35 @@ class StepRunner:
 
     def run(self, step: int, optimizer: torch.optim.Optimizer) -> float | None:
         """Loss of optimizer step ``step`` (mean over accumulated micro-batches) after applying the
-        update; None when the loss was NaN/inf, in which case nothing was updated."""
+        update; None when the loss was NaN/inf, in which case nothing was updated.
+
+        Data-parallel (``parallel``): every process draws the global batch's timesteps and noise,
+        trains its shard, and the gradients and losses are summed over the processes (see
+        :mod:`pivotal.training.distributed`); the result is the single-process step's.
+        """
         cfg = self.config
+        dp = self.parallel
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
+        finite = True
         for k in range(cfg.grad_accum):
-            latents, captions, sizes = self.batches.get(step * cfg.grad_accum + k)  # on the device
-            # The random draws come from the CPU generator (same stream on any device, exact resume);
-            # only they cross to the device: the latents stay where they are.
-            t_cpu = sample_timesteps(latents.shape[0], self.alphas.shape[0], self.generator)
-            noise = sample_noise(latents.shape, self.generator, cfg.noise_offset).to(self.device)
-            t = t_cpu.to(self.device)
+            index = step * cfg.grad_accum + k
+            if dp is None:
+                latents, captions, sizes = self.batches.get(index)  # on the device
+                count, part, shape = latents.shape[0], slice(None), tuple(latents.shape)
+            else:
+                latents, captions, sizes, count, part = self.batches.get_shard(index, dp.shard)
+                # rank 0 always has a sample: every process learns the latent shape for the noise
+                mine = list(latents.shape[1:]) if latents.dim() == 4 else [0, 0, 0]
+                shape = (count, *dp.largest(mine))
+            # The random draws come from the CPU generator (same stream on any device, exact resume;
+            # every process draws the global batch's): only they cross to the device, the latents
+            # stay where they are.
+            t_cpu = sample_timesteps(count, self.alphas.shape[0], self.generator)[part]
+            noise_cpu = sample_noise(torch.Size(shape), self.generator, cfg.noise_offset)[part]
+            if t_cpu.shape[0] == 0 or not finite:
+                continue  # a process with no sample still draws, to keep the random streams equal
+            noise, t = noise_cpu.to(self.device), t_cpu.to(self.device)
             noisy = add_noise(latents, noise, t, self.alphas)
             target = training_target(self.prediction, latents, noise, t, self.alphas)
             weights = min_snr_weights(t_cpu, self.alphas, cfg.min_snr_gamma, self.prediction)
@@ -127,12 +147,24 @@ class StepRunner:
                 cond = self._encode(captions, sizes)
                 pred = self.host.predict(noisy.to(self.host.dtype), t, cond)
             loss = diffusion_loss(pred, target, weights) / cfg.grad_accum
+            if dp is not None:
+                loss = loss * (t_cpu.shape[0] / count)  # this shard's share of the global batch mean
             if not torch.isfinite(loss):
-                # Nothing reaches the weights: the gradients of this step are dropped whole.
-                optimizer.zero_grad(set_to_none=True)
-                return None
+                finite = False
+                if dp is None:
+                    break
+                continue
             self.scaler.scale(loss).backward()
             total += float(loss.detach())
+        if dp is not None:
+            finite = not dp.any(not finite)
+        if not finite:
+            # Nothing reaches the weights: the gradients of this step are dropped whole.
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        if dp is not None:
+            dp.sum_gradients(p for group in optimizer.param_groups for p in group["params"])
+            total = dp.total(total)
         self.scaler.step(optimizer)
         self.scaler.update()
         return total

@@ -38,6 +38,7 @@ from pivotal.text.embeddings import EmbeddingSet
 from pivotal.text.inject import encode_plain
 from pivotal.training.batches import BatchSource
 from pivotal.training.config import TrainConfig
+from pivotal.training.distributed import DataParallel, from_environment, launched_world_size
 from pivotal.training.faults import fault_point
 from pivotal.training.optim import GroupSpec, apply_lrs, build_optimizer, phase_of, pull_norms
 from pivotal.training.progress import EventSink, LossSmoother, ProgressEvent, TrainResult, window_means
@@ -49,14 +50,19 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 
 def train(config: TrainConfig, host: TrainingHost, on_event: EventSink | None = None,
           stop: threading.Event | None = None, resume: str | None = None,
-          taken_names: Mapping[str, str] | None = None) -> TrainResult:
+          taken_names: Mapping[str, str] | None = None, parallel: DataParallel | None = None) -> TrainResult:
     """Run one training job to its end; see the module docstring for the stages.
 
     ``stop``: set it to interrupt at the next step boundary. ``taken_names``: {lower-cased name:
     where} of embedding names already in use (the host's embeddings folder, other bundles);
-    a clash refuses the run before anything trains.
+    a clash refuses the run before anything trains. ``parallel``: this process's place in a
+    data-parallel group; by default the one ``torchrun`` / ``accelerate launch`` started this
+    process into, if any (:mod:`pivotal.training.distributed`): then only rank 0 writes files and
+    reports events.
     """
-    run = _Run(config, host, on_event or (lambda e: None), stop or threading.Event())
+    if parallel is None and launched_world_size() > 1:  # a single process never touches the host here
+        parallel = from_environment(host.device)
+    run = _Run(config, host, on_event or (lambda e: None), stop or threading.Event(), parallel)
     try:
         return run.execute(resume, taken_names)
     except torch.cuda.OutOfMemoryError as err:
@@ -86,10 +92,13 @@ def run_taken_names(cfg: TrainConfig, host_taken: Mapping[str, str] | None) -> d
 
 
 class _Run:
-    def __init__(self, config: TrainConfig, host: TrainingHost, emit: EventSink, stop: threading.Event) -> None:
+    def __init__(self, config: TrainConfig, host: TrainingHost, emit: EventSink, stop: threading.Event,
+                 parallel: DataParallel | None = None) -> None:
         self.config = config.validate()
         self.host = host
-        self.emit = emit
+        self.parallel = parallel
+        self.writer = parallel is None or parallel.writer  # only one process writes and reports
+        self.emit = emit if self.writer else (lambda e: None)
         self.stop = stop
         self.out_dir = Path(config.out_dir)
         self.smoother = LossSmoother()
@@ -115,7 +124,8 @@ class _Run:
         if resume:
             self._resume(resume)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._clean_stray_temps()
+        if self.writer:  # another process's temp files may be saves in progress
+            self._clean_stray_temps()
         return self._loop()
 
     def _clean_stray_temps(self) -> None:
@@ -175,7 +185,7 @@ class _Run:
     # -- 4: the loop -------------------------------------------------------------------------
     def _loop(self) -> TrainResult:
         cfg = self.config
-        runner = StepRunner(cfg, self.host, self.net, self.embeddings, self.batches, self.generator)
+        runner = StepRunner(cfg, self.host, self.net, self.embeddings, self.batches, self.generator, self.parallel)
         status, message = "completed", ""
         bad_in_a_row = 0
         last_phase = ""
@@ -184,7 +194,10 @@ class _Run:
         with self.host.training_session(cfg.gradient_checkpointing), self.net.attached():
             self.net.train()
             while self.step < cfg.steps:
-                if self.stop.is_set():
+                stopping = self.stop.is_set()
+                if self.parallel is not None:  # all processes stop at the same step
+                    stopping = self.parallel.any(stopping)
+                if stopping:
                     status, message = "interrupted", f"interrupted at step {self.step}"
                     break
                 started = time.perf_counter()
@@ -221,7 +234,7 @@ class _Run:
                                         lrs=lrs, eta_s=step_time * (cfg.steps - self.step), phase=phase))
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self._save(f"{cfg.output_name}-step{self.step:06d}")
-                if cfg.preview_every and self.step % cfg.preview_every == 0:
+                if cfg.preview_every and self.step % cfg.preview_every == 0 and self.writer:
                     self._preview()
             self.net.eval()
         # -- 5: outcome ---------------------------------------------------------------------
@@ -239,6 +252,8 @@ class _Run:
     def _save(self, stem: str) -> str:
         cfg = self.config
         path = self.out_dir / f"{stem}.safetensors"
+        if not self.writer:
+            return str(path)  # rank 0 writes it; the states of all processes are equal
         self.activity = f"while saving {path.name} after step {self.step}"
         fault_point("save", self.step)
         embs = [BundleEmbedding(s.name, self.embeddings.tensors()[s.name], s.init_text) for s in cfg.embeddings]

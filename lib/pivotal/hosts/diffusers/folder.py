@@ -26,9 +26,7 @@ WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_mod
                 "text_encoder": "model", "text_encoder_2": "model"}
 CONFIG_FILES = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
                 "text_encoder_2": "config.json", "scheduler": "scheduler_config.json"}
-CONVERT_HINT = ("convert it to a diffusers folder first, e.g. with diffusers' "
-                "StableDiffusionPipeline.from_single_file(...).save_pretrained(FOLDER) "
-                "(StableDiffusionXLPipeline for SDXL)")
+CONVERT_HINT = "give the .safetensors file itself as --model (SD 1.x and SDXL single files load directly)"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -72,8 +70,8 @@ def check_pipeline_folder(path: str | os.PathLike) -> tuple[str, dict[str, str |
         raise ConfigError(f"{root}: no such folder (setting: --model)")
     if not root.is_dir():
         if root.suffix.lower() in SINGLE_FILE_SUFFIXES:
-            raise ConfigError(f"{root}: single-file checkpoints are not supported yet by the standalone "
-                              f"host (setting: --model); {CONVERT_HINT}")
+            raise ConfigError(f"{root}: a single-file checkpoint, not a diffusers folder; load it with "
+                              "pivotal.hosts.diffusers.single_file.load_single_file (the CLI's --model does)")
         raise ConfigError(f"{root}: is a file; --model needs a diffusers pipeline folder")
     sdxl = (root / "text_encoder_2").is_dir()
     subfolders = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
@@ -92,8 +90,7 @@ def check_pipeline_folder(path: str | os.PathLike) -> tuple[str, dict[str, str |
             missing.append(f"{sub}/{CONFIG_FILES[sub]}")
     if missing:
         raise ModelLayoutError(f"{root}: not a complete diffusers Stable Diffusion folder; missing "
-                               f"{', '.join(missing)}. If you have a single .safetensors/.ckpt checkpoint, "
-                               f"{CONVERT_HINT}")
+                               f"{', '.join(missing)}. If you have a single .safetensors checkpoint, {CONVERT_HINT}")
     variants = {sub: weight_variant(root / sub, stem) for sub, stem in WEIGHT_STEMS.items() if sub in subfolders}
     if not sdxl:
         width = _read_json(root / "text_encoder" / "config.json").get("hidden_size")

@@ -31,6 +31,7 @@ from pivotal.hosts.diffusers.sampling import SAMPLERS, denoise, make_scheduler, 
 from pivotal.hosts.module_state import capture, enable_checkpointing, uses_checkpoint_func
 from pivotal.text.embeddings import EmbeddingSet
 from pivotal.text.inject import PromptTokenizer, injected_embeddings
+from pivotal.training.distributed import local_device
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 INSTALL_HINT = "pip install 'diffusers>=0.27' 'transformers>=4.30.2' (or: pip install -e '.[standalone]')"
@@ -332,9 +333,10 @@ def require_standalone_libraries() -> None:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a torch.device; None means CUDA when available, else CPU."""
+    """``device`` as a torch.device; None means CUDA when available (in a process that torchrun /
+    accelerate launch started, its local rank's GPU), else CPU."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(local_device() or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
