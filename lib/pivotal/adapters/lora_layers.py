@@ -43,6 +43,18 @@ def part_of_key(key: str) -> str:
                           f"{', '.join(p for p, _ in PART_PREFIXES)})")
 
 
+def is_linear_like(module: nn.Module) -> bool:
+    """``nn.Linear``, or a module that computes one without subclassing it (Forge builds its models
+    from ``ForgeOperations.Linear``, a plain ``nn.Module`` with ``in_features`` / ``out_features`` and
+    a 2-D ``weight``): LoRA attaches to either the same way, through its ``forward``."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    in_f, out_f = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    return (isinstance(in_f, int) and isinstance(out_f, int) and isinstance(weight, torch.Tensor)
+            and tuple(weight.shape) == (out_f, in_f))
+
+
 class LoraModule(nn.Module):
     """Base class: a low-rank delta for one host module, attachable and detachable.
 
@@ -180,9 +192,9 @@ class _DownUp(LoraModule):
 
 
 class LoraLinear(_DownUp):
-    """LoRA for ``nn.Linear``: down (rank, in), up (out, rank)."""
+    """LoRA for ``nn.Linear`` (or a Linear-like module, see :func:`is_linear_like`): down (rank, in), up (out, rank)."""
 
-    def __init__(self, key: str, host: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, key: str, host: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__(key, host, rank, alpha, dropout)
         self.down = nn.Linear(host.in_features, rank, bias=False)
         self.up = nn.Linear(rank, host.out_features, bias=False)

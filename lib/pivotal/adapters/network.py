@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from pivotal.adapters.lora_layers import LoraConv2d, LoraLinear, LoraModule, part_of_key
+from pivotal.adapters.lora_layers import LoraConv2d, LoraLinear, LoraModule, is_linear_like, part_of_key
 from pivotal.adapters.lora_mha import MHA_PROJECTIONS, LoraMultiheadAttention
 from pivotal.errors import LoraTargetError
 
@@ -36,7 +36,7 @@ def kohya_module_names(module: LoraModule) -> list[str]:
 
 def create_lora_module(key: str, host: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> LoraModule:
     """The LoRA module for ``host``'s type; LoraTargetError for a type that has none."""
-    if isinstance(host, nn.Linear):
+    if is_linear_like(host):
         return LoraLinear(key, host, rank, alpha, dropout)
     if isinstance(host, nn.Conv2d):
         return LoraConv2d(key, host, rank, alpha, dropout)

@@ -20,6 +20,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from pivotal.adapters.lora_layers import is_linear_like
 from pivotal.errors import LoraTargetError, ModelLayoutError
 
 PARTS = ("te", "te1", "te2")
@@ -100,7 +101,7 @@ def _layer_targets(kind: str, index: int, layer: nn.Module, prefix: str, mlp: bo
             names["mlp_fc1"] = getattr(getattr(layer, "mlp", None), "fc1", None)
             names["mlp_fc2"] = getattr(getattr(layer, "mlp", None), "fc2", None)
         for suffix, mod in names.items():
-            if not isinstance(mod, nn.Linear):
+            if mod is None or not is_linear_like(mod):
                 raise LoraTargetError(f"{prefix}_{suffix}: text-encoder layer {index} has no nn.Linear there")
             out.append((f"{prefix}_{suffix}", mod))
         return out
@@ -114,7 +115,7 @@ def _layer_targets(kind: str, index: int, layer: nn.Module, prefix: str, mlp: bo
     if mlp:
         for suffix, attr in (("mlp_fc1", "c_fc"), ("mlp_fc2", "c_proj")):
             mod = getattr(getattr(layer, "mlp", None), attr, None)
-            if not isinstance(mod, nn.Linear):
+            if mod is None or not is_linear_like(mod):
                 raise LoraTargetError(f"{prefix}_{suffix}: open_clip block {index} has no mlp.{attr} nn.Linear")
             out.append((f"{prefix}_{suffix}", mod))
     return out

@@ -15,6 +15,7 @@ import re
 
 from torch import nn
 
+from pivotal.adapters.lora_layers import is_linear_like
 from pivotal.adapters.unet_names import UNetLayout, is_diffusers_unet, is_ldm_unet
 from pivotal.errors import LoraTargetError, ModelLayoutError
 
@@ -69,7 +70,7 @@ def unet_lora_targets(unet: nn.Module, base: str, preset: str) -> list[tuple[str
         raise ModelLayoutError(f"{type(unet).__name__} is neither a diffusers nor an LDM UNet")
     found: list[tuple[str, nn.Module]] = []
     for name, module in unet.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not (isinstance(module, nn.Conv2d) or is_linear_like(module)):
             continue
         if side == "diffusers":
             diffusers_name = name
