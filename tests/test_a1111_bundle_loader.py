@@ -197,3 +197,11 @@ def test_forge_engine_databases_register_in_every_engine() -> None:
     assert both.expected_shape == 2048
     both.register_embedding_by_name(None, None, "x")
     assert all(db.word_embeddings == {} for db in dbs)
+
+
+def test_provenance_names_only_what_the_prompt_uses(tmp_path: Path) -> None:
+    _write(tmp_path / "many.safetensors", "sd1", [f"pvtmany{i}" for i in range(13)])
+    webui, reg = _webui(_plain_loader()), BundleRegistrar()
+    p = _p("a photo of pvtmany7", loras=["many"])
+    assert len(reg.register(webui, p, str(tmp_path), always=False)) == 13  # all usable while tagged
+    assert p.extra_generation_params[INFOTEXT_KEY] == "pvtmany7: many"

@@ -205,8 +205,9 @@ class BundleRegistrar:
         if signature != self._last_signature:
             clear_cond_cache(webui)
             self._last_signature = signature
-        if registered:
-            p.extra_generation_params[INFOTEXT_KEY] = ", ".join(f"{n}: {wanted[n].bundle}" for n in registered)
+        used = sorted(_mentioned(registered, prompts))  # provenance of the names the prompts use
+        if used:
+            p.extra_generation_params[INFOTEXT_KEY] = ", ".join(f"{n}: {wanted[n].bundle}" for n in used)
         mine = [(n, db.word_embeddings[n]) for n in registered]
         setattr(p, REGISTERED_ATTR, mine)
         self._live = list(mine)
