@@ -114,3 +114,94 @@ def test_a_broken_file_is_reported_not_fatal(tmp_path: Path, capsys: Any) -> Non
     _write(tmp_path / "ok.safetensors", "sd1", ["pvtchar"])
     assert BundleRegistrar().register(_webui(), _p("pvtchar"), str(tmp_path), always=True) == ["pvtchar"]
     assert "broken.safetensors" in capsys.readouterr().out
+
+
+def _plain_loader() -> Any:
+    def load_network(name: str, on_disk: Any) -> None:
+        """A loader that knows nothing of bundled embeddings (Forge, reForge)."""
+
+    return types.SimpleNamespace(load_network=load_network)
+
+
+def test_the_bundle_named_in_the_prompt_owns_its_names(tmp_path: Path, capsys: Any) -> None:
+    """Two bundles define 'pvtchar': the tagged one is used, whichever sorts first."""
+    _write(tmp_path / "aaa.safetensors", "sd1", ["pvtchar"])
+    _write(tmp_path / "zzz.safetensors", "sd1", ["pvtchar"])
+    webui, reg = _webui(_plain_loader()), BundleRegistrar()
+    p = _p("pvtchar", loras=["zzz"])
+    assert reg.register(webui, p, str(tmp_path), always=False) == ["pvtchar"]
+    assert p.extra_generation_params[INFOTEXT_KEY] == "pvtchar: zzz"
+    assert webui.embedding_db.word_embeddings["pvtchar"].filename.startswith(str(tmp_path / "zzz.safetensors"))
+    reg.unregister(webui, p)
+    assert "Pivotal:" not in capsys.readouterr().out  # no clash within the prompt: nothing to say
+
+
+def test_two_tagged_bundles_with_one_name_first_tag_wins_with_a_message(tmp_path: Path, capsys: Any) -> None:
+    _write(tmp_path / "aaa.safetensors", "sd1", ["pvtchar"])
+    _write(tmp_path / "zzz.safetensors", "sd1", ["pvtchar", "other"])
+    for order, owner in ((["zzz", "aaa"], "zzz"), (["aaa", "zzz"], "aaa")):
+        webui, reg = _webui(_plain_loader()), BundleRegistrar()
+        p = _p("pvtchar other", loras=order)
+        assert reg.register(webui, p, str(tmp_path), always=False) == ["other", "pvtchar"]
+        assert p.extra_generation_params[INFOTEXT_KEY] == f"other: zzz, pvtchar: {owner}"
+        loser = "aaa" if owner == "zzz" else "zzz"
+        out = capsys.readouterr().out
+        assert f"'pvtchar' is in bundles {owner} and {loser} of this prompt; {owner}'s is used" in out, out
+
+
+def test_the_option_picks_the_first_file_for_an_untagged_name_and_says_so(tmp_path: Path, capsys: Any) -> None:
+    _write(tmp_path / "aaa.safetensors", "sd1", ["pvtchar"])
+    _write(tmp_path / "zzz.safetensors", "sd1", ["pvtchar"])
+    webui, reg = _webui(), BundleRegistrar()
+    p = _p("pvtchar")
+    assert reg.register(webui, p, str(tmp_path), always=True) == ["pvtchar"]
+    assert p.extra_generation_params[INFOTEXT_KEY] == "pvtchar: aaa"
+    assert "add the wanted bundle's <lora:…> tag to choose" in capsys.readouterr().out
+
+
+def test_what_a_failed_generation_left_registered_is_taken_back(tmp_path: Path) -> None:
+    """Forge never reloads its databases per generation: a generation that failed between register
+    and postprocess must not leave its embeddings behind."""
+    _write(tmp_path / "tagged.safetensors", "sd1", ["pvtchar"])
+    webui, reg = _webui(_plain_loader()), BundleRegistrar()
+    assert reg.register(webui, _p("pvtchar", loras=["tagged"]), str(tmp_path), always=False) == ["pvtchar"]
+    # ... that generation failed: no postprocess. The next one has no tag:
+    p = _p("pvtchar")
+    assert reg.register(webui, p, str(tmp_path), always=False) == []
+    assert "pvtchar" not in webui.embedding_db.word_embeddings
+
+
+def test_forge_engine_databases_register_in_every_engine() -> None:
+    from pivotal.hosts.forge.webui import EngineDatabases
+
+    class ForgeDb:
+        """Forge's per-engine database: register_embedding_by_name(embedding, name), no model."""
+
+        def __init__(self) -> None:
+            self.word_embeddings: dict = {}
+            self.skipped_embeddings: dict = {}
+            self.ids_lookup: dict = {}
+            self.expected_shape = 2048
+
+        def register_embedding_by_name(self, embedding: Any, name: str) -> None:
+            if embedding is None:
+                self.word_embeddings.pop(name, None)
+            else:
+                self.word_embeddings[name] = embedding
+
+    dbs = [ForgeDb(), ForgeDb()]
+    both = EngineDatabases(dbs)
+    emb = FakeEmbedding({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, "x")
+    both.register_embedding_by_name(emb, None, "x")
+    assert all(db.word_embeddings["x"] is emb for db in dbs) and both.word_embeddings["x"] is emb
+    assert both.expected_shape == 2048
+    both.register_embedding_by_name(None, None, "x")
+    assert all(db.word_embeddings == {} for db in dbs)
+
+
+def test_provenance_names_only_what_the_prompt_uses(tmp_path: Path) -> None:
+    _write(tmp_path / "many.safetensors", "sd1", [f"pvtmany{i}" for i in range(13)])
+    webui, reg = _webui(_plain_loader()), BundleRegistrar()
+    p = _p("a photo of pvtmany7", loras=["many"])
+    assert len(reg.register(webui, p, str(tmp_path), always=False)) == 13  # all usable while tagged
+    assert p.extra_generation_params[INFOTEXT_KEY] == "pvtmany7: many"

@@ -42,6 +42,13 @@ pytestmark = pytest.mark.skipif(bool(_browser_missing()), reason=_browser_missin
 
 @pytest.fixture()
 def browser() -> Iterator[Any]:
+    with chromium() as driver:
+        yield driver
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Any]:
+    """A headless Chromium driven by selenium (also used by test_forge_family.py)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

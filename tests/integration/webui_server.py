@@ -120,16 +120,18 @@ def start_or_reach() -> Webui:
     return start_webui(int(os.environ.get("PIVOTAL_WEBUI_PORT", "7871")))
 
 
-def start_webui(port: int, extra_args: tuple[str, ...] = ()) -> Webui:
-    """Start the webui of PIVOTAL_WEBUI_DIR on ``port`` with PIVOTAL_WEBUI_ARGS + ``extra_args``;
+def start_webui(port: int, extra_args: tuple[str, ...] = (), *, prefix: str = "PIVOTAL_WEBUI",
+                startup_timeout: float = STARTUP_TIMEOUT_S) -> Webui:
+    """Start the webui of {prefix}_DIR with {prefix}_PYTHON on ``port`` with {prefix}_ARGS +
+    ``extra_args`` (prefix PIVOTAL_WEBUI: A1111; PIVOTAL_FORGE / PIVOTAL_REFORGE: those webuis);
     returns once it printed "Startup time:". The caller stops it (:meth:`Webui.stop`)."""
-    args = os.environ.get("PIVOTAL_WEBUI_ARGS", "").split() + list(extra_args) + ["--port", str(port)]
+    args = os.environ.get(f"{prefix}_ARGS", "").split() + list(extra_args) + ["--port", str(port)]
     fault_file = os.environ.get("PIVOTAL_WEBUI_FAULT_FILE") or os.path.join(
         tempfile.gettempdir(), f"pivotal-webui-fault-{port}-{os.getpid()}.json")
     if os.path.exists(fault_file):
         os.unlink(fault_file)  # armed by nobody: a stale file would fail the first run
-    proc = subprocess.Popen([os.environ["PIVOTAL_WEBUI_PYTHON"], "launch.py", *args],
-                            cwd=os.environ["PIVOTAL_WEBUI_DIR"],
+    proc = subprocess.Popen([os.environ[f"{prefix}_PYTHON"], "launch.py", *args],
+                            cwd=os.environ[f"{prefix}_DIR"],
                             env={**os.environ, "PIVOTAL_FAULT_FILE": fault_file},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     webui = Webui(f"http://127.0.0.1:{port}", process=proc, fault_file=fault_file)
@@ -144,7 +146,7 @@ def start_webui(port: int, extra_args: tuple[str, ...] = ()) -> Webui:
 
     threading.Thread(target=pump, daemon=True).start()
     # No request before "Startup time:": an early request can kill a starting webui.
-    end = time.monotonic() + STARTUP_TIMEOUT_S
+    end = time.monotonic() + startup_timeout
     while not started.wait(0.5):
         if proc.poll() is not None or time.monotonic() > end:
             webui.stop()

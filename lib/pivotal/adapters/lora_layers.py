@@ -24,11 +24,17 @@ from torch import nn
 from pivotal.adapters.algorithms import FULL_PRECISION, Algorithm, AlgorithmSpec, algorithm_class
 from pivotal.adapters.algorithms import describe_module as _describe
 from pivotal.adapters.kohya_keys import PART_PREFIXES, group_by_module, part_of_key
-from pivotal.adapters.layer_kinds import LayerKind, layer_kind_of
+from pivotal.adapters.layer_kinds import LayerKind, LinearKind, layer_kind_of
 from pivotal.errors import LoraTargetError
 
 __all__ = ["PART_PREFIXES", "LoraModule", "LoraLinear", "LoraConv2d", "LoraMultiheadAttention",
-           "create_lora_module", "part_of_key"]
+           "create_lora_module", "part_of_key", "is_linear_like"]
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """``nn.Linear``, or a module that computes one without subclassing it (Forge's
+    ``ForgeOperations.Linear``): see :class:`~pivotal.adapters.layer_kinds.LinearKind`."""
+    return LinearKind.matches(module)
 
 
 class LoraModule(nn.Module):

@@ -100,20 +100,6 @@ def list_bundles(lora_dir: str) -> list[dict[str, Any]]:
     return out
 
 
-def host_state(webui: Any) -> dict[str, Any]:
-    """A summary of the loaded model for restoration checks (hashing takes seconds on big models)."""
-    from pivotal.hosts.a1111.session import module_flags, weights_fingerprint
-
-    model = webui.sd_model
-    grads, training, forwards = module_flags(model)
-    optimizer = getattr(webui.sd_hijack, "current_optimizer", None)
-    db = webui.embedding_db
-    return {"weights": weights_fingerprint(model), "requires_grad": grads, "training_modules": training,
-            "instance_forwards": forwards, "attention": getattr(optimizer, "name", "") or "",
-            "embeddings": sorted(db.word_embeddings), "ids_lookup": len(db.ids_lookup),
-            "checkpoint": str(getattr(getattr(model, "sd_checkpoint_info", None), "title", ""))}
-
-
 def add_routes(app: Any, job: TrainingJob, host_provider: Callable[[], Any], paths: Callable[[], dict[str, str]],
                webui_provider: Optional[Callable[[], Any]] = None) -> None:
     """Register the routes on ``app`` (a FastAPI app)."""
@@ -159,4 +145,6 @@ def add_routes(app: Any, job: TrainingJob, host_provider: Callable[[], Any], pat
         def host() -> dict:
             if job.running:
                 raise HTTPException(status_code=409, detail="a training run is going; ask again when it ends")
+            from pivotal.hosts.webuis import host_state
+
             return host_state(webui_provider())

@@ -26,13 +26,13 @@ log = logging.getLogger(__name__)
 def host_provider(**preview: Any) -> Any:
     """A host over the model the webui has loaded now (built in the run's thread); ``preview``:
     ``preview_sampler`` / ``preview_scheduler`` / ``preview_cfg`` for the webui-rendered previews."""
-    from pivotal.hosts.a1111.host import A1111Host
+    from pivotal.hosts.webuis import training_host
 
-    return A1111Host(**preview)
+    return training_host(**preview)
 
 
 def _on_app_started(_demo: Any, app: Any) -> None:
-    from pivotal.hosts.a1111.webui import load_webui
+    from pivotal.hosts.webuis import load_webui
     from pivotal.webui.api import add_routes
     from pivotal.webui.runner import webui_job, webui_paths
 
@@ -57,11 +57,13 @@ def _on_ui_tabs() -> list[tuple[Any, str, str]]:
 
 
 def _on_script_unloaded() -> None:
+    from pivotal.hosts.webuis import uninstall_lora_file_filter
     from pivotal.webui.runner import webui_job
 
     job: TrainingJob = webui_job()
     if job.interrupt():
         log.warning("Pivotal: the UI is reloading; the training run stops at its next step")
+    uninstall_lora_file_filter()  # the reloaded scripts install it again
 
 
 def _on_ui_settings() -> None:
@@ -79,8 +81,13 @@ def _on_before_ui() -> None:
 def register() -> None:
     """Register Pivotal's callbacks with the running webui."""
     from pivotal.hosts.a1111.webui import webui_module
+    from pivotal.hosts.webuis import install_lora_file_filter, load_webui
 
     script_callbacks = webui_module("script_callbacks")
+    try:  # Forge: its Lora loader must not see bundled embeddings (it would skip big bundles whole)
+        install_lora_file_filter(load_webui())
+    except Exception as e:  # noqa: BLE001 - the bundle script installs it again before each generation
+        log.warning("Pivotal: could not prepare Forge's Lora loader yet (%s)", e)
 
     script_callbacks.on_ui_settings(_on_ui_settings, name="pivotal settings")
     script_callbacks.on_app_started(_on_app_started, name="pivotal api")

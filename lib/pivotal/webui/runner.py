@@ -158,7 +158,11 @@ def run_in_webui(config: TrainConfig, host: Any, on_event: Callable[[ProgressEve
             try:
                 result = train_fn(config, host, on_event=_StateBridge(state, on_event, stop, config.steps),
                                   stop=stop, resume=resume, taken_names=taken_names(webui, config, lora_dir))
-                return _published(result, lora_dir, on_event)
+                result = _published(result, lora_dir, on_event)
+                notify = getattr(host, "published", None)  # Forge: a rewritten LoRA must be re-read
+                if result.bundle_path and callable(notify):
+                    notify(result.bundle_path)
+                return result
             finally:
                 refresh_lora_list(webui)
                 if progress is not None:

@@ -34,7 +34,7 @@ from pivotal.adapters.unet_targets import unet_lora_targets
 from pivotal.errors import ConfigError, ModelLayoutError
 from pivotal.host_api import Conditioning, HostDefaults, SizeInfo, has_active_dropout, weights_fingerprint
 from pivotal.hosts.a1111 import session as a1111_session
-from pivotal.hosts.a1111.sdxl import encode_sdxl, openclip_tokenizer, sdxl_latents, text_embedders
+from pivotal.hosts.a1111.sdxl import clip_g_text_model, encode_sdxl, openclip_tokenizer, sdxl_latents, text_embedders
 from pivotal.hosts.a1111.webui import Webui, load_webui
 from pivotal.text.embeddings import EmbeddingSet
 
@@ -121,6 +121,12 @@ class A1111Host(HostDefaults):
         first = next(self.unet.parameters())
         self.device: torch.device = first.device
         self.dtype: torch.dtype = first.dtype
+        forge_unet = getattr(getattr(self.sd_model, "forge_objects", None), "unet", None)
+        if forge_unet is not None:
+            # reForge: the UNet may sit offloaded between generations (its session loads it onto
+            # the load device) and may be stored in a dtype it only computes in after a cast
+            self.device = torch.device(getattr(forge_unet, "load_device", self.device))
+            self.dtype = getattr(forge_unet.model, "manual_cast_dtype", None) or self.dtype
         info = getattr(self.sd_model, "sd_checkpoint_info", None)
         self.label: str = str(getattr(info, "name_for_extra", "") or getattr(info, "title", "") or "webui model")
         self.preview_sampler = preview_sampler
@@ -159,10 +165,11 @@ class A1111Host(HostDefaults):
     def vocabulary(self, key: str) -> torch.Tensor:
         """(V, dim) token-embedding weight, detached (shares storage: never written)."""
         self._check_key(key)
-        if key == "clip_g":
-            return plain_token_embedding(self._embedder("clip_g").wrapped.model.token_embedding).weight.detach()
-        text_model = self._hf_text_model()
-        emb = text_model.text_model.embeddings if hasattr(text_model, "text_model") else text_model.embeddings
+        text_model = clip_g_text_model(self._embedder("clip_g")) if key == "clip_g" else self._hf_text_model()
+        if hasattr(text_model, "text_model"):
+            emb = text_model.text_model.embeddings
+        else:
+            emb = getattr(text_model, "embeddings", text_model)  # open_clip: token_embedding on the model
         return plain_token_embedding(emb.token_embedding).weight.detach()
 
     def tokenizer(self, key: str) -> Any:
@@ -190,9 +197,9 @@ class A1111Host(HostDefaults):
                                                   self.clip_l_layers_used())
             if self.base_model == "sd1":
                 return first
-            open_clip_model = self._embedder("clip_g").wrapped.model
-            with unwrapped_token_embedding(open_clip_model):
-                return first + text_encoder_lora_targets(open_clip_model, "te2", preset)
+            clip_g = clip_g_text_model(self._embedder("clip_g"))  # open_clip (A1111) or HF (reForge)
+            with unwrapped_token_embedding(clip_g):
+                return first + text_encoder_lora_targets(clip_g, "te2", preset)
         raise ConfigError(f"LoRA part {part!r} is not one of unet, te")
 
     def clip_l_layers_used(self) -> int:
@@ -222,6 +229,12 @@ class A1111Host(HostDefaults):
         if images.shape[-2] % 8 or images.shape[-1] % 8:
             raise ConfigError(f"image size {images.shape[-1]}x{images.shape[-2]} is not a multiple of 8")
         vae_dtype = getattr(self.webui.devices, "dtype_vae", torch.float32)
+        if getattr(self.sd_model, "forge_objects", None) is not None:
+            # reForge: encode_first_stage returns finished latents (the VAE's mode, scale applied;
+            # get_first_stage_encoding is the identity), made under inference_mode: cloned into a
+            # normal tensor
+            out = self.sd_model.encode_first_stage(images.to(self.device, vae_dtype))
+            return out.clone().to(torch.float32)
         if self.base_model == "sdxl":
             return sdxl_latents(self.sd_model, images.to(self.device, vae_dtype)).to(torch.float32)
         dist = self.sd_model.encode_first_stage(images.to(self.device, vae_dtype))

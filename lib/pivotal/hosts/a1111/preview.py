@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from pivotal.errors import ConfigError
 from pivotal.hosts.a1111.session import clear_cond_cache
+from pivotal.hosts.a1111.webui import optional_webui_module
 from pivotal.text.embeddings import EmbeddingSet
 
 #: shared.state fields that processing changes and a training job owns
@@ -32,6 +33,13 @@ class PreviewHost(Protocol):
     preview_scheduler: str
 
     def live_embeddings(self, embeddings: EmbeddingSet) -> contextlib.AbstractContextManager[None]: ...
+
+
+def _empty_script_runner() -> Any:
+    """A ``ScriptRunner`` with no scripts, or None where the webui has none (glue tests' fakes)."""
+    scripts = optional_webui_module("scripts")
+    runner_class = getattr(scripts, "ScriptRunner", None)
+    return runner_class() if runner_class is not None else None
 
 
 def generate_preview(host: PreviewHost, prompt: str, negative: str, embeddings: EmbeddingSet, steps: int,
@@ -57,6 +65,11 @@ def generate_preview(host: PreviewHost, prompt: str, negative: str, embeddings: 
                 width=int(width), height=int(height), cfg_scale=float(cfg_scale), sampler_name=host.preview_sampler,
                 batch_size=1, n_iter=1, do_not_save_samples=True, do_not_save_grid=True,
                 do_not_reload_embeddings=True, **extra)
+        runner = _empty_script_runner()
+        if runner is not None:
+            # reForge reads p.scripts.alwayson_scripts unguarded; an empty runner runs no script,
+            # which is what None means on A1111
+            p.scripts, p.script_args = runner, ()
         try:
             processed = proc.process_images(p)
             images = list(getattr(processed, "images", []) or [])

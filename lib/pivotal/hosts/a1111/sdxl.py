@@ -32,15 +32,36 @@ def text_embedders(sd_model: Any) -> dict[str, nn.Module]:
     found: dict[str, nn.Module] = {}
     for emb in sd_model.conditioner.embedders:
         wrapped = getattr(emb, "wrapped", None)
-        if isinstance(getattr(wrapped, "transformer", None), nn.Module):
-            found.setdefault("clip_l", emb)
-        elif isinstance(getattr(getattr(wrapped, "model", None), "token_embedding", None), nn.Module):
+        if _is_open_clip_embedder(wrapped):
             found.setdefault("clip_g", emb)
+        elif isinstance(getattr(wrapped, "transformer", None), nn.Module):
+            found.setdefault("clip_l", emb)
     missing = [k for k in ("clip_l", "clip_g") if k not in found]
     if missing:
         raise ModelLayoutError(f"this SDXL-family checkpoint has no {' or '.join(missing)} text encoder "
                                "(refiner-style models are not supported)")
     return found
+
+
+def _is_open_clip_embedder(wrapped: Any) -> bool:
+    """sgm's ``FrozenOpenCLIPEmbedder2`` (clip_g): an open_clip model at ``.model`` (A1111), or
+    reForge's, whose ``.model`` is a placeholder and whose HF CLIP text model sits at ``.transformer``."""
+    if isinstance(getattr(getattr(wrapped, "model", None), "token_embedding", None), nn.Module):
+        return True
+    return "OpenCLIP" in type(wrapped).__name__ and isinstance(getattr(wrapped, "transformer", None), nn.Module)
+
+
+def clip_g_text_model(embedder: nn.Module) -> nn.Module:
+    """The clip_g text model behind the webui's wrapper: A1111's open_clip model
+    (``wrapped.model``), else reForge's HF CLIP text model (``wrapped.transformer``)."""
+    wrapped = getattr(embedder, "wrapped", None)
+    model = getattr(wrapped, "model", None)
+    if isinstance(getattr(model, "token_embedding", None), nn.Module):
+        return model
+    transformer = getattr(wrapped, "transformer", None)
+    if isinstance(transformer, nn.Module):
+        return transformer
+    raise ModelLayoutError(f"{type(wrapped).__name__}: no clip_g text model (open_clip .model or HF .transformer)")
 
 
 def openclip_tokenizer() -> Any:

@@ -28,7 +28,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from pivotal.hosts.a1111.webui import Webui
+from pivotal.hosts.a1111.webui import Webui, optional_module
 from pivotal.hosts.module_state import capture
 
 #: attention optimizations whose backward we trust (torch's scaled_dot_product_attention)
@@ -98,11 +98,19 @@ def restored_embedding_db(webui: Webui) -> Iterator[EmbeddingDbSnapshot]:
 def unload_merged_loras(webui: Webui, sd_model: nn.Module) -> int:
     """Unload the networks of the last generation and put the original weights back now (the
     extension would otherwise do it lazily, inside our first forward). Returns the number of
-    layers restored. No-op without the Lora extension or in its functional (unmerged) mode."""
+    layers restored. No-op without the Lora extension or in its functional (unmerged) mode.
+
+    reForge: its loader only swaps the original patchers back into ``sd_model.forge_objects``; the
+    LoRA stays merged in the shared weights (as inference tensors, which backward refuses) until
+    its model management loads the originals, which restores the backups: that is done here."""
     networks = webui.networks
     if networks is None:
         return 0
-    networks.load_networks([])
+    # explicit empty multiplier lists: reForge's loader zips them without a None default
+    networks.load_networks([], [], [], None)
+    forge_objects = getattr(sd_model, "forge_objects", None)
+    if forge_objects is not None:
+        return _unpatch_forge_objects(forge_objects)
     restored = 0
     with torch.no_grad():
         for m in sd_model.modules():
@@ -113,6 +121,19 @@ def unload_merged_loras(webui: Webui, sd_model: nn.Module) -> int:
                 networks.network_apply_weights(m)
                 restored += 1
     return restored
+
+
+def _unpatch_forge_objects(forge_objects: Any) -> int:
+    """reForge: load the original UNet and text-encoder patchers, which unpatches any clone that
+    had a LoRA merged; returns the number of weights that were merged before."""
+    management = optional_module("ldm_patched.modules.model_management")
+    if management is None:
+        return 0
+    merged = sum(len(getattr(loaded.model, "backup", {}) or {}) for loaded in management.current_loaded_models)
+    clip = getattr(forge_objects, "clip", None)
+    patchers = [forge_objects.unet] + ([clip.patcher] if clip is not None else [])
+    management.load_models_gpu(patchers)
+    return merged
 
 
 # -- attention -----------------------------------------------------------------------------------

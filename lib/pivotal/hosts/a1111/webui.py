@@ -84,6 +84,15 @@ def optional_webui_module(name: str) -> Optional[Any]:
         return None
 
 
+def optional_module(path: str) -> Optional[Any]:
+    """Any importable module of the running webui by its full dotted path (e.g. reForge's
+    ``ldm_patched.modules.model_management``), or None where this webui has none."""
+    try:
+        return importlib.import_module(path)
+    except ImportError:
+        return None
+
+
 def webui_paths() -> dict[str, str]:
     """The webui's folders Pivotal uses: ``lora_dir``, ``outputs`` (the run folders' parent)."""
     import os
