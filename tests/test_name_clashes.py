@@ -44,6 +44,18 @@ def test_scan_names_other_bundles_loras_and_embedding_files_not_own_saves(tmp_pa
     assert warnings == []
 
 
+def test_variants_of_one_queue_share_names_others_still_clash(tmp_path: Path) -> None:
+    """A queue's (sweep's) runs are variants of one concept: 'mychar' in run-lr1 does not refuse
+    run-lr2, but a bundle outside the queue still does."""
+    _bundle(tmp_path / "run-lr1.safetensors", "mychar")
+    _bundle(tmp_path / "run-lr1-step000002.safetensors", "mychar")
+    stranger = _bundle(tmp_path / "stranger.safetensors", "theirchar")
+    taken, _ = taken_names_for_run("run-lr2", [tmp_path], variants=["run-lr1", "run-lr3"])
+    assert taken == {"stranger": f"the LoRA {stranger}", "theirchar": f"the bundle {stranger}"}
+    taken, _ = taken_names_for_run("run-lr2", [tmp_path])  # outside a queue: refused as before
+    assert "mychar" in taken and "run-lr1" in taken
+
+
 @pytest.mark.parametrize("name,where", [("TheirChar", "the bundle"), ("otherbundle", "the LoRA")])
 def test_trainer_refuses_a_clash_in_the_output_folder_before_anything_runs(tmp_path: Path, name: str,
                                                                           where: str) -> None:

@@ -67,10 +67,16 @@ def is_own_file(path: Path, output_name: str) -> bool:
 
 
 def taken_names_for_run(output_name: str, lora_dirs: Iterable[str | os.PathLike] = (),
-                        embedding_dirs: Iterable[str | os.PathLike] = ()) -> tuple[dict[str, str], list[str]]:
+                        embedding_dirs: Iterable[str | os.PathLike] = (),
+                        variants: Iterable[str] = ()) -> tuple[dict[str, str], list[str]]:
     """({lower-cased name: where it is used}, warnings) for a run that will write ``output_name``:
     embedding files of ``embedding_dirs``, and the bundled embeddings and LoRA aliases of every file
-    in ``lora_dirs`` but the run's own (checklist 18: refuse a clash before training starts)."""
+    in ``lora_dirs`` but the run's own (checklist 18: refuse a clash before training starts).
+
+    ``variants``: output names of the other runs of the same queue or sweep, variants of one
+    concept that may share its embedding names (the prompt's ``<lora:…>`` tag says whose name it
+    is, see the webui bundle loader); their files are skipped like the run's own."""
+    own_names = [output_name, *variants]
     taken: dict[str, str] = {}
     warnings: list[str] = []
     for folder in embedding_dirs:
@@ -80,7 +86,7 @@ def taken_names_for_run(output_name: str, lora_dirs: Iterable[str | os.PathLike]
         paths, skipped = safetensors_files(folder)
         warnings += skipped
         for p in paths:
-            if p.name.endswith(".resume.safetensors") or is_own_file(p, output_name):
+            if p.name.endswith(".resume.safetensors") or any(is_own_file(p, n) for n in own_names):
                 continue
             taken.setdefault(p.stem.lower(), f"the LoRA {p}")
             try:

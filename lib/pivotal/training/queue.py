@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from pivotal.errors import ConfigError, PivotalError, SaveError
 from pivotal.host_api import TrainingHost
@@ -167,6 +167,7 @@ def run_queue(folder: str | os.PathLike, host: TrainingHost, build: Callable[[Pa
     recorded = load_summary(root)
     runs = [QueueRun(config=p.name, sha256=file_sha256(p)) for p in configs]
     model = str(getattr(host, "label", "") or host.base_model)
+    names = _output_names(configs, build)
     for i, (path, run) in enumerate(zip(configs, runs)):
         old = recorded.get(run.config)
         if _is_done(old, run.sha256):
@@ -176,7 +177,7 @@ def run_queue(folder: str | os.PathLike, host: TrainingHost, build: Callable[[Pa
             continue
         if stop.is_set():
             break
-        _run_one(path, run, host, build, on_event, stop)
+        _run_one(path, run, host, build, on_event, stop, names)
         write_summary(root, runs, model)
         if on_run:
             on_run(run)
@@ -186,8 +187,21 @@ def run_queue(folder: str | os.PathLike, host: TrainingHost, build: Callable[[Pa
     return runs
 
 
+def _output_names(configs: list[Path], build: Callable[[Path], TrainConfig]) -> list[str]:
+    """The bundle names the queue's configs write (a config that does not build has none here;
+    its run reports why)."""
+    names = []
+    for path in configs:
+        try:
+            names.append(build(path).output_name)
+        except PivotalError:
+            continue
+    return names
+
+
 def _run_one(path: Path, run: QueueRun, host: TrainingHost, build: Callable[[Path], TrainConfig],
-             on_event: Callable[[str, ProgressEvent], None] | None, stop: threading.Event) -> None:
+             on_event: Callable[[str, ProgressEvent], None] | None, stop: threading.Event,
+             queue_names: Sequence[str] = ()) -> None:
     started = time.perf_counter()
     sink: EventSink = (lambda e: on_event(run.config, e)) if on_event else (lambda e: None)
     try:
@@ -195,7 +209,9 @@ def _run_one(path: Path, run: QueueRun, host: TrainingHost, build: Callable[[Pat
         resume = newest_resume_file(cfg)
         run.resumed_from = str(resume) if resume else ""
         run.total = cfg.steps
-        result = train(cfg, host, sink, stop, resume=str(resume) if resume else None)
+        # The queue's runs are variants of one concept: they may share embedding names.
+        variants = [n for n in queue_names if n != cfg.output_name]
+        result = train(cfg, host, sink, stop, resume=str(resume) if resume else None, variants=variants)
     except PivotalError as e:
         run.status, run.message = "failed", str(e)
     else:

@@ -23,7 +23,7 @@ import gc
 import threading
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -50,12 +50,14 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 
 def train(config: TrainConfig, host: TrainingHost, on_event: EventSink | None = None,
           stop: threading.Event | None = None, resume: str | None = None,
-          taken_names: Mapping[str, str] | None = None, parallel: DataParallel | None = None) -> TrainResult:
+          taken_names: Mapping[str, str] | None = None, parallel: DataParallel | None = None,
+          variants: Sequence[str] = ()) -> TrainResult:
     """Run one training job to its end; see the module docstring for the stages.
 
     ``stop``: set it to interrupt at the next step boundary. ``taken_names``: {lower-cased name:
     where} of embedding names already in use (the host's embeddings folder, other bundles);
-    a clash refuses the run before anything trains. ``parallel``: this process's place in a
+    a clash refuses the run before anything trains; ``variants``: output names of the other runs of
+    the same queue or sweep, whose bundles may share this run's embedding names. ``parallel``: this process's place in a
     data-parallel group; by default the one ``torchrun`` / ``accelerate launch`` started this
     process into, if any (:mod:`pivotal.training.distributed`): then only rank 0 writes files and
     reports events.
@@ -64,7 +66,7 @@ def train(config: TrainConfig, host: TrainingHost, on_event: EventSink | None = 
         parallel = from_environment(host.device)
     run = _Run(config, host, on_event or (lambda e: None), stop or threading.Event(), parallel)
     try:
-        return run.execute(resume, taken_names)
+        return run.execute(resume, taken_names, variants)
     except torch.cuda.OutOfMemoryError as err:
         detail = (str(err).splitlines() or ["out of memory"])[0]
     # Raised outside the except block on purpose: the OOM's traceback holds the run's frames, and
@@ -84,10 +86,12 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_taken_names(cfg: TrainConfig, host_taken: Mapping[str, str] | None) -> dict[str, str]:
+def run_taken_names(cfg: TrainConfig, host_taken: Mapping[str, str] | None,
+                    variants: Sequence[str] = ()) -> dict[str, str]:
     """Names a new embedding must not take (checklist 18): what the host knows (``host_taken``: the
-    webui's embeddings and Lora folder) plus the other bundles and LoRAs in the output folder."""
-    scanned, _ = taken_names_for_run(cfg.output_name, [cfg.out_dir])
+    webui's embeddings and Lora folder) plus the other bundles and LoRAs in the output folder (but
+    ``variants``': the other runs of one queue or sweep)."""
+    scanned, _ = taken_names_for_run(cfg.output_name, [cfg.out_dir], variants=variants)
     return {**scanned, **(host_taken or {})}
 
 
@@ -110,9 +114,10 @@ class _Run:
         self.saved: list[str] = []
 
     # -- 1-3: set up -----------------------------------------------------------------------
-    def execute(self, resume: str | None, taken_names: Mapping[str, str] | None) -> TrainResult:
+    def execute(self, resume: str | None, taken_names: Mapping[str, str] | None,
+                variants: Sequence[str] = ()) -> TrainResult:
         cfg = self.config
-        check_new_names([e.name for e in cfg.embeddings], run_taken_names(cfg, taken_names))
+        check_new_names([e.name for e in cfg.embeddings], run_taken_names(cfg, taken_names, variants))
         self.batches = BatchSource(cfg, self.host)
         self.emit(ProgressEvent("preflight", total=cfg.steps, data=self.batches.report.to_dict(),
                                 message=self.batches.report.format()))
