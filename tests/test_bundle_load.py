@@ -17,7 +17,7 @@ from pivotal.formats.name_registry import (
     bundle_embedding_names,
     check_new_names,
     embedding_folder_names,
-    lora_folder_names,
+    taken_names_for_run,
 )
 from pivotal.inference.bundle_load import load_bundle_for_model
 
@@ -98,24 +98,25 @@ def test_base_model_mismatch_refused(tmp_path: Path) -> None:
         load_bundle_for_model(p, "sdxl", targets(m), {"clip_l": 16, "clip_g": 16})
 
 
-def test_name_clashes_refused_before_training(tmp_path: Path) -> None:
+def test_name_clashes_named_before_training(tmp_path: Path) -> None:
     m = TwoLayer()
     loras = tmp_path / "Lora"
     loras.mkdir()
     make_bundle(loras / "mybundle.safetensors", m)
     (loras / "broken.safetensors").write_bytes(b"junk")
     assert bundle_embedding_names(loras / "mybundle.safetensors") == ["good", "taken"]
-    taken, warnings = lora_folder_names(loras)
-    assert taken["good"] == f"{loras / 'mybundle.safetensors'} (bundled embedding)"
-    assert taken["mybundle"] == f"LoRA {loras / 'mybundle.safetensors'}"
+    taken, warnings = taken_names_for_run("newrun", [loras])
+    assert taken["good"] == f"the bundle {loras / 'mybundle.safetensors'}"
+    assert taken["mybundle"] == f"the LoRA {loras / 'mybundle.safetensors'}"
     assert len(warnings) == 1 and "broken.safetensors" in warnings[0]
-    with pytest.raises(EmbeddingNameError, match=r"embedding name 'GOOD' is already used by .*mybundle.safetensors "
-                                                 r"\(bundled embedding\); rename the new embedding"):
-        check_new_names(["fresh", "GOOD"], taken)
-    with pytest.raises(EmbeddingNameError, match="embedding name 'MyBundle' is already used by LoRA"):
+    # another bundle's name is shared (the prompt's tag decides), with a warning
+    assert check_new_names(["fresh", "GOOD"], taken) == [
+        f"embedding name 'GOOD' is also defined by the bundle {loras / 'mybundle.safetensors'}; in a prompt, the "
+        "bundle whose <lora:...> tag is there owns the name (rename it to use both without tags)"]
+    with pytest.raises(EmbeddingNameError, match="embedding name 'MyBundle' is already used by the LoRA"):
         check_new_names(["MyBundle"], taken)
     with pytest.raises(EmbeddingNameError, match="embedding names 'abc' and 'ABC' are the same trigger"):
         check_new_names(["abc", "ABC"], {})
     with pytest.raises(EmbeddingNameError, match="contains '/'"):
         check_new_names(["a/b"], {})
-    check_new_names(["fresh", "other"], taken)  # no clash: no error
+    assert check_new_names(["fresh", "other"], taken) == []  # no clash: no error, no warning

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from pivotal.errors import EmbeddingNameError
-from pivotal.formats.name_registry import taken_names_for_run
+from pivotal.formats.name_registry import check_new_names, taken_names_for_run
 from pivotal.training.config import EmbeddingSpec, TrainConfig
 from pivotal.training.trainer import train
 from pivotal.webui import runner
@@ -45,24 +45,34 @@ def test_scan_names_other_bundles_loras_and_embedding_files_not_own_saves(tmp_pa
 
 
 def test_variants_of_one_queue_share_names_others_still_clash(tmp_path: Path) -> None:
-    """A queue's (sweep's) runs are variants of one concept: 'mychar' in run-lr1 does not refuse
-    run-lr2, but a bundle outside the queue still does."""
+    """A queue's (sweep's) runs are variants of one concept: run-lr1's files are not even named to
+    run-lr2 (no warning, no alias clash), a bundle outside the queue is."""
     _bundle(tmp_path / "run-lr1.safetensors", "mychar")
     _bundle(tmp_path / "run-lr1-step000002.safetensors", "mychar")
     stranger = _bundle(tmp_path / "stranger.safetensors", "theirchar")
     taken, _ = taken_names_for_run("run-lr2", [tmp_path], variants=["run-lr1", "run-lr3"])
     assert taken == {"stranger": f"the LoRA {stranger}", "theirchar": f"the bundle {stranger}"}
-    taken, _ = taken_names_for_run("run-lr2", [tmp_path])  # outside a queue: refused as before
+    taken, _ = taken_names_for_run("run-lr2", [tmp_path])  # outside a queue: named (a warning, or a refusal)
     assert "mychar" in taken and "run-lr1" in taken
 
 
-@pytest.mark.parametrize("name,where", [("TheirChar", "the bundle"), ("otherbundle", "the LoRA")])
-def test_trainer_refuses_a_clash_in_the_output_folder_before_anything_runs(tmp_path: Path, name: str,
-                                                                          where: str) -> None:
+def test_trainer_refuses_a_lora_alias_in_the_output_folder_before_anything_runs(tmp_path: Path) -> None:
     _bundle(tmp_path / "otherbundle.safetensors", "theirchar")
     host = object()  # never reached: the refusal comes first
-    with pytest.raises(EmbeddingNameError, match=rf"embedding name '{name}' is already used by {where} .*otherbundle"):
-        train(_config(tmp_path, name), host)  # type: ignore[arg-type]
+    with pytest.raises(EmbeddingNameError,
+                       match=r"embedding name 'otherbundle' is already used by the LoRA .*otherbundle"):
+        train(_config(tmp_path, "otherbundle"), host)  # type: ignore[arg-type]
+
+
+def test_another_bundles_name_is_shared_with_a_warning_not_refused(tmp_path: Path) -> None:
+    """Versions of one concept share their trigger: the prompt's <lora:...> tag says whose it is."""
+    other = _bundle(tmp_path / "mychar-v1.safetensors", "MyChar")
+    taken, _ = taken_names_for_run("mychar-v2", [tmp_path])
+    warnings = check_new_names(["mychar"], taken)
+    assert warnings == [f"embedding name 'mychar' is also defined by the bundle {other}; in a prompt, the bundle "
+                        "whose <lora:...> tag is there owns the name (rename it to use both without tags)"]
+    with pytest.raises(EmbeddingNameError, match="already used by the LoRA"):
+        check_new_names(["mychar-v1"], taken)
 
 
 def test_webui_runner_names_lora_folder_embeddings_folder_and_database(tmp_path: Path) -> None:
@@ -73,8 +83,14 @@ def test_webui_runner_names_lora_folder_embeddings_folder_and_database(tmp_path:
     (embs / "folderchar.safetensors").write_bytes(b"x")
     own = types.SimpleNamespace(filename=str(loras / "newrun.safetensors") + "/mychar")
     loaded = types.SimpleNamespace(filename="/x/dbchar.pt")
-    db = types.SimpleNamespace(word_embeddings={"mychar": own, "dbchar": loaded}, skipped_embeddings={})
+    lent = types.SimpleNamespace(filename="/y/Lora/lent.safetensors/lentchar")  # a webui loader's bundle embedding
+    db = types.SimpleNamespace(word_embeddings={"mychar": own, "dbchar": loaded, "lentchar": lent},
+                               skipped_embeddings={})
     webui = types.SimpleNamespace(embedding_db=db, shared=types.SimpleNamespace(
         cmd_opts=types.SimpleNamespace(embeddings_dir=str(embs))))
     taken = runner.taken_names(webui, _config(tmp_path, "mychar"), str(loras))
-    assert set(taken) == {"otherbundle", "theirchar", "folderchar", "dbchar"}  # retraining mychar is fine
+    assert set(taken) == {"otherbundle", "theirchar", "folderchar", "dbchar", "lentchar"}  # retraining mychar: fine
+    # other bundles' names are shared with a warning, not refused
+    assert (taken["theirchar"], taken["lentchar"]) == (f"the bundle {loras / 'otherbundle.safetensors'}",
+                                                       "the bundle /y/Lora/lent.safetensors")
+    assert taken["dbchar"] == "/x/dbchar.pt"

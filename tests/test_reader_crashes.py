@@ -82,7 +82,7 @@ def _broken_folder(folder: Path) -> Path:
 def test_folder_scans_skip_bad_files_and_go_on(tmp_path: Path) -> None:
     good = _broken_folder(tmp_path)
     taken, warnings = lora_folder_names(tmp_path)
-    assert taken["good"] == f"LoRA {good}" and "pvtchar" in taken
+    assert taken["good"] == f"the LoRA {good}" and "pvtchar" in taken
     assert any("nested.safetensors" in w for w in warnings) and any("fifo.safetensors" in w for w in warnings)
     entries, warnings = find_bundles(tmp_path)
     assert [e.names for e in entries if e.path == str(good)] == [["pvtchar"]]

@@ -6,6 +6,11 @@ are compared case-insensitively. Sources of taken names, as the webui sees them:
 * files in an embeddings folder (recursively): the file name without extension is the name;
 * ``bundle_emb.<name>.*`` keys in LoRA files (read from headers only; tensors are never loaded);
 * LoRA aliases (file stems): a trigger equal to a LoRA's name is confusing in prompts.
+
+A name from the embeddings folder or a LoRA alias refuses the run. A name another *bundle* defines
+does not: versions and sweep variants of one concept share their trigger, and in a prompt the
+bundle whose ``<lora:…>`` tag is there owns the name (the webui bundle loader's rule), so the run
+goes on with a warning naming that bundle.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from pivotal.formats.embedding_keys import embedding_names
 from pivotal.formats.folder_scan import safetensors_files
 from pivotal.formats.safetensors_io import read_header
 from pivotal.text.names import validate_embedding_name
+
+#: How a taken name's source starts when it is another bundle's embedding (shared, not refused).
+BUNDLE_SOURCE = "the bundle "
 
 #: Files the webui's embedding loader reads from an embeddings folder.
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors", ".png", ".webp", ".jxl", ".avif")
@@ -43,20 +51,9 @@ def bundle_embedding_names(path: str | os.PathLike) -> list[str]:
 
 
 def lora_folder_names(folder: str | os.PathLike) -> tuple[dict[str, str], list[str]]:
-    """({lower-cased name: source} for bundled embeddings and LoRA aliases, warnings).
-
-    Unreadable files do not stop the scan; each gives one warning naming it.
-    """
-    taken: dict[str, str] = {}
-    paths, warnings = safetensors_files(folder)
-    for p in paths:
-        taken.setdefault(p.stem.lower(), f"LoRA {p}")
-        try:
-            for name in bundle_embedding_names(p):
-                taken.setdefault(name.lower(), f"{p} (bundled embedding)")
-        except (PivotalError, OSError) as e:
-            warnings.append(f"skipped while looking for embedding names: {e}")
-    return taken, warnings
+    """({lower-cased name: source} for every bundled embedding and LoRA alias of ``folder``,
+    warnings). Unreadable files do not stop the scan; each gives one warning naming it."""
+    return taken_names_for_run("", [folder])
 
 
 def is_own_file(path: Path, output_name: str) -> bool:
@@ -91,17 +88,19 @@ def taken_names_for_run(output_name: str, lora_dirs: Iterable[str | os.PathLike]
             taken.setdefault(p.stem.lower(), f"the LoRA {p}")
             try:
                 for name in bundle_embedding_names(p):
-                    taken.setdefault(name.lower(), f"the bundle {p}")
+                    taken.setdefault(name.lower(), f"{BUNDLE_SOURCE}{p}")
             except (PivotalError, OSError) as e:
                 warnings.append(f"skipped while looking for embedding names: {e}")
     return taken, warnings
 
 
-def check_new_names(names: Iterable[str], taken: Mapping[str, str]) -> None:
-    """Refuse invalid names, repeats, and names already used elsewhere (EmbeddingNameError).
+def check_new_names(names: Iterable[str], taken: Mapping[str, str]) -> list[str]:
+    """Refuse invalid names, repeats, and names already used elsewhere (EmbeddingNameError); return
+    a warning for each name another bundle also defines (shared: the prompt's tag decides).
 
     ``taken``: {lower-cased name: where it is used}, e.g. merged results of the scanners above.
     """
+    warnings: list[str] = []
     seen: dict[str, str] = {}
     for name in names:
         validate_embedding_name(name)
@@ -110,6 +109,10 @@ def check_new_names(names: Iterable[str], taken: Mapping[str, str]) -> None:
             raise EmbeddingNameError(f"embedding names {seen[low]!r} and {name!r} are the same trigger "
                                      "(prompts are case-insensitive); give each embedding its own name")
         seen[low] = name
-        if low in taken:
+        if low in taken and taken[low].startswith(BUNDLE_SOURCE):
+            warnings.append(f"embedding name {name!r} is also defined by {taken[low]}; in a prompt, the bundle "
+                            "whose <lora:...> tag is there owns the name (rename it to use both without tags)")
+        elif low in taken:
             raise EmbeddingNameError(f"embedding name {name!r} is already used by {taken[low]}; "
                                      "rename the new embedding (or move that file away)")
+    return warnings

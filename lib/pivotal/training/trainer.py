@@ -117,11 +117,14 @@ class _Run:
     def execute(self, resume: str | None, taken_names: Mapping[str, str] | None,
                 variants: Sequence[str] = ()) -> TrainResult:
         cfg = self.config
-        check_new_names([e.name for e in cfg.embeddings], run_taken_names(cfg, taken_names, variants))
+        shared = check_new_names([e.name for e in cfg.embeddings], run_taken_names(cfg, taken_names, variants))
         self.batches = BatchSource(cfg, self.host)
         self.emit(ProgressEvent("preflight", total=cfg.steps, data=self.batches.report.to_dict(),
                                 message=self.batches.report.format()))
         self.warnings += list(self.batches.warnings)
+        for msg in shared:
+            self.warnings.append(msg)
+            self.emit(ProgressEvent("warning", total=cfg.steps, message=msg))
         self._build_trainables()
         self.params = self._named_params()
         self.optimizer = build_optimizer(cfg, self._groups())

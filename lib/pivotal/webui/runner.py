@@ -67,12 +67,20 @@ def current_task_id() -> str:
 
 
 def taken_embedding_names(webui: Any) -> dict[str, str]:
-    """{lower-cased name: where} of the embeddings the webui knows (loaded or skipped)."""
+    """{lower-cased name: where} of the embeddings the webui knows (loaded or skipped). One a LoRA
+    file registered (``filename`` = ``BUNDLE.safetensors/NAME``, as the webuis' loaders name bundled
+    embeddings) is another bundle's: shared, not refused (see :mod:`pivotal.formats.name_registry`)."""
+    from pivotal.formats.name_registry import BUNDLE_SOURCE
+
     db = webui.embedding_db
     taken: dict[str, str] = {}
     for table in (db.word_embeddings, db.skipped_embeddings):
         for name, emb in table.items():
-            taken.setdefault(str(name).lower(), str(getattr(emb, "filename", "") or "the webui's embeddings"))
+            where = str(getattr(emb, "filename", "") or "the webui's embeddings")
+            parent = os.path.dirname(where)
+            if parent.lower().endswith(".safetensors"):
+                where = f"{BUNDLE_SOURCE}{parent}"
+            taken.setdefault(str(name).lower(), where)
     return taken
 
 
@@ -86,7 +94,7 @@ def taken_names(webui: Any, config: TrainConfig, lora_dir: str) -> dict[str, str
     scanned, _ = taken_names_for_run(config.output_name, [lora_dir], [embeddings_dir] if embeddings_dir else [])
     own = str(published_path(config, lora_dir))
     # the webui keeps a bundle's embeddings registered after a generation: retraining it is no clash
-    known = {k: v for k, v in taken_embedding_names(webui).items() if not v.startswith(own)}
+    known = {k: v for k, v in taken_embedding_names(webui).items() if own not in v}
     return {**scanned, **known}
 
 
