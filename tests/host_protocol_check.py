@@ -7,7 +7,8 @@ from __future__ import annotations
 from pivotal.host_api import TrainingHost
 from pivotal.hosts.a1111.host import A1111Host
 from pivotal.hosts.diffusers.host import DiffusersHost
+from pivotal.hosts.forge.host import ForgeHost
 
 
-def hosts(a1111: A1111Host, diffusers: DiffusersHost) -> list[TrainingHost]:
-    return [a1111, diffusers]
+def hosts(a1111: A1111Host, diffusers: DiffusersHost, forge: ForgeHost) -> list[TrainingHost]:
+    return [a1111, diffusers, forge]

@@ -34,7 +34,7 @@ from pivotal.adapters.network import Target
 from pivotal.adapters.te_names import text_encoder_lora_targets
 from pivotal.adapters.unet_targets import unet_lora_targets
 from pivotal.errors import ConfigError, ModelLayoutError
-from pivotal.host_api import Conditioning, SizeInfo, has_active_dropout
+from pivotal.host_api import Conditioning, HostDefaults, SizeInfo, has_active_dropout, weights_fingerprint
 from pivotal.hosts.a1111.host import (
     DEFAULT_PREVIEW_SAMPLER,
     DEFAULT_PREVIEW_SCHEDULER,
@@ -86,10 +86,10 @@ def check_storage(kmodel: Any) -> None:
                                "choose 'Automatic' or a float8 setting there, or load an fp16/fp32 checkpoint")
 
 
-class ForgeHost:
+class ForgeHost(HostDefaults):
     """The model Forge has loaded, as a training host (see the module docstring). Attributes
-    beyond the protocol as on the A1111 host: ``label``, ``model_id``, ``sd_model``, ``unet``,
-    ``default_resolution``, ``last_session``."""
+    beyond the protocol as on the A1111 host: ``label``, ``sd_model``, ``unet``, ``last_session``;
+    ``model_id()`` fingerprints the VAE, ``default_resolution()`` comes from the base model."""
 
     def __init__(self, webui: Optional[ForgeWebui] = None, preview_sampler: str = DEFAULT_PREVIEW_SAMPLER,
                  preview_cfg: Optional[float] = None, preview_scheduler: str = DEFAULT_PREVIEW_SCHEDULER) -> None:
@@ -116,9 +116,8 @@ class ForgeHost:
                             "clip_g": engines["text_processing_engine_g"]}
         info = getattr(self.sd_model, "sd_checkpoint_info", None)
         self.label: str = str(getattr(info, "name_for_extra", "") or getattr(info, "title", "") or "webui model")
-        self.model_id: str = f"{self.label}:{getattr(self.sd_model, 'sd_model_hash', '') or ''}"
-        self.default_resolution: int = 1024 if self.base_model == "sdxl" else 512
         self.preview_sampler = preview_sampler
+        self.sampler: str = preview_sampler
         self.preview_cfg = preview_cfg
         self.preview_scheduler = preview_scheduler
         self.last_session: dict[str, Any] = {}
@@ -223,6 +222,19 @@ class ForgeHost:
             values = [v for name in SDXL_SIZE_ORDER for v in getattr(row, name)]
             out.append(torch.cat([embedder(torch.tensor([float(v)])) for v in values]).flatten())
         return torch.stack(out).to(self.device)
+
+    def model_id(self) -> str | None:
+        """A fingerprint of the VAE Forge has loaded now (its encoder (+ quant_conv) weights, dtype and
+        latent scale): it changes with the checkpoint and with a VAE chosen in the UI, so the latent
+        cache never hands one VAE's latents to another. None when the VAE has no encoder module."""
+        vae = getattr(getattr(self.sd_model, "forge_objects", None), "vae", None)
+        fsm = getattr(vae, "first_stage_model", None)
+        encoder, quant = getattr(fsm, "encoder", None), getattr(fsm, "quant_conv", None)
+        if not isinstance(encoder, nn.Module):
+            return None
+        parts = [encoder] + ([quant] if isinstance(quant, nn.Module) else [])
+        scale = getattr(fsm, "scaling_factor", getattr(fsm, "scale_factor", None))
+        return "forge-vae:" + weights_fingerprint(parts, str(scale), str(getattr(vae, "vae_dtype", "")))
 
     def text_encoding_key(self) -> tuple:
         """Forge's options that change what :meth:`encode_prompts` returns, as they are now."""
