@@ -288,6 +288,34 @@ def test_the_tab_trains_and_its_bundle_works(fwebui: FamilyWebui, dataset: Path,
     assert w.txt2img(PROMPT)[0] == before_image
 
 
+def test_sdxl_trains_every_part_and_the_host_is_restored(fwebui: FamilyWebui, dataset: Path) -> None:
+    """SDXL on this webui (opt-in: ``PIVOTAL_FORGE_SDXL_CHECKPOINT`` / ``PIVOTAL_REFORGE_SDXL_CHECKPOINT``
+    names an SDXL checkpoint the webui lists, e.g. ``tools/make_random_sdxl.py``'s full-size random one;
+    the test switches to it and back): both encoders and the UNet get gradients, the bundle is SDXL
+    with clip_l and clip_g vectors, it changes the image, and the host is restored."""
+    from conftest import checkpoint
+
+    prefix = KINDS[fwebui.kind][0]
+    name_of_checkpoint = os.environ.get(f"{prefix}_SDXL_CHECKPOINT")
+    if not name_of_checkpoint:
+        pytest.skip(f"set {prefix}_SDXL_CHECKPOINT to an SDXL checkpoint this {fwebui.kind} lists")
+    w = fwebui.server
+    with checkpoint(w, name_of_checkpoint):
+        before_image, _ = w.txt2img(PROMPT)  # Forge loads the model on the first generation
+        before_host = _without_cache_stats(w.request("GET", "/pivotal/v1/host"))
+        name = _unique("pvtxl")
+        snap = _train(fwebui, dataset, name, 4, te_lora=True, te_lr=1e-4)
+        assert untrained_parts(snap["bundle_path"]) == []
+        bundle = {b["name"]: b for b in w.request("GET", "/pivotal/v1/bundles")["bundles"]}[name]
+        assert bundle["base_model"].startswith("sdxl") and bundle["embeddings"] == [EMBEDDING], bundle
+        assert _without_cache_stats(w.request("GET", "/pivotal/v1/host")) == before_host
+        assert w.txt2img(PROMPT)[0] == before_image
+        image, info = w.txt2img(f"{PROMPT}, {EMBEDDING} <lora:{name}:1>")
+        assert image != before_image
+        assert _shows_embedding(fwebui.kind, info, EMBEDDING), info
+        assert w.txt2img(PROMPT)[0] == before_image
+
+
 def test_zz_no_traceback_in_the_webui_log(fwebui: FamilyWebui) -> None:
     """Last in the file: from the start of the webui to here, nothing printed a traceback."""
     log = fwebui.log_text()
