@@ -24,6 +24,7 @@ from pivotal.training.settings import (
     FRACTION,
     NON_NEGATIVE,
     POSITIVE,
+    Limits,
     check_declared,
     setting,
 )
@@ -215,6 +216,21 @@ class TrainConfig:
     lokr_factor: int = setting(-1, "LoKr: the size of the small Kronecker factor (-1: as square as possible)",
                                group="lora", form=FORM_ADVANCED, label="LoKr factor (-1 = automatic)")
 
+    # -- held-out validation (pivotal.training.validation); none of it changes what trains but
+    # validation_count, which takes images out of the training set
+    validation_dir: str = setting("", "a folder of captioned images (like data_dir) whose loss is measured, never "
+                                  "trained on", group="validation", flag="validation-data", metavar="DIR",
+                                  label="validation folder (images + captions)")
+    validation_count: int = setting(0, "hold this many training images back (chosen by seed) as the validation set "
+                                    "(0 = none)", group="validation", limits=NON_NEGATIVE,
+                                    label="hold back images for validation")
+    validation_every: int = setting(-1, "measure the validation loss every N steps and at the end (-1: every "
+                                    "tenth of the run, 0: at the end only)", group="validation",
+                                    limits=Limits(low=-1), label="validate every (steps, -1 = auto, 0 = end)")
+    validation_timesteps: int = setting(4, "fixed timesteps, spread over the schedule, each validation image is "
+                                        "noised at", group="validation", limits=POSITIVE, form=FORM_ADVANCED,
+                                        label="validation timesteps")
+
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         """Check every value; return self. Raises ConfigError naming the setting."""
@@ -235,6 +251,10 @@ class TrainConfig:
             raise ConfigError(f"embedding_steps: {self.embedding_steps} leaves no LoRA steps out of "
                               f"steps={self.steps}")
         self._validate_algorithms()
+        if self.validation_dir and self.validation_count:
+            raise ConfigError(f"validation_dir and validation_count: both are set ({self.validation_dir!r}, "
+                              f"{self.validation_count}); use a validation folder or held-back images, not both "
+                              "(set validation_count to 0 or validation_dir to empty)")
         if not self.data_dir:
             raise ConfigError("data_dir: the folder of training images is not set (--data)")
         return self
@@ -262,6 +282,10 @@ class TrainConfig:
             return self.embedding_steps or max(1, round(self.steps * 0.3))
         return round(self.steps * self.freeze_embeddings_at)
 
+    def validation_interval(self) -> int:
+        """Steps between validation losses (0: at the end only); meaningful with a validation set."""
+        return max(1, self.steps // 10) if self.validation_every < 0 else self.validation_every
+
     # -- conversion ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -272,8 +296,10 @@ class TrainConfig:
         d = self.to_dict()
         for k in ("data_dir", "out_dir", "save_every", "on_interrupt", "preview_every", "preview_prompts",
                   "preview_steps", "preview_size", "latent_cache", "save_precision", "output_name",
-                  "max_bad_steps"):
+                  "max_bad_steps", "validation_dir", "validation_every", "validation_timesteps"):
             d.pop(k)
+        if not d["validation_count"]:  # resume files from before validation existed stay usable
+            d.pop("validation_count")
         return d
 
     @classmethod
