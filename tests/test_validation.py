@@ -159,10 +159,22 @@ def test_validation_sets_that_cannot_work_are_refused_before_training(host, data
 
 
 def test_loss_chart_draws_the_validation_series() -> None:
-    from pivotal.ui.loss_chart import VALIDATION_COLOUR, render_loss_chart
+    from pivotal.ui.loss_chart import (
+        HEIGHT,
+        MARGIN_B,
+        MARGIN_L,
+        MARGIN_R,
+        MARGIN_T,
+        VALIDATION_COLOUR,
+        WIDTH,
+        render_loss_chart,
+    )
+
+    def plot_colours(img) -> set:  # the plot area only, not the legend above it
+        return {c for _, c in img.crop((MARGIN_L, MARGIN_T, WIDTH - MARGIN_R, HEIGHT - MARGIN_B)).getcolors(1 << 16)}
 
     losses = [1.0 / (i + 1) for i in range(20)]
     plain = render_loss_chart(losses, losses, 20)
     with_val = render_loss_chart(losses, losses, 20, validation=[(5, 0.6), (10, 0.4), (20, 0.3)])
-    assert VALIDATION_COLOUR not in {c for _, c in plain.getcolors(1 << 16)}
-    assert VALIDATION_COLOUR in {c for _, c in with_val.getcolors(1 << 16)}
+    assert VALIDATION_COLOUR not in plot_colours(plain)
+    assert VALIDATION_COLOUR in plot_colours(with_val)
