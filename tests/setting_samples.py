@@ -15,7 +15,7 @@ from typing import Any
 from pivotal.training.config import EmbeddingSpec, TrainConfig
 from pivotal.training.settings import DeclaredSetting, declared
 
-OVERRIDES: dict[str, Any] = {"lokr_factor": 4, "validation_every": 3}
+OVERRIDES: dict[str, Any] = {"lokr_factor": 4, "validation_every": 3, "sweep": ["te_lr=1e-05", "unet_rank=8"]}
 #: Settings at their defaults in variant 0 and moved in variant 1; lora_dropout the other way round.
 #: validation_count is moved in variant 1 only and validation_dir in variant 0 only (both at once is refused).
 WEIGHT_ALGORITHM_SETTINGS = ("dora", "unet_algorithm", "te_algorithm", "conv_tucker", "lokr_factor")

@@ -21,6 +21,7 @@ from pivotal.text.names import validate_embedding_name
 from pivotal.training.settings import (
     BELOW_ONE,
     FORM_ADVANCED,
+    FORM_NONE,
     FRACTION,
     NON_NEGATIVE,
     POSITIVE,
@@ -231,6 +232,11 @@ class TrainConfig:
                                         "noised at", group="validation", limits=POSITIVE, form=FORM_ADVANCED,
                                         label="validation timesteps")
 
+    # written by ``pivotal sweep`` (pivotal.training.sweep), recorded in the bundle as pivotal.sweep
+    sweep: list[str] = setting([], "the settings a sweep varied for this run, NAME=VALUE (written by pivotal sweep; "
+                               "recorded in the bundle)", group="run", flag="sweep-value", metavar="NAME=VALUE",
+                               form=FORM_NONE, check=lambda v: _check_sweep_entries(v))
+
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         """Check every value; return self. Raises ConfigError naming the setting."""
@@ -296,7 +302,7 @@ class TrainConfig:
         d = self.to_dict()
         for k in ("data_dir", "out_dir", "save_every", "on_interrupt", "preview_every", "preview_prompts",
                   "preview_steps", "preview_size", "latent_cache", "save_precision", "output_name",
-                  "max_bad_steps", "validation_dir", "validation_every", "validation_timesteps"):
+                  "max_bad_steps", "sweep", "validation_dir", "validation_every", "validation_timesteps"):
             d.pop(k)
         if not d["validation_count"]:  # resume files from before validation existed stay usable
             d.pop("validation_count")
@@ -363,6 +369,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 # -- small validators ------------------------------------------------------------------------
+def _check_sweep_entries(entries: list[str]) -> None:
+    for entry in entries:
+        name, sep, _ = entry.partition("=")
+        if not sep or name not in {f.name for f in dataclasses.fields(TrainConfig)}:
+            raise ConfigError(f"sweep: {entry!r} is not NAME=VALUE with NAME a setting (pivotal sweep writes these)")
+
+
 _TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
 
 

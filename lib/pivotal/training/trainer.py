@@ -286,6 +286,7 @@ class _Run:
                             num_train_images=len(self.batches.dataset.items),
                             tag_frequency=self.batches.tag_frequency(), settings=cfg.to_dict(),
                             base_checkpoint=self.host.label)
+        info.sweep = dict(entry.partition("=")[::2] for entry in cfg.sweep)
         if self.validation_losses:
             info.validation_step, info.validation_loss = self.validation_losses[-1]
         write_bundle(path, self.host.base_model, self.net.kohya_state_dict(SAVE_DTYPES[cfg.save_precision]),
