@@ -92,3 +92,10 @@ def test_sweep_trains_ranks_and_records_the_values(tmp_path: Path, capsys: pytes
     # again: nothing trains twice
     assert main(args) == 0
     assert capsys.readouterr().out.count("(earlier)") == 2
+
+
+def test_queue_takes_a_relative_validation_folder_from_the_config_folder(tmp_path: Path) -> None:
+    base = write_base(tmp_path / "q", 'validation_dir = "val"\n')
+    assert queue_config(base).validation_dir == str(tmp_path / "q" / "val")
+    swept = write_sweep(base, ["te_lr=1e-5"], tmp_path / "sweep")  # the sweep folder is elsewhere
+    assert queue_config(swept[0]).validation_dir == str((tmp_path / "q" / "val").resolve())
