@@ -15,8 +15,9 @@ from typing import Any
 from pivotal.training.config import EmbeddingSpec, TrainConfig
 from pivotal.training.settings import DeclaredSetting, declared
 
-OVERRIDES: dict[str, Any] = {"lokr_factor": 4}
+OVERRIDES: dict[str, Any] = {"lokr_factor": 4, "validation_every": 3, "sweep": ["te_lr=1e-05", "unet_rank=8"]}
 #: Settings at their defaults in variant 0 and moved in variant 1; lora_dropout the other way round.
+#: validation_count is moved in variant 1 only and validation_dir in variant 0 only (both at once is refused).
 WEIGHT_ALGORITHM_SETTINGS = ("dora", "unet_algorithm", "te_algorithm", "conv_tucker", "lokr_factor")
 VARIANTS = (0, 1)
 SAMPLE_EMBEDDINGS = [EmbeddingSpec("zed", 3, "a dog"), EmbeddingSpec("kay", 1, "")]
@@ -49,7 +50,8 @@ def sample_values(variant: int = 0) -> dict[str, Any]:
     """``{setting name: sample value}`` for every declared setting (see :data:`VARIANTS`)."""
     values = {s.name: sample_value(s) for s in declared(TrainConfig)}
     defaults = TrainConfig()
-    for name in (WEIGHT_ALGORITHM_SETTINGS if variant == 0 else ("lora_dropout",)):
+    for name in (WEIGHT_ALGORITHM_SETTINGS + ("validation_count",) if variant == 0
+                 else ("lora_dropout", "validation_dir")):
         values[name] = getattr(defaults, name)
     return values
 

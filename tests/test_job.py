@@ -31,11 +31,12 @@ class FakeTrainer:
     """Steps when told to (``gate``), or freely; emits the trainer's events; honours ``stop``."""
 
     def __init__(self, gated: bool = False, fail: Optional[BaseException] = None,
-                 previews: bool = False, warn: bool = False) -> None:
+                 previews: bool = False, warn: bool = False, validate: bool = False) -> None:
         self.gate = threading.Semaphore(0) if gated else None
         self.fail = fail
         self.previews = previews
         self.warn = warn
+        self.validate = validate
         self.calls: list[dict[str, Any]] = []
         self.at_step = threading.Event()
 
@@ -69,6 +70,9 @@ class FakeTrainer:
                                lrs={"unet": 1e-4}, eta_s=float(cfg.steps - step), phase="together"))
             if self.warn:
                 emit(ProgressEvent("warning", step=step, message=f"warn {step}"))
+            if self.validate and step % 2 == 0:
+                emit(ProgressEvent("validation", step=step, total=cfg.steps, message="validation loss",
+                                   data={"validation_loss": 2.0 / step}))
             if self.previews:
                 emit(ProgressEvent("preview", step=step, image=_image(step), message=f"a photo of mychar {step}",
                                    path=f"/out/previews/{step}.png"))
@@ -333,3 +337,13 @@ def test_host_use_and_runs_exclude_each_other() -> None:
     assert job.wait(10)
     with job.using_host():  # and after the run, the host is free again
         pass
+
+
+def test_validation_losses_in_the_snapshot() -> None:
+    job = TrainingJob(trainer=FakeTrainer(validate=True))
+    assert job.status()["validation_loss"] is None and job.status()["validation_losses"] == []
+    job.start(config(), HOST)
+    assert job.wait(10)
+    snap = job.status()
+    json.dumps(snap)
+    assert snap["validation_losses"] == [[2, 1.0], [4, 0.5]] and snap["validation_loss"] == 0.5

@@ -1,5 +1,5 @@
 """The ``pivotal`` command line: ``inspect``, ``export-embeddings``, ``convert``, ``app``, ``train``,
-``generate``, ``export-checkpoint``, ``export-diffusers``, ``queue``.
+``generate``, ``export-checkpoint``, ``export-diffusers``, ``queue``, ``sweep``.
 
 Errors Pivotal raises on purpose (bad files, bad settings) print one line naming the file and the
 problem and exit with status 2; there is no traceback for those.
@@ -17,6 +17,7 @@ from pivotal.cli.export_diffusers import add_export_diffusers_command
 from pivotal.cli.generate import add_generate_command
 from pivotal.cli.grid import add_grid_command
 from pivotal.cli.queue import add_queue_command
+from pivotal.cli.sweep import add_sweep_command
 from pivotal.errors import PivotalError
 
 EXIT_USAGE = 2
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_grid_command(sub)
     add_export_diffusers_command(sub)
     add_queue_command(sub)
+    add_sweep_command(sub)
     return parser
 
 

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pivotal.training.progress import ProgressEvent
 
@@ -57,7 +57,9 @@ def _builder(demo: str | None) -> Any:
     return build
 
 
-def run_queue_command(args: argparse.Namespace) -> int:
+def run_queue_command(args: argparse.Namespace, order: Callable[[list[Any]], list[Any]] | None = None) -> int:
+    """Run the queue of ``args.folder``; ``order``: how the final table lists the runs (a sweep
+    ranks them by validation loss)."""
     from dataclasses import asdict
 
     from pivotal.demo.host import load_host
@@ -94,6 +96,7 @@ def run_queue_command(args: argparse.Namespace) -> int:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     summary = Path(args.folder) / SUMMARY_FILE
+    runs = order(runs) if order else runs
     if args.json:
         print(json.dumps({"event": "summary", "file": str(summary), "runs": [asdict(r) for r in runs]}), flush=True)
     else:

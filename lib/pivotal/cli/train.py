@@ -134,6 +134,8 @@ def _printer(as_json: bool):
             eta = f"  eta {e.eta_s:.0f}s" if e.eta_s is not None else ""
             print(f"step {e.step}/{e.total}  loss {e.loss:.4f}  smoothed {e.smoothed_loss:.4f}  [{e.phase}]{eta}",
                   flush=True)
+        elif e.kind == "validation":
+            print(f"step {e.step}/{e.total}  {e.message}", flush=True)
         elif e.kind in ("start", "phase", "save", "warning", "done"):
             text = e.path or e.message or e.phase
             print(f"{e.kind}: {text}", flush=True)
@@ -175,5 +177,7 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         first, last = result.first_smoothed_loss, result.last_smoothed_loss
         trend = f"  smoothed loss {first:.4f} -> {last:.4f}" if first is not None and last is not None else ""
+        if result.validation_loss is not None:
+            trend += f"  validation loss {result.validation_loss:.4f}"
         print(f"{result.status}: {result.steps_done}/{result.total_steps} steps{trend}  {result.bundle_path}")
     return code

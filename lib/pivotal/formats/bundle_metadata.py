@@ -41,6 +41,11 @@ class TrainingInfo:
     #: Base checkpoint name and hash, when known.
     base_checkpoint: str = ""
     base_checkpoint_hash: str = ""
+    #: The last held-out validation loss and the step it was measured at (None: no validation set).
+    validation_loss: float | None = None
+    validation_step: int = 0
+    #: {setting: value as written} that a sweep varied for this run (empty: not a sweep's run)
+    sweep: dict[str, str] = field(default_factory=dict)
 
 
 def lora_rank_alpha(lora: dict[str, torch.Tensor]) -> tuple[int, float]:
@@ -114,6 +119,11 @@ def build_metadata(base_model: str, lora: dict[str, torch.Tensor], embeddings: l
         "pivotal.training": json.dumps(info.settings, ensure_ascii=False, separators=(",", ":"),
                                        sort_keys=True, default=str),
     }
+    if info.validation_loss is not None:
+        meta["pivotal.validation_loss"] = repr(float(info.validation_loss))
+        meta["pivotal.validation_step"] = str(int(info.validation_step))
+    if info.sweep:
+        meta["pivotal.sweep"] = json.dumps(info.sweep, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
     if info.base_checkpoint:
         meta["ss_sd_model_name"] = info.base_checkpoint
     if info.base_checkpoint_hash:

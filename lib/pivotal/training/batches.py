@@ -2,7 +2,9 @@
 
 Wraps the dataset (pre-flight, batch order) and the latent cache. Everything returned for a
 micro-step index is a pure function of (settings, index), so a resumed run reads exactly what the
-uninterrupted run would have.
+uninterrupted run would have. The validation images (``validation_count`` held back from the
+dataset, chosen by seed, or the ``validation_dir`` folder) are found here too, in the pre-flight,
+and never reach a training batch.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from typing import Callable
 
 import torch
 
-from pivotal.data.dataset import DatasetOptions, prepare_dataset
+from pivotal.data.buckets import seeded_rng
+from pivotal.data.dataset import Dataset, DatasetItem, DatasetOptions, prepare_dataset
 from pivotal.data.latent_cache import LatentCache
+from pivotal.errors import ConfigError, DatasetError
 from pivotal.host_api import SizeInfo, TrainingHost
 from pivotal.training.config import TrainConfig
 
@@ -32,6 +36,21 @@ class BatchSource:
         vectors = {e.name: e.vectors for e in config.embeddings}
         self.dataset, self.report = prepare_dataset(options, vectors, host.tokenizer("clip_l"))
         self.warnings: list[str] = list(getattr(self.report, "warnings", []))
+        #: the images whose loss is measured and never trained on (empty: no validation)
+        self.validation_items: list[DatasetItem] = []
+        if config.validation_count:
+            kept, self.validation_items = hold_back(self.dataset.items, config.validation_count, config.seed)
+            self.dataset = Dataset(kept, options)
+        elif config.validation_dir:
+            try:
+                val_set, _ = prepare_dataset(
+                    DatasetOptions(folder=config.validation_dir, resolution=config.resolution,
+                                   bucket_step=config.bucket_step, bucketing=config.bucketing,
+                                   skip_bad_images=config.skip_bad_images, seed=config.seed),
+                    vectors, host.tokenizer("clip_l"))
+            except DatasetError as err:
+                raise DatasetError(f"validation_dir: {err}", report=err.report) from err
+            self.validation_items = val_set.items
         self.cache: LatentCache | None = None
         if config.latent_cache != "off":
             # The id changes with the VAE, or a disk cache would hand one model's latents to another.
@@ -75,3 +94,14 @@ class BatchSource:
     def tag_frequency(self) -> dict[str, dict[str, int]]:
         """{dataset folder name: {tag: count}} as kohya records it (``ss_tag_frequency``)."""
         return {Path(self.config.data_dir).name: self.dataset.tag_frequency()}
+
+
+def hold_back(items: list[DatasetItem], count: int, seed: int) -> tuple[list[DatasetItem], list[DatasetItem]]:
+    """(training items, held-back items): ``count`` items chosen by ``seed`` alone (the same seed
+    holds back the same images), each list in the dataset's order. ConfigError when nothing would
+    be left to train on."""
+    if count >= len(items):
+        raise ConfigError(f"validation_count: {count} would hold back every one of the {len(items)} usable "
+                          f"image(s); hold back at most {len(items) - 1}, or use a validation_dir folder")
+    chosen = set(seeded_rng("validation", seed).sample(range(len(items)), count))
+    return ([it for i, it in enumerate(items) if i not in chosen], [it for i, it in enumerate(items) if i in chosen])

@@ -21,9 +21,11 @@ from pivotal.text.names import validate_embedding_name
 from pivotal.training.settings import (
     BELOW_ONE,
     FORM_ADVANCED,
+    FORM_NONE,
     FRACTION,
     NON_NEGATIVE,
     POSITIVE,
+    Limits,
     check_declared,
     setting,
 )
@@ -215,6 +217,26 @@ class TrainConfig:
     lokr_factor: int = setting(-1, "LoKr: the size of the small Kronecker factor (-1: as square as possible)",
                                group="lora", form=FORM_ADVANCED, label="LoKr factor (-1 = automatic)")
 
+    # -- held-out validation (pivotal.training.validation); none of it changes what trains but
+    # validation_count, which takes images out of the training set
+    validation_dir: str = setting("", "a folder of captioned images (like data_dir) whose loss is measured, never "
+                                  "trained on", group="validation", flag="validation-data", metavar="DIR",
+                                  label="validation folder (images + captions)")
+    validation_count: int = setting(0, "hold this many training images back (chosen by seed) as the validation set "
+                                    "(0 = none)", group="validation", limits=NON_NEGATIVE,
+                                    label="hold back images for validation")
+    validation_every: int = setting(-1, "measure the validation loss every N steps and at the end (-1: every "
+                                    "tenth of the run, 0: at the end only)", group="validation",
+                                    limits=Limits(low=-1), label="validate every (steps, -1 = auto, 0 = end)")
+    validation_timesteps: int = setting(4, "fixed timesteps, spread over the schedule, each validation image is "
+                                        "noised at", group="validation", limits=POSITIVE, form=FORM_ADVANCED,
+                                        label="validation timesteps")
+
+    # written by ``pivotal sweep`` (pivotal.training.sweep), recorded in the bundle as pivotal.sweep
+    sweep: list[str] = setting([], "the settings a sweep varied for this run, NAME=VALUE (written by pivotal sweep; "
+                               "recorded in the bundle)", group="run", flag="sweep-value", metavar="NAME=VALUE",
+                               form=FORM_NONE, check=lambda v: _check_sweep_entries(v))
+
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         """Check every value; return self. Raises ConfigError naming the setting."""
@@ -235,6 +257,10 @@ class TrainConfig:
             raise ConfigError(f"embedding_steps: {self.embedding_steps} leaves no LoRA steps out of "
                               f"steps={self.steps}")
         self._validate_algorithms()
+        if self.validation_dir and self.validation_count:
+            raise ConfigError(f"validation_dir and validation_count: both are set ({self.validation_dir!r}, "
+                              f"{self.validation_count}); use a validation folder or held-back images, not both "
+                              "(set validation_count to 0 or validation_dir to empty)")
         if not self.data_dir:
             raise ConfigError("data_dir: the folder of training images is not set (--data)")
         return self
@@ -262,6 +288,10 @@ class TrainConfig:
             return self.embedding_steps or max(1, round(self.steps * 0.3))
         return round(self.steps * self.freeze_embeddings_at)
 
+    def validation_interval(self) -> int:
+        """Steps between validation losses (0: at the end only); meaningful with a validation set."""
+        return max(1, self.steps // 10) if self.validation_every < 0 else self.validation_every
+
     # -- conversion ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -272,8 +302,10 @@ class TrainConfig:
         d = self.to_dict()
         for k in ("data_dir", "out_dir", "save_every", "on_interrupt", "preview_every", "preview_prompts",
                   "preview_steps", "preview_size", "latent_cache", "save_precision", "output_name",
-                  "max_bad_steps"):
+                  "max_bad_steps", "sweep", "validation_dir", "validation_every", "validation_timesteps"):
             d.pop(k)
+        if not d["validation_count"]:  # resume files from before validation existed stay usable
+            d.pop("validation_count")
         return d
 
     @classmethod
@@ -337,6 +369,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 # -- small validators ------------------------------------------------------------------------
+def _check_sweep_entries(entries: list[str]) -> None:
+    for entry in entries:
+        name, sep, _ = entry.partition("=")
+        if not sep or name not in {f.name for f in dataclasses.fields(TrainConfig)}:
+            raise ConfigError(f"sweep: {entry!r} is not NAME=VALUE with NAME a setting (pivotal sweep writes these)")
+
+
 _TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 ENV = "PIVOTAL_FAULT_FILE"
-POINTS = ("step", "preview", "save")
+POINTS = ("step", "preview", "save", "validation")
 
 
 def _armed() -> dict[str, Any] | None:

@@ -72,6 +72,8 @@ class _RunState:
     smoothed_loss: Optional[float] = None
     losses: list[float] = field(default_factory=list)
     smoothed_losses: list[float] = field(default_factory=list)
+    #: [step, validation loss] of each evaluation (none without a validation set)
+    validation_losses: list[list[float]] = field(default_factory=list)
     lrs: dict[str, float] = field(default_factory=dict)
     eta_s: Optional[float] = None
     phase: str = ""
@@ -184,7 +186,9 @@ class TrainingJob:
 
         Keys: ``state`` (idle/running/finished/failed), ``result_status`` (the trainer's:
         completed/interrupted/stopped/failed), ``run_id``, ``step``/``total``, ``loss``,
-        ``smoothed_loss``, ``losses``/``smoothed_losses`` (this run's history), ``lrs``, ``eta_s``,
+        ``smoothed_loss``, ``losses``/``smoothed_losses`` (this run's history), ``validation_loss``
+        (the last held-out validation loss, or None) and ``validation_losses`` ([step, loss] each),
+        ``lrs``, ``eta_s``,
         ``elapsed_s``, ``phase``, ``message``, ``warnings``, ``bundle_path`` (the latest save),
         ``saved_paths``, ``preflight`` (the dataset report), ``preview_count``, ``preview_path``,
         ``stop_requested``, ``settings`` (the run's config). The same keys when idle.
@@ -196,7 +200,8 @@ class TrainingJob:
             run = self._run
             if run is None:
                 return {"state": IDLE, "run_id": 0, "step": 0, "total": 0, "loss": None, "smoothed_loss": None,
-                        "losses": [], "smoothed_losses": [], "lrs": {}, "eta_s": None, "phase": "",
+                        "losses": [], "smoothed_losses": [], "validation_loss": None, "validation_losses": [],
+                        "lrs": {}, "eta_s": None, "phase": "",
                         "message": "", "warnings": [], "bundle_path": "", "saved_paths": [], "preflight": {},
                         "result_status": "", "preview_count": 0, "elapsed_s": 0.0, "stop_requested": False,
                         "preview_path": "", "settings": {}}
@@ -204,6 +209,8 @@ class TrainingJob:
             snap = {"state": run.state, "run_id": run.run_id, "step": run.step, "total": run.total,
                     "loss": run.loss, "smoothed_loss": run.smoothed_loss, "losses": list(run.losses),
                     "smoothed_losses": list(run.smoothed_losses), "lrs": dict(run.lrs), "eta_s": run.eta_s,
+                    "validation_loss": run.validation_losses[-1][1] if run.validation_losses else None,
+                    "validation_losses": [list(v) for v in run.validation_losses],
                     "phase": run.phase, "message": run.message, "warnings": list(run.warnings),
                     "bundle_path": run.bundle_path, "saved_paths": list(run.saved_paths),
                     "preflight": dict(run.preflight), "result_status": run.result_status,
@@ -261,6 +268,8 @@ class TrainingJob:
                     run.smoothed_losses.append(float(ev.smoothed_loss))
                 run.lrs = dict(ev.lrs)
                 run.eta_s = ev.eta_s
+            elif ev.kind == "validation" and "validation_loss" in ev.data:
+                run.validation_losses.append([ev.step, float(ev.data["validation_loss"])])
             elif ev.kind == "preflight":
                 run.preflight = dict(ev.data)
             elif ev.kind == "save" and ev.path:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 #: kinds of event, in the order a run can produce them
-EVENT_KINDS = ("preflight", "start", "step", "phase", "save", "preview", "warning", "done")
+EVENT_KINDS = ("preflight", "start", "step", "phase", "validation", "save", "preview", "warning", "done")
 #: how a run ended
 STATUSES = ("completed", "interrupted", "stopped", "failed")
 
@@ -30,7 +30,7 @@ class ProgressEvent:
     path: str = ""
     #: a preview image (PIL) for "preview" events; never serialised
     image: Any = None
-    #: extra JSON-able data (the pre-flight report, the final summary)
+    #: extra JSON-able data (the pre-flight report, ``{"validation_loss": x}``, the final summary)
     data: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -63,12 +63,19 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     message: str = ""
+    #: (step, validation loss) of each evaluation of this session (none without a validation set)
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def validation_loss(self) -> float | None:
+        """The last validation loss (None without a validation set)."""
+        return self.validation_losses[-1][1] if self.validation_losses else None
 
     def summary(self) -> dict[str, Any]:
         return {"status": self.status, "steps": self.steps_done, "total": self.total_steps,
                 "bundle": self.bundle_path, "first_smoothed_loss": self.first_smoothed_loss,
-                "last_smoothed_loss": self.last_smoothed_loss, "warnings": self.warnings,
-                "message": self.message}
+                "last_smoothed_loss": self.last_smoothed_loss, "validation_loss": self.validation_loss,
+                "warnings": self.warnings, "message": self.message}
 
 
 def window_means(losses: list[float]) -> tuple[float | None, float | None]:

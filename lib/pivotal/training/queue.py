@@ -74,15 +74,15 @@ def find_configs(folder: str | os.PathLike) -> list[Path]:
 def queue_config(path: Path, base: dict[str, Any] | None = None) -> TrainConfig:
     """The settings of one queued config file over ``base`` (e.g. the demo's defaults).
 
-    Relative ``data_dir`` / ``out_dir`` are taken relative to the config's folder (so a queue
-    folder can be moved whole); ``output_name`` defaults to the file's stem and ``out_dir`` to
-    ``output/`` next to the config, so runs never overwrite each other by default.
+    Relative ``data_dir`` / ``out_dir`` / ``validation_dir`` are taken relative to the config's
+    folder (so a queue folder can be moved whole); ``output_name`` defaults to the file's stem and
+    ``out_dir`` to ``output/`` next to the config, so runs never overwrite each other by default.
     """
     values: dict[str, Any] = dict(base or {})
     values.update(load_config_file(path))
     values.setdefault("output_name", path.stem)
     values.setdefault("out_dir", "output")
-    for key in ("data_dir", "out_dir"):
+    for key in ("data_dir", "out_dir", "validation_dir"):
         if values.get(key) and not Path(str(values[key])).expanduser().is_absolute():
             values[key] = str(path.parent / str(values[key]))
     return TrainConfig.from_dict(values)

@@ -98,6 +98,7 @@ GROUPS = (
     Group("optimizer", "Optimizer and precision"),
     Group("data", "Dataset and captions"),
     Group("saving", "Saving and previews"),
+    Group("validation", "Validation"),
 )
 ADVANCED = Group("advanced", "Advanced")
 _GROUP_KEYS = {g.key for g in GROUPS}

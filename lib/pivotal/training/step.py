@@ -65,7 +65,8 @@ class StepRunner:
         self._text_cache: OrderedDict[tuple, Conditioning] = OrderedDict()
         self._text_cache_bytes = 0
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The training autocast (bf16/fp16 precision), or a no-op context."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
@@ -143,7 +144,7 @@ class StepRunner:
             noisy = add_noise(latents, noise, t, self.alphas)
             target = training_target(self.prediction, latents, noise, t, self.alphas)
             weights = min_snr_weights(t_cpu, self.alphas, cfg.min_snr_gamma, self.prediction)
-            with self._autocast():
+            with self.autocast():
                 cond = self._encode(captions, sizes)
                 pred = self.host.predict(noisy.to(self.host.dtype), t, cond)
             loss = diffusion_loss(pred, target, weights) / cfg.grad_accum

@@ -8,7 +8,9 @@
    other settings);
 4. loop inside the host's training session (which restores the host on exit, however it ends),
    with the LoRA attached; each step: interrupt check, LRs for the step and phase, gradient
-   accumulation, non-finite guard, optimizer step, norm pull, progress, saves and previews;
+   accumulation, non-finite guard, optimizer step, norm pull, progress, the held-out validation
+   loss (:mod:`pivotal.training.validation`; every ``validation_every`` steps and at the end),
+   saves and previews;
 5. save the bundle and a resume file (or not, per the outcome and ``on_interrupt``).
 
 Out of GPU memory anywhere in 4-5 (a step, a preview, a save) ends the run as a TrainingError that
@@ -20,6 +22,7 @@ generation has its memory back (reliability checklist 26; :mod:`pivotal.training
 from __future__ import annotations
 
 import gc
+import math
 import threading
 import time
 from pathlib import Path
@@ -44,6 +47,7 @@ from pivotal.training.optim import GroupSpec, apply_lrs, build_optimizer, phase_
 from pivotal.training.progress import EventSink, LossSmoother, ProgressEvent, TrainResult, window_means
 from pivotal.training.state import RunState, load_state, model_fingerprint, save_state
 from pivotal.training.step import StepRunner
+from pivotal.training.validation import Validator
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -112,6 +116,8 @@ class _Run:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.activity = "before the first step"  # for error messages: what the run was doing
         self.saved: list[str] = []
+        self.validator: Validator | None = None
+        self.validation_losses: list[tuple[int, float]] = []
 
     # -- 1-3: set up -----------------------------------------------------------------------
     def execute(self, resume: str | None, taken_names: Mapping[str, str] | None,
@@ -119,8 +125,11 @@ class _Run:
         cfg = self.config
         shared = check_new_names([e.name for e in cfg.embeddings], run_taken_names(cfg, taken_names, variants))
         self.batches = BatchSource(cfg, self.host)
-        self.emit(ProgressEvent("preflight", total=cfg.steps, data=self.batches.report.to_dict(),
-                                message=self.batches.report.format()))
+        held = [item.name for item in self.batches.validation_items]
+        note = (f"\nvalidation: {len(held)} image(s){' held back' if cfg.validation_count else ''}: "
+                + ", ".join(held[:10]) + (" ..." if len(held) > 10 else "")) if held else ""
+        self.emit(ProgressEvent("preflight", total=cfg.steps, message=self.batches.report.format() + note,
+                                data={**self.batches.report.to_dict(), "validation_images": held}))
         self.warnings += list(self.batches.warnings)
         for msg in shared:
             self.warnings.append(msg)
@@ -194,6 +203,10 @@ class _Run:
     def _loop(self) -> TrainResult:
         cfg = self.config
         runner = StepRunner(cfg, self.host, self.net, self.embeddings, self.batches, self.generator, self.parallel)
+        if self.batches.validation_items and self.writer:  # one process measures it
+            self.validator = Validator(self.batches.validation_items, runner, self.batches.cache,
+                                       cfg.validation_timesteps, cfg.seed, cfg.noise_offset)
+        every = cfg.validation_interval()
         status, message = "completed", ""
         bad_in_a_row = 0
         last_phase = ""
@@ -240,10 +253,14 @@ class _Run:
                 step_time = elapsed if step_time is None else 0.9 * step_time + 0.1 * elapsed
                 self.emit(ProgressEvent("step", step=self.step, total=cfg.steps, loss=loss, smoothed_loss=smoothed,
                                         lrs=lrs, eta_s=step_time * (cfg.steps - self.step), phase=phase))
+                if every and self.step % every == 0 and self.step < cfg.steps:
+                    self._validate()  # before a step save, which records it
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self._save(f"{cfg.output_name}-step{self.step:06d}")
                 if cfg.preview_every and self.step % cfg.preview_every == 0 and self.writer:
                     self._preview()
+            if self.step > 0 and (not self.validation_losses or self.validation_losses[-1][0] != self.step):
+                self._validate()
             self.net.eval()
         # -- 5: outcome ---------------------------------------------------------------------
         bundle = ""
@@ -251,7 +268,7 @@ class _Run:
             bundle = self._save(cfg.output_name if status == "completed" else f"{cfg.output_name}-step{self.step:06d}")
         first, last = window_means(self.losses)
         result = TrainResult(status, self.step, cfg.steps, bundle, first, last, list(self.losses),
-                             list(self.warnings), message)
+                             list(self.warnings), message, list(self.validation_losses))
         self.emit(ProgressEvent("done", step=self.step, total=cfg.steps, path=bundle, message=message or status,
                                 data=result.summary()))
         return result
@@ -269,6 +286,9 @@ class _Run:
                             num_train_images=len(self.batches.dataset.items),
                             tag_frequency=self.batches.tag_frequency(), settings=cfg.to_dict(),
                             base_checkpoint=self.host.label)
+        info.sweep = dict(entry.partition("=")[::2] for entry in cfg.sweep)
+        if self.validation_losses:
+            info.validation_step, info.validation_loss = self.validation_losses[-1]
         write_bundle(path, self.host.base_model, self.net.kohya_state_dict(SAVE_DTYPES[cfg.save_precision]),
                      embs, info)
         save_state(self.out_dir / f"{stem}.resume.safetensors",
@@ -277,6 +297,26 @@ class _Run:
         self.saved.append(str(path))
         self.emit(ProgressEvent("save", step=self.step, total=cfg.steps, path=str(path)))
         return str(path)
+
+    def _validate(self) -> None:
+        """Measure the validation loss (if this run has a validation set), record and report it."""
+        if self.validator is None:
+            return
+        self.activity = f"while measuring the validation loss after step {self.step}"
+        self.net.eval()  # no LoRA dropout: the same weights give the same number
+        try:
+            fault_point("validation", self.step)
+            loss = self.validator.evaluate()
+        finally:
+            self.net.train()
+        if not math.isfinite(loss):
+            msg = f"step {self.step}: the validation loss is NaN/inf (not recorded)"
+            self.warnings.append(msg)
+            self.emit(ProgressEvent("warning", step=self.step, total=self.config.steps, message=msg))
+            return
+        self.validation_losses.append((self.step, loss))
+        self.emit(ProgressEvent("validation", step=self.step, total=self.config.steps,
+                                message=f"validation loss {loss:.4f}", data={"validation_loss": loss}))
 
     def _preview(self) -> None:
         cfg = self.config

@@ -15,6 +15,7 @@ WIDTH, HEIGHT = 640, 260
 MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 58, 14, 26, 30
 RAW_COLOUR = (176, 190, 214)        # single-step losses: light, they are mostly timestep noise
 SMOOTH_COLOUR = (33, 87, 196)       # the trend a user should read
+VALIDATION_COLOUR = (214, 96, 32)   # held-out loss: the number that says whether it generalises
 GRID_COLOUR = (226, 230, 236)
 TEXT_COLOUR = (60, 64, 72)
 #: points drawn per series at most (a long run is thinned to about one point per pixel)
@@ -22,24 +23,27 @@ MAX_POINTS = WIDTH - MARGIN_L - MARGIN_R
 
 
 def render_loss_chart(losses: Sequence[float], smoothed: Sequence[float], total_steps: int = 0,
-                      first_step: int = 1, title: str = "loss") -> Image.Image:
+                      first_step: int = 1, title: str = "loss",
+                      validation: Sequence[Sequence[float]] = ()) -> Image.Image:
     """Raw and smoothed loss against the step number, as an RGB image.
 
     ``first_step``: the step of ``losses[0]`` (a resumed run starts part-way). ``total_steps``
-    fixes the x axis to the whole run so the line grows from left to right.
+    fixes the x axis to the whole run so the line grows from left to right. ``validation``:
+    (step, held-out validation loss) pairs, drawn as a marked line on the same axes.
     """
     img = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
     raw = [float(v) for v in losses if _finite(v)]
     smooth = [float(v) for v in smoothed if _finite(v)]
+    val = [(int(s), float(v)) for s, v in validation if _finite(v) and int(s) >= first_step]
     draw.text((MARGIN_L, 6), title, fill=TEXT_COLOUR, font=font)
     if not raw and not smooth:
         draw.text((WIDTH // 2 - 60, HEIGHT // 2), "no steps yet", fill=TEXT_COLOUR, font=font)
         return img
     last_step = first_step + max(len(raw), len(smooth)) - 1
     x_max = max(total_steps, last_step, first_step + 1)
-    lo, hi = _y_range(raw + smooth)
+    lo, hi = _y_range(raw + smooth + [v for _, v in val])
     plot = (MARGIN_L, MARGIN_T, WIDTH - MARGIN_R, HEIGHT - MARGIN_B)
     _grid(draw, font, plot, lo, hi, first_step, x_max)
 
@@ -56,12 +60,20 @@ def render_loss_chart(losses: Sequence[float], smoothed: Sequence[float], total_
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
         elif pts:
             draw.line(pts, fill=colour, width=width)
+    val_pts = [xy(s - first_step, v) for s, v in val]
+    if len(val_pts) > 1:
+        draw.line(val_pts, fill=VALIDATION_COLOUR, width=2)
+    for x, y in val_pts:
+        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=VALIDATION_COLOUR)
     # legend beside the title, on the left: gradio puts its image buttons over the top right corner
     legend_x = MARGIN_L + 50
     draw.line((legend_x, 12, legend_x + 16, 12), fill=RAW_COLOUR, width=2)
     draw.text((legend_x + 20, 6), "step", fill=TEXT_COLOUR, font=font)
     draw.line((legend_x + 60, 12, legend_x + 76, 12), fill=SMOOTH_COLOUR, width=2)
     draw.text((legend_x + 80, 6), "smoothed", fill=TEXT_COLOUR, font=font)
+    if val:
+        draw.line((legend_x + 150, 12, legend_x + 166, 12), fill=VALIDATION_COLOUR, width=2)
+        draw.text((legend_x + 170, 6), "validation", fill=TEXT_COLOUR, font=font)
     return img
 
 

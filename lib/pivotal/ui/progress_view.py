@@ -59,6 +59,8 @@ def progress_html(snap: Mapping[str, Any], notice: str = "", notice_kind: str = 
             line.append(f"loss {float(snap['loss']):.4f}")
         if snap.get("smoothed_loss") is not None:
             line.append(f"smoothed {float(snap['smoothed_loss']):.4f}")
+        if snap.get("validation_loss") is not None:
+            line.append(f"validation {float(snap['validation_loss']):.4f}")
         if state == "running":
             line.append(f"ETA {format_duration(snap.get('eta_s'))}")
         line.append(f"elapsed {format_duration(snap.get('elapsed_s'))}")

@@ -169,10 +169,12 @@ def _follow(job: TrainingJob, run_id: int, notice: str = "", poll_s: float = POL
         chart: Any = gr.update()
         gallery: Any = gr.update()
         losses = snap["losses"]
-        if len(losses) != chart_len and (done or time.monotonic() - chart_at >= CHART_EVERY_S):
+        points = len(losses) + len(snap["validation_losses"])
+        if points != chart_len and (done or time.monotonic() - chart_at >= CHART_EVERY_S):
             first = max(1, int(snap["step"]) - len(losses) + 1)
-            chart = render_loss_chart(losses, snap["smoothed_losses"], snap["total"], first_step=first)
-            chart_len, chart_at = len(losses), time.monotonic()
+            chart = render_loss_chart(losses, snap["smoothed_losses"], snap["total"], first_step=first,
+                                      validation=snap["validation_losses"])
+            chart_len, chart_at = points, time.monotonic()
         if snap["preview_count"] != previews_seen:
             gallery = [(p.image, f"step {p.step}: {p.caption}") for p in job.previews()]
             previews_seen = snap["preview_count"]

@@ -209,6 +209,8 @@ class _StateBridge:
             state.job_count = ev.total or self.steps
             loss = "" if ev.loss is None else f"loss {ev.loss:.4f}"
             state.textinfo = f"Pivotal: step {ev.step}/{ev.total} {loss}".strip()
+        elif ev.kind == "validation" and "validation_loss" in ev.data:
+            state.textinfo = f"Pivotal: step {ev.step}/{ev.total} validation loss {ev.data['validation_loss']:.4f}"
         elif ev.kind == "preview" and ev.image is not None:
             state.assign_current_image(ev.image)
         if getattr(state, "interrupted", False) or getattr(state, "stopping_generation", False):
