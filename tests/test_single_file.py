@@ -136,7 +136,7 @@ def test_demo_export_equals_the_diffusers_folder_host(tmp_path: Path, cache_dir:
     single = load_single_file(ckpt, device="cpu", cache_dir=cache_dir)
     save_as_folder(build_demo_host("sd1", device="cpu", cache_dir=cache_dir), tmp_path / "folder")
     folder = load_diffusers_folder(tmp_path / "folder", device="cpu")
-    assert single.default_resolution == folder.default_resolution == 64
+    assert single.default_resolution() == folder.default_resolution() == 64
     embs = EmbeddingSet()
     a, b = single.encode_prompts(["a red circle"], embs), folder.encode_prompts(["a red circle"], embs)
     assert torch.equal(a.context, b.context)
