@@ -59,7 +59,7 @@ class FakeProcessing:
         from PIL import Image
 
         p.locked = self.lock.locked()
-        p.seen_args = (p.is_api, p.scripts, p.script_args)
+        p.seen_args = (p.is_api, getattr(p, "scripts", None), getattr(p, "script_args", None))
         if len(self.made) == self.interrupt_at:
             self.state.interrupted = True
         shade = (len(self.made) * 20) % 256
@@ -180,3 +180,28 @@ def test_the_route_maps_errors_to_http_statuses(tmp_path: Path) -> None:
     assert empty.status_code == 400 and "prompt" in empty.json()["detail"]
     job.running = True
     assert client.post("/pivotal/v1/grid", json=BODY).status_code == 409
+
+
+def test_the_tab_section_builds_and_its_button_renders_the_grid(tmp_path: Path) -> None:
+    import gradio as gr
+
+    from pivotal.webui.grid_tab import build_grid_section, grid_click
+
+    _bundle(tmp_path / "Lora", "older")
+    _bundle(tmp_path / "Lora")
+    last = {"bundle_path": str(tmp_path / "Lora" / "pvtgrid.safetensors")}
+    job: Any = types.SimpleNamespace(running=False, status=lambda: last)
+    with gr.Blocks():
+        parts = build_grid_section(job, lambda: _paths(tmp_path), _webui)
+    assert parts["bundle"].value == "pvtgrid"  # the last run's bundle, not the first by name
+    webui = _webui()
+    click = grid_click(job, lambda: _paths(tmp_path), lambda: webui)
+    sheet, info = click("pvtgrid", "a photo of pvtchar\n\n", 0, 4, 7, "Euler", 64, 64, 3, "")
+    assert sheet is not None and "grids/pvtgrid-" in info and ".json" in info
+    assert [p.kw["prompt"] for p in webui.processing.made][:1] == ["a photo of pvtchar <lora:pvtgrid:1>"]
+    assert len(webui.processing.made) == 5 and webui.processing.made[0].kw["seed"] == 3
+    sheet, info = click("nosuch", "x", 0, 4, 7, "Euler", 64, 64, 3, "")
+    assert sheet is None and "nosuch" in info and "bundle" in info
+    job.running = True
+    sheet, info = click("pvtgrid", "x", 0, 4, 7, "Euler", 64, 64, 3, "")
+    assert sheet is None and "training run" in info

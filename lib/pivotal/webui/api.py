@@ -31,6 +31,7 @@ from pivotal.errors import ConfigError, NotFoundError, PivotalError
 from pivotal.training.config import TrainConfig
 from pivotal.training.job import JobBusyError, TrainingJob
 from pivotal.webui.api_schema import grid_request_model, request_dict, train_request_model
+from pivotal.webui.lora_bundles import list_bundles
 
 PREFIX = "/pivotal/v1"
 TAGS = ["pivotal"]
@@ -73,35 +74,6 @@ def preview_options(body: dict[str, Any]) -> dict[str, Any]:
             out["preview_cfg"] = float(body["preview_cfg"])
         except (TypeError, ValueError) as e:
             raise ConfigError(f"preview_cfg must be a number, got {body['preview_cfg']!r}") from e
-    return out
-
-
-def list_bundles(lora_dir: str) -> list[dict[str, Any]]:
-    """Every ``.safetensors`` in ``lora_dir`` (recursively) that carries ``bundle_emb.*`` tensors or
-    Pivotal metadata: name, path, base model and embedding names. Unreadable files are listed
-    with their error instead of being skipped silently."""
-    from pivotal.formats.embedding_keys import embedding_names
-    from pivotal.formats.folder_scan import safetensors_files
-    from pivotal.formats.safetensors_io import read_header
-
-    out: list[dict[str, Any]] = []
-    paths, _skipped = safetensors_files(lora_dir)  # folders and non-files: nothing to list
-    for path in paths:
-        entry: dict[str, Any] = {"name": path.stem, "path": str(path)}
-        try:
-            header = read_header(path)
-        except (PivotalError, OSError) as e:
-            entry["error"] = str(e)
-            out.append(entry)
-            continue
-        names = sorted(embedding_names(header.tensors))
-        meta = header.metadata
-        if not names and "pivotal.format" not in meta:
-            continue
-        entry.update({"embeddings": names, "base_model": meta.get("ss_base_model_version", ""),
-                      "output_name": meta.get("ss_output_name", path.stem),
-                      "made_by_pivotal": "pivotal.format" in meta})
-        out.append(entry)
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from pivotal.inference.grid import COLUMNS
 from pivotal.training.config import TrainConfig
 from pivotal.training.schema import setting_schema
 from pivotal.training.settings import declared
@@ -79,7 +80,11 @@ def train_request_model() -> Optional[type]:
     return _model(pydantic, REQUEST_MODEL, request, "Start a Pivotal training run.")
 
 
-#: POST /pivotal/v1/grid's fields: (JSON type, description); defaults in pivotal.webui.grid_api.DEFAULTS
+#: POST /pivotal/v1/grid's fields but ``bundle`` (required) and their defaults
+GRID_DEFAULTS: dict[str, Any] = {"prompts": [], "auto_prompts": 2, "columns": list(COLUMNS),
+                                 "steps": 20, "cfg_scale": 7.0, "sampler_name": "Euler a", "scheduler": "",
+                                 "width": 512, "height": 512, "seed": 0, "negative_prompt": "", "strength": 1.0}
+#: POST /pivotal/v1/grid's fields: (JSON type, description)
 GRID_FIELDS: dict[str, tuple[str, str]] = {
     "bundle": ("string", "the bundle: its name in the Lora folder, or the path of a file there (required)"),
     "prompts": ("array", "the rows' prompts, without <lora:…> tags (the columns add the bundle's)"),
@@ -104,9 +109,7 @@ def grid_request_model() -> Optional[type]:
     pydantic = _pydantic()
     if pydantic is None:
         return None
-    from pivotal.webui.grid_api import DEFAULTS
-
-    fields = {name: (Any, _field(pydantic, DEFAULTS.get(name), {"type": kind, "description": text}))
+    fields = {name: (Any, _field(pydantic, GRID_DEFAULTS.get(name), {"type": kind, "description": text}))
               for name, (kind, text) in GRID_FIELDS.items()}
     return _model(pydantic, GRID_MODEL, fields, "Render an ablation grid of a bundle through the webui's txt2img.")
 

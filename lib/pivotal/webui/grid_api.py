@@ -20,12 +20,12 @@ from typing import Any, Callable, Mapping, Optional
 from pivotal.errors import ConfigError, NotFoundError
 from pivotal.inference.grid import COLUMNS, Renderer
 from pivotal.training.job import JobBusyError
+from pivotal.webui.api_schema import GRID_DEFAULTS
 from pivotal.webui.grid_render import GridSettings, render_in_webui
+from pivotal.webui.lora_bundles import list_bundles
 
 #: the request's fields and their defaults (``bundle`` is required)
-DEFAULTS: dict[str, Any] = {"prompts": [], "auto_prompts": 2, "columns": list(COLUMNS), "steps": 20,
-                            "cfg_scale": 7.0, "sampler_name": "Euler a", "scheduler": "", "width": 512,
-                            "height": 512, "seed": 0, "negative_prompt": "", "strength": 1.0}
+DEFAULTS = GRID_DEFAULTS
 #: the /docs request example
 GRID_EXAMPLE = {"bundle": "mychar", "prompts": ["a photo of mychar"], "auto_prompts": 2, "steps": 20,
                 "cfg_scale": 7, "sampler_name": "Euler a", "width": 512, "height": 512, "seed": 1}
@@ -35,8 +35,6 @@ def resolve_bundle(bundle: Any, lora_dir: str) -> Path:
     """The bundle file the request names: a Lora-folder bundle by name (file stem or its
     ``ss_output_name``), or a path to a file in the Lora folder (the webui's ``<lora:…>`` tags only
     find files there). NotFoundError / ConfigError naming the field ``bundle`` otherwise."""
-    from pivotal.webui.api import list_bundles
-
     if not isinstance(bundle, str) or not bundle.strip():
         raise ConfigError('the request needs "bundle": a bundle name in the Lora folder or its path (field: bundle)')
     text = bundle.strip()

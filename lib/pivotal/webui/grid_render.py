@@ -118,6 +118,9 @@ def webui_renderer(webui: Any, settings: GridSettings, runner: Any = None,
             finally:
                 interrupted = bool(getattr(state, "interrupted", False) or getattr(state, "stopping_generation", False))
                 state.end()
+                total = getattr(webui.shared, "total_tqdm", None)  # the console's bar, as the API clears it
+                if total is not None and hasattr(total, "clear"):
+                    total.clear()
                 if on_cell_done is not None:
                     on_cell_done(interrupted)
         finally:

@@ -16,7 +16,7 @@ from pivotal.webui.grid_api import DEFAULTS
 
 def bundle_choices(lora_dir: str) -> list[str]:
     """The names of the Lora folder's bundles (readable ones), sorted."""
-    from pivotal.webui.api import list_bundles
+    from pivotal.webui.lora_bundles import list_bundles
 
     return sorted(b["name"] for b in list_bundles(lora_dir) if "error" not in b)
 
