@@ -40,6 +40,7 @@ class FakeProcessing:
 
     def __init__(self, state: FakeState, lock: Any, interrupt_at: int = 0) -> None:
         self.state, self.lock, self.interrupt_at = state, lock, interrupt_at
+        self.interrupt_empty = False
         self.made: list[Any] = []
         outer = self
 
@@ -62,6 +63,8 @@ class FakeProcessing:
         p.seen_args = (p.is_api, getattr(p, "scripts", None), getattr(p, "script_args", None))
         if len(self.made) == self.interrupt_at:
             self.state.interrupted = True
+            if self.interrupt_empty:  # pressed before sampling began: the webui returns no image
+                return types.SimpleNamespace(images=[], infotexts=[])
         shade = (len(self.made) * 20) % 256
         image = Image.new("RGB", (p.kw["width"], p.kw["height"]), (shade, 0, 0))
         return types.SimpleNamespace(images=[image], infotexts=[f"{p.kw['prompt']}\nSteps: {p.kw['steps']}"])
@@ -76,7 +79,7 @@ class FakeScript:
 
 def _webui(interrupt_at: int = 0) -> Any:
     state, lock = FakeState(), threading.Lock()
-    return types.SimpleNamespace(shared=types.SimpleNamespace(state=state), sd_model="the model",
+    return types.SimpleNamespace(shared=types.SimpleNamespace(state=state, sd_model="the model"),
                                  processing=FakeProcessing(state, lock, interrupt_at),
                                  call_queue=types.SimpleNamespace(queue_lock=lock))
 
@@ -134,6 +137,14 @@ def test_the_webui_interrupt_stops_the_grid_between_cells(tmp_path: Path) -> Non
     assert out["interrupted"] and not out["record"]["complete"]
     # the cell sampled while Interrupt was pressed is unfinished: left out
     assert [c["column"] for c in out["record"]["cells"]] == ["full", "unet"]
+
+
+def test_an_interrupt_before_sampling_began_ends_the_grid_without_error(tmp_path: Path) -> None:
+    _bundle(tmp_path / "Lora")
+    webui = _webui(interrupt_at=2)
+    webui.processing.interrupt_empty = True
+    out = make_grid(BODY, webui, _paths(tmp_path), lambda: False, runner=types.SimpleNamespace(scripts=[]))
+    assert out["interrupted"] and [c["column"] for c in out["record"]["cells"]] == ["full"]
 
 
 @pytest.mark.parametrize("change, error, field", [

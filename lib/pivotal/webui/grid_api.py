@@ -15,10 +15,10 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping
 
 from pivotal.errors import ConfigError, NotFoundError
-from pivotal.inference.grid import COLUMNS, Renderer
+from pivotal.inference.grid import COLUMNS
 from pivotal.training.job import JobBusyError
 from pivotal.webui.api_schema import GRID_DEFAULTS
 from pivotal.webui.grid_render import GridSettings, render_in_webui
@@ -122,10 +122,10 @@ def grid_target(outputs: str, bundle: str) -> Path:
 
 
 def make_grid(body: Mapping[str, Any], webui: Any, paths: Mapping[str, str], busy: Callable[[], bool],
-              render: Optional[Renderer] = None, runner: Any = None) -> dict[str, Any]:
+              runner: Any = None) -> dict[str, Any]:
     """Render and save the grid a request asks for; ``{"png", "json", "record", "interrupted"}``.
 
-    ``busy()``: whether a training run is going (JobBusyError then). ``render`` / ``runner``: see
+    ``busy()``: whether a training run is going (JobBusyError then). ``runner``: see
     :func:`pivotal.webui.grid_render.render_in_webui`.
     """
     import json
@@ -141,7 +141,7 @@ def make_grid(body: Mapping[str, Any], webui: Any, paths: Mapping[str, str], bus
         raise ConfigError("nothing to render: give prompts or auto_prompts > 0 (field: prompts)")
     if busy():
         raise JobBusyError("a Pivotal training run is going; render the grid when it ends")
-    done = render_in_webui(webui, plan, settings, runner=runner, render=render)
+    done = render_in_webui(webui, plan, settings, runner=runner)
     if not done.result.images:
         return {"png": "", "json": "", "record": None, "interrupted": done.interrupted}
     target = grid_target(paths["outputs"], plan.bundle)

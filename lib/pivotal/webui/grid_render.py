@@ -102,11 +102,12 @@ def webui_renderer(webui: Any, settings: GridSettings, runner: Any = None,
              if settings.scheduler and "scheduler" in getattr(cls, "__dataclass_fields__", {}) else {})
 
     def render(cell: GridCell) -> tuple[Any, str]:
-        p = cls(sd_model=webui.sd_model, prompt=cell.prompt, negative_prompt=cell.negative, seed=int(cell.seed),
+        # shared.sd_model, as the webui's API passes it (Forge loads its model inside process_images)
+        p = cls(sd_model=webui.shared.sd_model, prompt=cell.prompt, negative_prompt=cell.negative, seed=int(cell.seed),
                 steps=int(settings.steps), cfg_scale=float(settings.cfg_scale), width=int(settings.width),
                 height=int(settings.height), sampler_name=settings.sampler_name, batch_size=1, n_iter=1,
                 do_not_save_samples=True, do_not_save_grid=True, **extra)
-        processed = None
+        processed, interrupted = None, False
         try:
             p.is_api = True  # as the API's generations: the UI-only script setup (seed/sampler rows) is skipped
             if runner is not None:
@@ -126,6 +127,11 @@ def webui_renderer(webui: Any, settings: GridSettings, runner: Any = None,
         finally:
             p.close()
         images = list(getattr(processed, "images", []) or [])
+        if not images and interrupted:
+            # stopped before sampling began: a blank stand-in, dropped as the interrupted cell
+            from PIL import Image
+
+            return Image.new("RGB", (int(settings.width), int(settings.height))), ""
         if not images:
             raise ConfigError(f"the webui returned no image for the grid cell {cell.prompt!r}; see the webui's "
                               "console for the reason")
@@ -142,12 +148,10 @@ def queue_lock(webui: Any) -> contextlib.AbstractContextManager[Any]:
     return lock if lock is not None else contextlib.nullcontext()
 
 
-def render_in_webui(webui: Any, plan: GridPlan, settings: GridSettings, runner: Any = None,
-                    render: Optional[Renderer] = None) -> WebuiGridResult:
-    """Render ``plan`` through the webui under its queue lock, stopping at its Interrupt.
+def render_in_webui(webui: Any, plan: GridPlan, settings: GridSettings, runner: Any = None) -> WebuiGridResult:
+    """Render ``plan`` through the webui's txt2img under its queue lock, stopping at its Interrupt.
 
-    ``render``: replaces the txt2img renderer (tests); its cells are still judged by the webui's
-    ``shared.state.interrupted`` after each one.
+    ``runner``: the scripts runner (default: the webui's txt2img one).
     """
     settings.validate()
     state = webui.shared.state
@@ -160,22 +164,13 @@ def render_in_webui(webui: Any, plan: GridPlan, settings: GridSettings, runner: 
         # an Interrupt pressed between cells (state.begin resets the flag, so read it before)
         return stopped[0] or bool(getattr(state, "interrupted", False))
 
+    last: list[GridCell] = []
     with queue_lock(webui):
         # a flag left by an earlier generation's Interrupt (state.begin clears it; state.end does not)
         for flag in ("interrupted", "stopping_generation"):
             if hasattr(state, flag):
                 setattr(state, flag, False)
-        if render is None:
-            render = webui_renderer(webui, settings, runner, on_cell_done=cell_done)
-        else:
-            inner = render
-
-            def render(cell: GridCell) -> tuple[Any, str]:
-                out = inner(cell)
-                cell_done(bool(getattr(state, "interrupted", False)))
-                return out
-
-        last: list[GridCell] = []
+        render = webui_renderer(webui, settings, runner, on_cell_done=cell_done)
         result = render_grid(plan, render, progress=lambda i, n, cell: last.append(cell), should_stop=should_stop)
     interrupted = stopped[0] or bool(getattr(state, "interrupted", False))
     if stopped[0] and last:
