@@ -184,6 +184,9 @@ def test_the_route_maps_errors_to_http_statuses(tmp_path: Path) -> None:
     job = types.SimpleNamespace(running=False)  # the route only asks whether a run is going
     add_routes(app, job, lambda **kw: None, lambda: _paths(tmp_path), webui_provider=_webui)
     client = TestClient(app)
+    schema = app.openapi()  # /docs: the body's fields are described
+    assert "/pivotal/v1/grid" in schema["paths"]
+    assert "bundle" in schema["components"]["schemas"]["PivotalGridRequest"]["properties"]
     assert client.post("/pivotal/v1/grid", json={**BODY, "bundle": "nosuch"}).status_code == 404
     bad = client.post("/pivotal/v1/grid", json={**BODY, "columns": ["lora"]})
     assert bad.status_code == 400 and "columns" in bad.json()["detail"]
