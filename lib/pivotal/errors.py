@@ -60,6 +60,11 @@ class ConfigError(PivotalError):
     """A training setting is missing or out of range; the message names the setting."""
 
 
+class NotFoundError(ConfigError):
+    """A file or bundle a setting names does not exist (HTTP 404 in the API); the message names
+    the setting and where it was looked for."""
+
+
 class TrainingError(PivotalError):
     """A run cannot start or had to stop (diverged, refused resume, host problem)."""
 

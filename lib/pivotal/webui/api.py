@@ -10,6 +10,11 @@
   ``?preview=true`` adds the latest preview as base64 PNG.
 * ``POST /pivotal/v1/interrupt``: stop at the next step (saves per ``on_interrupt``).
 * ``GET /pivotal/v1/bundles``: the bundles in the Lora folder with their embedding names.
+* ``POST /pivotal/v1/grid``: an ablation grid of a bundle rendered by the webui's txt2img
+  (:mod:`pivotal.webui.grid_api`): ``{"bundle", "prompts", "auto_prompts", "columns", "steps",
+  "cfg_scale", "sampler_name", "width", "height", "seed", "negative_prompt"}`` -> ``{"png",
+  "json", "record", "interrupted"}``; 400 for a bad field, 404 for an unknown bundle, 409 while
+  a run is going.
 * ``GET /pivotal/v1/host``: what the loaded model looks like now (weights fingerprint, flags,
   attention optimization, registered embeddings): shows that a run left the host as it found it.
 """
@@ -22,10 +27,11 @@ import json
 import os
 from typing import Any, Callable, Optional
 
-from pivotal.errors import ConfigError, PivotalError
+from pivotal.errors import ConfigError, NotFoundError, PivotalError
 from pivotal.training.config import TrainConfig
 from pivotal.training.job import JobBusyError, TrainingJob
-from pivotal.webui.api_schema import request_dict, train_request_model
+from pivotal.webui.api_schema import grid_request_model, request_dict, train_request_model
+from pivotal.webui.lora_bundles import list_bundles
 
 PREFIX = "/pivotal/v1"
 TAGS = ["pivotal"]
@@ -71,35 +77,6 @@ def preview_options(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def list_bundles(lora_dir: str) -> list[dict[str, Any]]:
-    """Every ``.safetensors`` in ``lora_dir`` (recursively) that carries ``bundle_emb.*`` tensors or
-    Pivotal metadata: name, path, base model and embedding names. Unreadable files are listed
-    with their error instead of being skipped silently."""
-    from pivotal.formats.embedding_keys import embedding_names
-    from pivotal.formats.folder_scan import safetensors_files
-    from pivotal.formats.safetensors_io import read_header
-
-    out: list[dict[str, Any]] = []
-    paths, _skipped = safetensors_files(lora_dir)  # folders and non-files: nothing to list
-    for path in paths:
-        entry: dict[str, Any] = {"name": path.stem, "path": str(path)}
-        try:
-            header = read_header(path)
-        except (PivotalError, OSError) as e:
-            entry["error"] = str(e)
-            out.append(entry)
-            continue
-        names = sorted(embedding_names(header.tensors))
-        meta = header.metadata
-        if not names and "pivotal.format" not in meta:
-            continue
-        entry.update({"embeddings": names, "base_model": meta.get("ss_base_model_version", ""),
-                      "output_name": meta.get("ss_output_name", path.stem),
-                      "made_by_pivotal": "pivotal.format" in meta})
-        out.append(entry)
-    return out
-
-
 def add_routes(app: Any, job: TrainingJob, host_provider: Callable[[], Any], paths: Callable[[], dict[str, str]],
                webui_provider: Optional[Callable[[], Any]] = None) -> None:
     """Register the routes on ``app`` (a FastAPI app)."""
@@ -141,6 +118,23 @@ def add_routes(app: Any, job: TrainingJob, host_provider: Callable[[], Any], pat
         return {"lora_dir": paths()["lora_dir"], "bundles": list_bundles(paths()["lora_dir"])}
 
     if webui_provider is not None:
+        def grid(body: Any = Body(...)) -> Any:
+            from pivotal.webui.grid_api import make_grid
+
+            try:
+                out = make_grid(request_dict(body), webui_provider(), paths(), lambda: job.running)
+            except JobBusyError as e:
+                raise HTTPException(status_code=409, detail=str(e)) from e
+            except NotFoundError as e:
+                raise HTTPException(status_code=404, detail=str(e)) from e
+            except PivotalError as e:
+                raise HTTPException(status_code=400, detail=str(e)) from e
+            return JSONResponse(json.loads(json.dumps(out, default=str)))
+
+        grid.__annotations__["body"] = grid_request_model() or dict
+        app.post(f"{PREFIX}/grid", tags=TAGS, summary="Render an ablation grid of a bundle (full / UNet / TE / "
+                 "embeddings / base) through the webui's txt2img")(grid)
+
         @app.get(f"{PREFIX}/host", tags=TAGS, summary="The loaded model's state (weights fingerprint, flags)")
         def host() -> dict:
             if job.running:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from pivotal.inference.grid import COLUMNS
 from pivotal.training.config import TrainConfig
 from pivotal.training.schema import setting_schema
 from pivotal.training.settings import declared
@@ -77,6 +78,40 @@ def train_request_model() -> Optional[type]:
         "preview_cfg": (Any, _field(pydantic, None, {"type": "number", "description": "CFG scale of the previews"})),
     }
     return _model(pydantic, REQUEST_MODEL, request, "Start a Pivotal training run.")
+
+
+#: POST /pivotal/v1/grid's fields but ``bundle`` (required) and their defaults
+GRID_DEFAULTS: dict[str, Any] = {"prompts": [], "auto_prompts": 2, "columns": list(COLUMNS),
+                                 "steps": 20, "cfg_scale": 7.0, "sampler_name": "Euler a", "scheduler": "",
+                                 "width": 512, "height": 512, "seed": 0, "negative_prompt": "", "strength": 1.0}
+#: POST /pivotal/v1/grid's fields: (JSON type, description)
+GRID_FIELDS: dict[str, tuple[str, str]] = {
+    "bundle": ("string", "the bundle: its name in the Lora folder, or the path of a file there (required)"),
+    "prompts": ("array", "the rows' prompts, without <lora:…> tags (the columns add the bundle's)"),
+    "auto_prompts": ("integer", "how many prompts to add in contexts the bundle's captions never had (0..6)"),
+    "columns": ("array", "which of full, unet, te, emb, base (default: all five)"),
+    "steps": ("integer", "sampling steps"),
+    "cfg_scale": ("number", "CFG scale"),
+    "sampler_name": ("string", "the sampler, as the webui names it"),
+    "scheduler": ("string", "the scheduler (e.g. Karras; empty: the sampler's own)"),
+    "width": ("integer", "width in pixels (multiple of 8)"),
+    "height": ("integer", "height in pixels (multiple of 8)"),
+    "seed": ("integer", "the first row's seed; row i uses seed + i, the same in every column"),
+    "negative_prompt": ("string", "the negative prompt of every cell"),
+    "strength": ("number", "the LoRA strength of the columns that use it"),
+}
+GRID_MODEL = "PivotalGridRequest"
+
+
+def grid_request_model() -> Optional[type]:
+    """The grid request's model (documentation only: values are judged by
+    :func:`pivotal.webui.grid_api.parse_request`), or None without pydantic."""
+    pydantic = _pydantic()
+    if pydantic is None:
+        return None
+    fields = {name: (Any, _field(pydantic, GRID_DEFAULTS.get(name), {"type": kind, "description": text}))
+              for name, (kind, text) in GRID_FIELDS.items()}
+    return _model(pydantic, GRID_MODEL, fields, "Render an ablation grid of a bundle through the webui's txt2img.")
 
 
 def request_dict(body: Any) -> dict[str, Any]:

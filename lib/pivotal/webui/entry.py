@@ -1,7 +1,8 @@
 """What ``scripts/sd_webui_pivotal.py`` hands off to: the webui callbacks Pivotal registers.
 
 * ``on_app_started``: the HTTP API (:mod:`pivotal.webui.api`);
-* ``on_ui_tabs``: the "Pivotal" tab, the standalone app's Train tab on the webui's model;
+* ``on_ui_tabs``: the "Pivotal" tab, the standalone app's Train tab on the webui's model, and the
+  "Ablation grid" section (:mod:`pivotal.webui.grid_tab`);
 * ``on_ui_settings``: the bundle-embeddings option (:mod:`pivotal.webui.bundle_script`, whose
   always-on script the entry file exposes to the webui's script loader);
 * ``on_before_ui``: the X/Y/Z plot axes "Pivotal: bundle part" and "Pivotal: bundle"
@@ -42,7 +43,9 @@ def _on_app_started(_demo: Any, app: Any) -> None:
 def _on_ui_tabs() -> list[tuple[Any, str, str]]:
     import gradio as gr
 
+    from pivotal.hosts.webuis import load_webui
     from pivotal.ui.train_tab import build_train_tab
+    from pivotal.webui.grid_tab import build_grid_section
     from pivotal.webui.runner import webui_job, webui_paths
 
     with gr.Blocks(analytics_enabled=False) as tab:
@@ -53,6 +56,7 @@ def _on_ui_tabs() -> list[tuple[Any, str, str]]:
         gr.HTML('<div id="pivotal-webui-live"><div id="pivotal-webui-progressbar"></div>'
                 '<div id="pivotal-webui-preview"></div></div>')
         build_train_tab(webui_job(), host_provider, out_dir=webui_paths()["outputs"], elem_prefix="pivotal")
+        build_grid_section(webui_job(), webui_paths, load_webui, elem_prefix="pivotal")
     return [(tab, "Pivotal", "pivotal")]
 
 
