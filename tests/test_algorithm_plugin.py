@@ -16,8 +16,6 @@ pytest.importorskip("diffusers", reason="the standalone host needs diffusers (no
 
 from pivotal.adapters.algorithms import Algorithm, register_algorithm, unregister_algorithm  # noqa: E402
 from pivotal.adapters.algorithms.base import ModuleLayout, read_alpha  # noqa: E402
-from pivotal.demo.data import make_demo_dataset  # noqa: E402
-from pivotal.demo.host import build_demo_host  # noqa: E402
 from pivotal.formats.bundle import read_bundle  # noqa: E402
 from pivotal.formats.inspect_report import inspect_bundle  # noqa: E402
 from pivotal.inference.bundle_load import load_bundle_for_model  # noqa: E402
@@ -55,18 +53,6 @@ class Outer(Algorithm):
         alpha = read_alpha(tensors)
         return ModuleLayout(cls.name, 1, alpha, alpha if alpha is not None else 1.0, int(col.shape[0]),
                             int(row.numel()))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("demo_data")
-    make_demo_dataset(folder, ["mychar"], count=4, size=64, seed=0)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def host():
-    return build_demo_host("sd1")
 
 
 @pytest.fixture()

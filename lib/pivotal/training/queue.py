@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pivotal.errors import ConfigError, PivotalError, SaveError
+from pivotal.errors import ConfigError, PivotalError
+from pivotal.formats.png import write_json
 from pivotal.host_api import TrainingHost
 from pivotal.training.config import TrainConfig, load_config_file
 from pivotal.training.progress import EventSink, ProgressEvent
@@ -125,22 +126,11 @@ def load_summary(folder: Path) -> dict[str, QueueRun]:
 
 
 def write_summary(folder: Path, runs: list[QueueRun], model: str) -> Path:
-    """Write ``queue-summary.json`` atomically (temp file, fsync, rename)."""
+    """Write ``queue-summary.json`` atomically (temp file, fsync, rename; SaveError on failure)."""
     path = folder / SUMMARY_FILE
     doc = {"format": FORMAT, "model": model, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "runs": [asdict(r) for r in runs]}
-    tmp = folder / f".{SUMMARY_FILE}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(doc, indent=2) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise SaveError(f"cannot write {path}: {e.strerror or e}") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_json(path, doc)
     return path
 
 
