@@ -225,3 +225,34 @@ def test_recast_conv2d_matches_the_plain_layer() -> None:
     x.grad = None
     conv(x).pow(2).sum().backward()
     torch.testing.assert_close(got, x.grad)
+
+
+def test_forge_block_checkpointing_recomputes_under_the_weights_mode_and_is_removed() -> None:
+    """The A1111 host's block checkpointing with Forge's wrapper (recompute under the inference-weights
+    mode): same output and gradients as without it, every patched forward removed again on exit."""
+    from pivotal.hosts.a1111.session import block_checkpointing
+    from pivotal.hosts.forge.session import _checkpointed
+
+    class ResBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def _forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.lin(x))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self._forward(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(ResBlock(), ResBlock())
+    x = torch.randn(2, 4, requires_grad=True)
+    plain = model(x).sum()
+    (g_plain,) = torch.autograd.grad(plain, x)
+    with block_checkpointing(model, _checkpointed) as count:
+        assert count == 2 and all("forward" in m.__dict__ for m in model)
+        out = model(x).sum()
+        (g_ckpt,) = torch.autograd.grad(out, x)
+    assert all("forward" not in m.__dict__ for m in model)
+    torch.testing.assert_close(out, plain)
+    torch.testing.assert_close(g_ckpt, g_plain)

@@ -44,7 +44,8 @@ def model_fingerprint(base_model: str, targets: Sequence[tuple[str, nn.Module]])
     h = hashlib.sha256(base_model.encode())
     for key, module in sorted(targets, key=lambda kv: kv[0]):
         w = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
-        assert isinstance(w, torch.Tensor), key  # a LoRA target always has a weight tensor
+        if not isinstance(w, torch.Tensor):  # a LoRA target always has one: the finders check it
+            raise TrainingError(f"{key}: the LoRA target has no weight tensor")
         h.update(f"{key}:{tuple(w.shape)}".encode())
         sample = w.detach().flatten()[:16].float().cpu()
         h.update(sample.numpy().tobytes())

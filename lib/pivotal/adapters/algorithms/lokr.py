@@ -27,6 +27,7 @@ from torch import nn
 
 from pivotal.adapters.algorithms.base import Algorithm, ModuleLayout, kaiming, read_alpha, read_dora
 from pivotal.adapters.algorithms.registry import register_algorithm
+from pivotal.errors import LoraTargetError
 
 W1, W1A, W1B = "lokr_w1", "lokr_w1_a", "lokr_w1_b"
 W2, W2A, W2B, T2 = "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"
@@ -119,12 +120,14 @@ class LoKr(Algorithm):
         if self.w1 is not None:
             w1 = self.w1
         else:
-            assert w1a is not None and w1b is not None  # a low-rank w1 (w1_rank > 0)
+            if w1a is None or w1b is None:  # neither a full nor a low-rank w1: a construction bug
+                raise LoraTargetError(f"{self.name}: w1 has neither its full nor its low-rank factors")
             w1 = w1a @ w1b
         if self.w2 is not None:
             w2 = self.w2
         else:
-            assert w2a is not None and w2b is not None  # w2_mode "tucker" or "lowrank"
+            if w2a is None or w2b is None:  # w2_mode "tucker" or "lowrank" has both
+                raise LoraTargetError(f"{self.name}: w2 has neither its full nor its low-rank factors")
             if self.t2 is not None:
                 w2 = torch.einsum("i j k l, i p, j r -> p r k l", self.t2, w2a, w2b)
             else:

@@ -184,16 +184,18 @@ def _checkpointed(inner: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @contextlib.contextmanager
-def block_checkpointing(unet: nn.Module) -> Iterator[int]:
+def block_checkpointing(unet: nn.Module,
+                        wrap: Callable[[Callable[..., Any]], Callable[..., Any]] = _checkpointed) -> Iterator[int]:
     """Checkpoint every ResBlock / BasicTransformerBlock of an ldm or sgm UNet through an
-    instance-level ``forward`` (the class stays untouched; removed again on exit)."""
+    instance-level ``forward`` (the class stays untouched; removed again on exit). ``wrap`` turns a
+    block's ``_forward`` into its checkpointed forward (Forge's recomputes under its weights mode)."""
     saved: list[tuple[nn.Module, Any]] = []
     try:
         for m in unet.modules():
             inner = getattr(m, "_forward", None)
             if type(m).__name__ in CHECKPOINT_BLOCKS and callable(inner):
                 saved.append((m, m.__dict__.get("forward", _ABSENT)))
-                m.forward = _checkpointed(inner)  # type: ignore[method-assign]
+                m.forward = wrap(inner)  # type: ignore[method-assign]
         yield len(saved)
     finally:
         for m, previous in reversed(saved):

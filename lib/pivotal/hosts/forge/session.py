@@ -32,7 +32,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from pivotal.errors import ModelLayoutError
-from pivotal.hosts.a1111.session import CHECKPOINT_BLOCKS, builtin_checkpointing_off, clear_cond_cache
+from pivotal.hosts.a1111.session import block_checkpointing, builtin_checkpointing_off, clear_cond_cache
 from pivotal.hosts.forge.frozen_weights import InferenceWeightsMode, RecastConv2d, RecastLinear
 
 #: the ForgeObjects fields a generation swaps (LoRA clones vs originals)
@@ -233,26 +233,6 @@ def _checkpointed(inner: Callable[..., Any]) -> Callable[..., Any]:
     return forward
 
 
-@contextlib.contextmanager
-def block_checkpointing(unet: nn.Module) -> Iterator[int]:
-    """Checkpoint every ResBlock / BasicTransformerBlock through an instance-level ``forward``
-    (removed again on exit)."""
-    saved: list[tuple[nn.Module, Any]] = []
-    try:
-        for m in unet.modules():
-            inner = getattr(m, "_forward", None)
-            if type(m).__name__ in CHECKPOINT_BLOCKS and callable(inner):
-                saved.append((m, m.__dict__.get("forward", _ABSENT)))
-                m.forward = _checkpointed(inner)  # type: ignore[method-assign]
-        yield len(saved)
-    finally:
-        for m, previous in reversed(saved):
-            if previous is _ABSENT:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = previous  # type: ignore[method-assign]
-
-
 def _forge_fetch(operations: Any) -> Callable[[Any, torch.Tensor], tuple[Any, Any, Any]]:
     """Forge's own per-call weight (cast, moved, with any on-the-fly LoRA) for an input like ``like``."""
     def fetch(layer: Any, like: torch.Tensor) -> tuple[Any, Any, Any]:
@@ -323,6 +303,7 @@ def training_session(host: Any, gradient_checkpointing: bool) -> Iterator[dict[s
         info["recast_layers"] = stack.enter_context(recast_forwards(
             [originals.unet.model, originals.clip.cond_stage_model], webui.operations))
         stack.enter_context(builtin_checkpointing_off(host.unet))
-        info["checkpointed"] = stack.enter_context(block_checkpointing(host.unet)) if gradient_checkpointing else 0
+        checkpointing = block_checkpointing(host.unet, _checkpointed) if gradient_checkpointing else None
+        info["checkpointed"] = stack.enter_context(checkpointing) if checkpointing is not None else 0
         clear_cond_cache(webui)
         yield info
