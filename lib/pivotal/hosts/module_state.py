@@ -23,6 +23,24 @@ CHECKPOINT_ATTRS = ("gradient_checkpointing", "_gradient_checkpointing_func")
 _ABSENT = object()
 
 
+def set_instance_forward(m: nn.Module, forward: Any, saved: list[tuple[nn.Module, Any]]) -> None:
+    """Give ``m`` an instance-level ``forward``, remembering in ``saved`` what the instance had
+    (undo with :func:`restore_instance_forwards`; the class stays untouched)."""
+    saved.append((m, m.__dict__.get("forward", _ABSENT)))
+    m.forward = forward  # type: ignore[method-assign]
+
+
+def restore_instance_forwards(saved: list[tuple[nn.Module, Any]]) -> None:
+    """Undo :func:`set_instance_forward` calls, newest first: a forward the instance had comes back,
+    one it did not have is removed."""
+    for m, previous in reversed(saved):
+        if previous is _ABSENT:
+            m.__dict__.pop("forward", None)
+        else:
+            m.forward = previous  # type: ignore[method-assign]
+    saved.clear()
+
+
 def checkpoint_call(function: Any, *args: Any, **kwargs: Any) -> Any:
     """``torch.utils.checkpoint`` without re-entrance.
 

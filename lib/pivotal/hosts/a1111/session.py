@@ -29,7 +29,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from pivotal.hosts.a1111.webui import Webui, optional_module
-from pivotal.hosts.module_state import capture
+from pivotal.hosts.module_state import capture, restore_instance_forwards, set_instance_forward
 
 #: attention optimizations whose backward we trust (torch's scaled_dot_product_attention)
 BACKWARD_SAFE_OPTIMIZATIONS = ("sdp", "sdp-no-mem")
@@ -194,15 +194,10 @@ def block_checkpointing(unet: nn.Module,
         for m in unet.modules():
             inner = getattr(m, "_forward", None)
             if type(m).__name__ in CHECKPOINT_BLOCKS and callable(inner):
-                saved.append((m, m.__dict__.get("forward", _ABSENT)))
-                m.forward = wrap(inner)  # type: ignore[method-assign]
+                set_instance_forward(m, wrap(inner), saved)
         yield len(saved)
     finally:
-        for m, previous in reversed(saved):
-            if previous is _ABSENT:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = previous  # type: ignore[method-assign]
+        restore_instance_forwards(saved)
 
 
 # -- devices, caches, fingerprints -------------------------------------------------------------------

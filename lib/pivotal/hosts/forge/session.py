@@ -34,6 +34,7 @@ from torch import nn
 from pivotal.errors import ModelLayoutError
 from pivotal.hosts.a1111.session import block_checkpointing, builtin_checkpointing_off, clear_cond_cache
 from pivotal.hosts.forge.frozen_weights import InferenceWeightsMode, RecastConv2d, RecastLinear
+from pivotal.hosts.module_state import restore_instance_forwards, set_instance_forward
 
 #: the ForgeObjects fields a generation swaps (LoRA clones vs originals)
 FORGE_OBJECT_FIELDS = ("unet", "clip", "vae", "clipvision")
@@ -271,15 +272,10 @@ def recast_forwards(roots: Iterable[nn.Module], operations: Any) -> Iterator[int
                 if function is None or id(m) in seen:
                     continue
                 seen.add(id(m))
-                saved.append((m, m.__dict__.get("forward", _ABSENT)))
-                m.forward = make(m, function)  # type: ignore[method-assign]
+                set_instance_forward(m, make(m, function), saved)
         yield len(saved)
     finally:
-        for m, previous in reversed(saved):
-            if previous is _ABSENT:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = previous  # type: ignore[method-assign]
+        restore_instance_forwards(saved)
 
 
 # -- the whole session ---------------------------------------------------------------------------------
