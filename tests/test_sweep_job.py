@@ -120,3 +120,35 @@ def test_bad_values_name_the_setting_and_write_nothing(tmp_path: Path, varies: l
     with pytest.raises(ConfigError, match=match):
         start_sweep(job, base(), varies, tmp_path, lambda: HOST)
     assert not (tmp_path / "sweeps").exists() and job.status()["state"] == "idle"
+
+
+def test_the_sweep_route_starts_refuses_and_reports_the_queue(tmp_path: Path) -> None:
+    fastapi = pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from pivotal.webui.api import add_routes
+
+    fake = FakeTrainer(hold_run=1, hold_at=2)
+    job = TrainingJob(trainer=fake)
+    app = fastapi.FastAPI()
+    add_routes(app, job, lambda **kw: HOST, lambda: {"outputs": str(tmp_path), "lora_dir": str(tmp_path / "Lora")})
+    client = TestClient(app)
+    assert "vary" in app.openapi()["components"]["schemas"]["PivotalSweepRequest"]["properties"]
+    config = {"data_dir": "/data", "output_name": "hero", "steps": STEPS, "embeddings": [{"name": "mychar"}]}
+    bad = client.post("/pivotal/v1/sweep", json={"config": config, "vary": ["te_lr=1e-6,fast"]})
+    assert bad.status_code == 400 and "te_lr" in bad.json()["detail"]
+    assert client.post("/pivotal/v1/sweep", json={"config": config}).status_code == 400
+    ok = client.post("/pivotal/v1/sweep", json={"config": config, "vary": "te_lr=1e-6,1e-5"})
+    assert ok.status_code == 200 and ok.json()["runs"] == ["hero-te_lr1e-05", "hero-te_lr1e-06"]
+    assert fake.held.wait(10)
+    busy = client.post("/pivotal/v1/sweep", json={"config": config, "vary": ["te_lr=1e-4"]})
+    assert busy.status_code == 409
+    assert client.post("/pivotal/v1/train", json={"config": config}).status_code == 409
+    queue = client.get("/pivotal/v1/status").json()["queue"]
+    assert (queue["index"], queue["count"], queue["step"], queue["total"]) == (1, 2, 1, 2 * STEPS)
+    assert client.post("/pivotal/v1/interrupt").json() == {"interrupted": True}
+    fake.release.set()
+    assert job.wait(10)
+    snap = client.get("/pivotal/v1/status").json()
+    assert snap["result_status"] == "interrupted" and [r["state"] for r in snap["queue"]["runs"]] == [
+        "interrupted", "pending"]
