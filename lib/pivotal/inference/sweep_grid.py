@@ -19,11 +19,12 @@ from typing import Any, Callable, Sequence
 from pivotal.errors import ConfigError, NotFoundError
 from pivotal.formats.bundle import bundle_name, read_bundle
 from pivotal.inference.grid import COLUMNS, GridPlan, GridResult, Renderer, host_renderer, plan_grid, render_grid
-from pivotal.training.queue import QueueRun, load_summary
+from pivotal.training.queue import SWEEP_GRID_RECORD, QueueRun, load_summary
 from pivotal.training.sweep import ranked
 
-#: the sheet's file name in the sweep folder (its record: the same name with .json)
-GRID_FILE = "sweep-grid.png"
+#: the sheet's file name in the sweep folder (its record: the same name with .json, which the queue
+#: knows is no config)
+GRID_FILE = Path(SWEEP_GRID_RECORD).with_suffix(".png").name
 
 
 def finished_variants(folder: str | os.PathLike) -> list[QueueRun]:

@@ -1,7 +1,8 @@
 """A queue of training runs: every config file of a folder, one after another, on one loaded model.
 
 ``run_queue(folder, host, build)`` trains each ``*.toml`` / ``*.json`` config of ``folder`` (name
-order; ``queue-summary.json`` is the queue's own record, not a config) and records each outcome in
+order; ``queue-summary.json`` is the queue's own record and ``sweep-grid.json`` a sweep's grid's, not
+configs) and records each outcome in
 ``folder/queue-summary.json`` after every run, atomically. Run again, it picks up where it stopped:
 
 * a run recorded as completed, whose config file is unchanged (sha256) and whose bundle is still
@@ -36,6 +37,8 @@ from pivotal.training.progress import EventSink, ProgressEvent, TrainResult
 from pivotal.training.trainer import train
 
 SUMMARY_FILE = "queue-summary.json"
+#: a sweep's grid record, written next to its configs (:mod:`pivotal.inference.sweep_grid`); not a config
+SWEEP_GRID_RECORD = "sweep-grid.json"
 CONFIG_SUFFIXES = (".toml", ".json")
 FORMAT = 1
 _STEP_FILE = re.compile(r"-step(\d{6,})\.resume\.safetensors$")
@@ -72,7 +75,8 @@ def find_configs(folder: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         raise ConfigError(f"{root}: no such queue folder; put one settings file (.toml or .json) per run in it")
     return sorted(p for p in root.iterdir()
-                  if p.is_file() and p.suffix.lower() in CONFIG_SUFFIXES and p.name != SUMMARY_FILE
+                  if p.is_file() and p.suffix.lower() in CONFIG_SUFFIXES
+                  and p.name not in (SUMMARY_FILE, SWEEP_GRID_RECORD)
                   and not p.name.startswith("."))
 
 
