@@ -28,7 +28,8 @@ from test_ui_build import base_config, form_values  # noqa: E402
 
 
 class BundleTrainer:
-    """Steps, then writes a real bundle for ``host``; the validation loss falls as te_lr grows."""
+    """Steps, then writes a real bundle for ``host``; the validation loss grows with te_lr (so the
+    ranked table is the reverse of the runs' name order)."""
 
     def __init__(self, host: FakeHost) -> None:
         self.host = host
@@ -39,7 +40,7 @@ class BundleTrainer:
         self.names.append(cfg.output_name)
         for step in range(1, cfg.steps + 1):
             on_event(ProgressEvent("step", step=step, total=cfg.steps, loss=1.0 / step, smoothed_loss=1.0 / step))
-        val = 1.0 - cfg.te_lr * 1e4
+        val = 0.5 + cfg.te_lr * 1e4
         on_event(ProgressEvent("validation", step=cfg.steps, total=cfg.steps, data={"validation_loss": val}))
         path = Path(cfg.out_dir) / f"{cfg.output_name}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +73,7 @@ def test_a_sweep_from_the_tab_shows_one_bar_and_a_ranked_table_and_resumes(tmp_p
     assert 'data-state="finished"' in progress and "sweep" in progress and "step 12/12 overall" in progress
     table = progress[progress.index('id="pivotal-queue-table"'):]
     assert re.findall(r'data-run="([^"]+)"', table) == [  # ranked: best validation loss first
-        "pivotal-te_lr0p0001", "pivotal-te_lr1e-05", "pivotal-te_lr1e-06"]
+        "pivotal-te_lr1e-06", "pivotal-te_lr1e-05", "pivotal-te_lr0p0001"]
     assert "ranked by validation loss" in table and "te_lr=1e-05" in table
     # started again, the sweep trains nothing: its runs are done
     list(tab.handlers["sweep"](*form))
@@ -87,7 +88,7 @@ def test_the_sweep_grid_from_the_tab(tmp_path: Path) -> None:
     assert "sweep-grid-done" in info, info
     (png,) = (tmp_path / "sweeps").glob("*/sweep-grid.png")
     record = json.loads(png.with_suffix(".json").read_text())
-    assert record["row_bundles"] == ["pivotal-te_lr1e-05", "pivotal-te_lr1e-06"]
+    assert record["row_bundles"] == ["pivotal-te_lr1e-06", "pivotal-te_lr1e-05"]
     assert len(record["cells"]) == 10 and {c["seed"] for c in record["cells"]} == {4}
     assert image.size[1] > 2 * 64
     # the grid record next to the configs is no config: the sweep, started again, still skips all
