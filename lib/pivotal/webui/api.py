@@ -21,6 +21,10 @@
   "cfg_scale", "sampler_name", "width", "height", "seed", "negative_prompt"}`` -> ``{"png",
   "json", "record", "interrupted"}``; 400 for a bad field, 404 for an unknown bundle, 409 while
   a run is going.
+* ``POST /pivotal/v1/sweep/grid``: a sweep's variants x parts grid rendered by the webui's txt2img
+  (:mod:`pivotal.webui.sweep_grid_api`): ``{"sweep", "prompt", "seed", "columns", "steps", …}`` ->
+  ``{"png", "json", "record", "interrupted"}``, saved next to the sweep; 404 for an unknown sweep
+  or one with no finished run, 400 for a bad field, 409 while a run is going.
 * ``GET /pivotal/v1/host``: what the loaded model looks like now (weights fingerprint, flags,
   attention optimization, registered embeddings): shows that a run left the host as it found it.
 """
@@ -174,6 +178,26 @@ def add_routes(app: Any, job: TrainingJob, host_provider: Callable[[], Any], pat
         grid.__annotations__["body"] = grid_request_model() or dict
         app.post(f"{PREFIX}/grid", tags=TAGS, summary="Render an ablation grid of a bundle (full / UNet / TE / "
                  "embeddings / base) through the webui's txt2img")(grid)
+
+        def sweep_grid(body: Any = Body(...)) -> Any:
+            from pivotal.webui.sweep_grid_api import render_sweep_grid_in_webui, sweep_folder
+
+            body = request_dict(body)
+            try:
+                last = (job.status().get("queue") or {}) if hasattr(job, "status") else {}
+                folder = sweep_folder(body, paths()["outputs"], last.get("folder", "") if last.get("kind") == "sweep"
+                                      else "")
+                out = render_sweep_grid_in_webui(folder, body, webui_provider(), lambda: job.running)
+            except JobBusyError as e:
+                raise HTTPException(status_code=409, detail=str(e)) from e
+            except NotFoundError as e:
+                raise HTTPException(status_code=404, detail=str(e)) from e
+            except PivotalError as e:
+                raise HTTPException(status_code=400, detail=str(e)) from e
+            return JSONResponse(json.loads(json.dumps(out, default=str)))
+
+        app.post(f"{PREFIX}/sweep/grid", tags=TAGS, summary="Render a sweep's variants x parts grid through the "
+                 "webui's txt2img")(sweep_grid)
 
         @app.get(f"{PREFIX}/host", tags=TAGS, summary="The loaded model's state (weights fingerprint, flags)")
         def host() -> dict:
