@@ -51,7 +51,8 @@ def tiny_world(webui: Webui) -> Any:
 def _character_data(folder: Path, name: str) -> Path:
     """The held-out character's pictures, captions naming embedding ``name``: one name per
     algorithm, because a generation with a bundle's tag leaves its embeddings in the webui's
-    database (A1111's Lora extension registers them), and a run refuses a name the webui has."""
+    database until the next generation (A1111's Lora extension registers them and unregisters them
+    in its next ``load_networks``), and a run refuses a name the webui has."""
     from pivotal.demo.data import make_demo_dataset
     from pivotal.demo.world import EXAMPLE_CHARACTER
 
