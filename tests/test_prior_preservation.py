@@ -136,3 +136,20 @@ def test_prior_settings_are_checked() -> None:
         TrainConfig(data_dir="d", embeddings=[EmbeddingSpec("a")], class_dir="c").validate()
     with pytest.raises(ConfigError, match="class_count: prior preservation"):
         TrainConfig(data_dir="d", embeddings=[EmbeddingSpec("a")], class_prompt="a dog").validate()
+
+
+def test_a_blank_class_image_is_refused_not_cached(host, data_dir: Path, tmp_path: Path) -> None:
+    """A webui hands back a blank picture when it cannot draw (Forge while a checkpoint waits to
+    load): the run stops before training instead of caching it as a class image."""
+    from PIL import Image
+
+    from pivotal.errors import TrainingError
+
+    classes = tmp_path / "classes"
+    host.generate = lambda prompt, negative, embeddings, steps, seed, w, h, g: Image.new("RGB", (w, h))
+    try:
+        with pytest.raises(TrainingError, match="blank picture"):
+            train(config(data_dir, tmp_path / "o", class_dir=str(classes)), host)
+    finally:
+        del host.generate
+    assert not any(classes.glob("*.png"))

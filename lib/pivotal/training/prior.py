@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from pivotal.data.dataset import Dataset, DatasetOptions, run_preflight
 from pivotal.data.images import is_image_name
-from pivotal.errors import DatasetError, SaveError
+from pivotal.errors import DatasetError, SaveError, TrainingError
 from pivotal.host_api import TrainingHost
 from pivotal.text.embeddings import EmbeddingSet
 from pivotal.training.config import TrainConfig
@@ -123,6 +123,12 @@ def _save_png(image: Any, path: Path) -> None:
                         "(setting: class_dir)") from e
 
 
+def _blank(image: Any) -> bool:
+    """True for a picture of one colour (what a webui returns when it could not draw)."""
+    extrema = image.convert("RGB").getextrema()
+    return all(low == high for low, high in extrema)
+
+
 def ensure_class_images(cfg: TrainConfig, host: TrainingHost, stop: threading.Event | None = None,
                         progress: Callable[[int, int], None] | None = None) -> tuple[ClassImagesReport, list[Path]]:
     """Find the class images and generate what ``class_count`` still lacks through ``host.generate``
@@ -153,6 +159,12 @@ def ensure_class_images(cfg: TrainConfig, host: TrainingHost, stop: threading.Ev
             if n not in mine:
                 image = host.generate(cfg.class_prompt, "", EmbeddingSet(), cfg.class_steps, n, size, size,
                                       CLASS_GUIDANCE)
+                if stop is not None and stop.is_set():
+                    break  # a webui hands back a blank image when interrupted: never cache it
+                if _blank(image):
+                    raise TrainingError(f"class image {n}: the model gave a blank picture for {cfg.class_prompt!r} "
+                                        "(a webui does while another checkpoint is loading); nothing cached. "
+                                        "Generate one image in the webui first, or fill class_dir yourself")
                 path = folder / f"{GENERATED_PREFIX}{key}-{n:05d}.png"
                 _save_png(image, path)
                 chosen.append(path)
