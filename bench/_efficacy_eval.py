@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from pivotal.adapters.network import LoraNetwork
 from pivotal.hosts.diffusers.host import DiffusersHost
 from pivotal.inference.bundle_load import load_bundle_for_model
 from pivotal.text.embeddings import EmbeddingSet
+from pivotal.training.dreamartist import negative_captions
 
 #: Timesteps every picture is noised at (SD's 1000-step schedule), spread over the range.
 TIMESTEPS = (100, 250, 400, 550, 700, 850)
@@ -55,8 +56,11 @@ def denoise_set(host: DiffusersHost, images: Sequence[Image.Image], seed: int) -
 
 
 @torch.no_grad()
-def denoise_loss(host: DiffusersHost, data: DenoiseSet, captions: Sequence[str], embeddings: EmbeddingSet) -> float:
-    """Mean epsilon MSE over every picture x timestep (captions: one per picture)."""
+def denoise_loss(host: DiffusersHost, data: DenoiseSet, captions: Sequence[str], embeddings: EmbeddingSet,
+                 negatives: Mapping[str, str] | None = None, guidance: float = 1.0) -> float:
+    """Mean epsilon MSE over every picture x timestep (captions: one per picture). With
+    ``negatives`` ({name: negative name}, DreamArtist++), the prediction is the guided one,
+    uncond(captions with the negative names) + guidance · (cond − uncond), as the bundle is used."""
     t = len(TIMESTEPS)
     latents = data.latents.repeat_interleave(t, dim=0)
     alphas = host.alphas_cumprod().cpu()[data.timesteps].view(-1, 1, 1, 1)
@@ -65,9 +69,11 @@ def denoise_loss(host: DiffusersHost, data: DenoiseSet, captions: Sequence[str],
     total, count = 0.0, 0
     for start in range(0, len(caps), 48):
         end = min(start + 48, len(caps))
-        cond = host.encode_prompts(caps[start:end], embeddings)
-        pred = host.predict(noisy[start:end].to(host.device, host.dtype), data.timesteps[start:end].to(host.device),
-                            cond)
+        x, ts = noisy[start:end].to(host.device, host.dtype), data.timesteps[start:end].to(host.device)
+        pred = host.predict(x, ts, host.encode_prompts(caps[start:end], embeddings))
+        if negatives:
+            neg = host.predict(x, ts, host.encode_prompts(negative_captions(caps[start:end], negatives), embeddings))
+            pred = neg.float() + guidance * (pred.float() - neg.float())
         total += float(((pred.float().cpu() - data.noise[start:end]) ** 2).mean(dim=(1, 2, 3)).sum())
         count += end - start
     return total / count

@@ -9,7 +9,13 @@ trains with Pivotal's own trainer at the same step budget, batch, data and seed:
   embedding the captions never use satisfies the trainer);
 * ``pivotal``: embeddings + UNet LoRA together, embeddings frozen half-way (the default plan);
 * ``pivotal_ef``: embeddings first (30 % of the steps), then the LoRA;
-* ``pivotal_te``: ``pivotal`` + a text-encoder LoRA.
+* ``pivotal_te``: ``pivotal`` + a text-encoder LoRA;
+* ``prior``: ``pivotal`` + DreamBooth prior preservation (``CLASS_COUNT`` class images the base
+  model draws from a class prompt of the concept's world, generated once per concept and cached;
+  prior_loss_weight 1);
+* ``dreamartist``: ``pivotal`` + DreamArtist++ (a negative embedding per trigger, CFG 3 inside the
+  loss); measured with the negative name in the negative prompt's place: the held-out loss is the
+  guided prediction's, as a generation at CFG 3 would use it.
 
 Measured on held-out pictures of the concept in compositions training never showed
 (``_efficacy_eval``; loss = epsilon MSE on fixed noise and timesteps, gain = fraction of the base
@@ -67,7 +73,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "pivotal": dict(phase_plan="together", freeze_embeddings_at=0.5),
     "pivotal_ef": dict(phase_plan="embeddings_first"),
     "pivotal_te": dict(phase_plan="together", freeze_embeddings_at=0.5, te_lora=True),
+    "prior": dict(phase_plan="together", freeze_embeddings_at=0.5, prior_loss_weight=1.0),
+    "dreamartist": dict(phase_plan="together", freeze_embeddings_at=0.5, dreamartist=True, dreamartist_cfg=3.0),
 }
+#: prior: class images per concept, and the class prompt (the class the concept belongs to, as the
+#: base world words it: its init word, or a square for the texture)
+CLASS_COUNT = 8
 #: One setting of "pivotal" changed at a time: (label, overrides, vectors).
 SWEEP: tuple[tuple[str, dict[str, Any], int], ...] = (
     ("embedding LR 3x UNet", dict(embedding_lr=3.0), VECTORS),   # multiples of the UNet LR, see train_one
@@ -79,7 +90,9 @@ SWEEP: tuple[tuple[str, dict[str, Any], int], ...] = (
     ("4 vectors + embedding LR 30x", dict(embedding_lr=30.0), 4),  # the two winners together
 )
 SWEEP_ONLY = {label for label, _, _ in SWEEP}
-PLACEHOLDER = "pvtunused"  # the lora method's frozen, never-used embedding
+PLACEHOLDER = "pvtunused"
+#: bundle path -> median ms per training step (its step events' spacing)
+STEP_MS: dict[str, float] = {}  # the lora method's frozen, never-used embedding
 
 
 @dataclass
@@ -118,14 +131,25 @@ def train_one(host: DiffusersHost, concept: Concept, method: str, seed: int, wor
     if "embedding_lr" in overrides:  # the sweep gives it as a multiple of the UNet LR
         overrides["embedding_lr"] *= COMMON["unet_lr"]
     kw = {**COMMON, **METHODS[method], **overrides}
+    if method == "prior":
+        kw.update(class_prompt=f"a red {concept.init or 'square'} on a white background", class_count=CLASS_COUNT,
+                  class_dir=str(work / f"classes-{concept.key}"), class_steps=20)
     tag = "-".join(f"{k}{v}" for k, v in sorted((overrides or {}).items())) or "default"
     out = work / f"out-{concept.key}-{method}-{tag}-v{vectors}-s{seed}"
     cfg = TrainConfig(data_dir=str(data), out_dir=str(out), output_name="bundle", seed=seed,
                       embeddings=embeddings, **kw).validate()
-    result = train(cfg, host)
+    stamps: list[float] = []
+    result = train(cfg, host, on_event=lambda e: stamps.append(time.perf_counter()) if e.kind == "step" else None)
     if result.status != "completed":
         raise RuntimeError(f"{concept.key}/{method}: training ended {result.status}: {result.message}")
+    gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
+    STEP_MS[str(result.bundle_path)] = 1000 * gaps[len(gaps) // 2] if gaps else float("nan")
     return str(result.bundle_path)
+
+
+def dreamartist_negatives(concept: Concept, embs: EmbeddingSet) -> dict[str, str] | None:
+    negative = concept.trigger + "-neg"
+    return {concept.trigger: negative} if negative in embs else None
 
 
 def measure(stage: Stage, bundle: str, concept: Concept, method: str, base_cache: dict) -> dict[str, float]:
@@ -144,7 +168,9 @@ def measure(stage: Stage, bundle: str, concept: Concept, method: str, base_cache
         if which != "full" and (not has_part(parts, which) or (which == "emb" and method == "lora")):
             continue  # nothing trained there (the lora method's placeholder embedding is never used)
         with variant(parts, which) as embs:
-            out[which] = denoise_loss(host, data, captions, embs)
+            # DreamArtist++ is used with its negative in the negative prompt (where its embeddings are)
+            neg = dreamartist_negatives(concept, embs) if method == "dreamartist" else None
+            out[which] = denoise_loss(host, data, captions, embs, neg, METHODS["dreamartist"]["dreamartist_cfg"])
         out[f"gain_{which}"] = gain(out[which], base)
     for which in ("emb", "unet", "te"):
         if f"gain_{which}" in out and abs(out["gain_full"]) > 1e-9:
@@ -155,6 +181,8 @@ def measure(stage: Stage, bundle: str, concept: Concept, method: str, base_cache
         base_cache[bkey] = denoise_loss(host, bdata, bcaps, EmbeddingSet())
     with variant(parts, "full") as embs:
         out["drift_pct"] = 100.0 * (denoise_loss(host, bdata, bcaps, embs) / base_cache[bkey] - 1.0)
+    out["size_kb"] = Path(bundle).stat().st_size / 1024
+    out["ms_per_step"] = STEP_MS.get(bundle, float("nan"))
     return out
 
 
@@ -185,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unet-lr", type=float, default=COMMON["unet_lr"],
                     help="UNet LoRA LR of every method (the embedding LR stays 10x it, the TE LoRA's 0.1x)")
     ap.add_argument("--concepts", nargs="+", default=list(CONCEPTS), choices=list(CONCEPTS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                    help="only these methods (the pivotal row is the baseline of the others)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the defaults sweep")
     ap.add_argument("--sweep", nargs="+", choices=sorted(SWEEP_ONLY), help="only these sweep settings")
     ap.add_argument("--no-transfer", action="store_true", help="skip the second base model")
@@ -211,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         stage2 = make_stage(DiffusersHost(parts2, label="tiny-world shifted"), shifted=True)
     cache: dict = {}
     rows: list[dict] = []
-    for method in METHODS:
+    for method in args.methods:
         for key in args.concepts:
             concept = CONCEPTS[key]
             for seed in seeds:
@@ -253,17 +283,20 @@ def report(rows: list[dict], sweep_rows: list[dict], seeds: list[int], args: arg
     def pick(method: str) -> list[dict]:
         return [r for r in rows if r["method"] == method]
 
+    methods = [m for m in METHODS if pick(m)]
     print_table(["method", "fit (held-out gain)", "drift %", "emb alone share", "UNet LoRA alone share",
-                 "TE LoRA alone share", "transfer: full gain", "transfer: emb alone gain"],
+                 "TE LoRA alone share", "transfer: full gain", "transfer: emb alone gain", "size KB", "ms/step"],
                 [[m, mean_sd(seed_means(pick(m), "gain_full", seeds)), mean_sd(seed_means(pick(m), "drift_pct", seeds)),
                   mean_sd(seed_means(pick(m), "share_emb", seeds)), mean_sd(seed_means(pick(m), "share_unet", seeds)),
                   mean_sd(seed_means(pick(m), "share_te", seeds)),
                   mean_sd(seed_means(pick(m), "transfer_gain_full", seeds)),
-                  mean_sd(seed_means(pick(m), "transfer_gain_emb", seeds))] for m in METHODS],
+                  mean_sd(seed_means(pick(m), "transfer_gain_emb", seeds)),
+                  f"{statistics.mean(r['size_kb'] for r in pick(m)):.0f}",
+                  f"{statistics.median(r['ms_per_step'] for r in pick(m)):.0f}"] for m in methods],
                 title=f"Efficacy ({args.steps} steps, mean ± sd over {len(seeds)} seeds of the concept mean)")
     print_table(["method"] + [f"fit: {k}" for k in args.concepts],
                 [[m] + [mean_sd([r["gain_full"] for r in pick(m) if r["concept"] == k]) for k in args.concepts]
-                 for m in METHODS], title="Fit per concept (held-out gain, mean ± sd over seeds)")
+                 for m in methods], title="Fit per concept (held-out gain, mean ± sd over seeds)")
     if sweep_rows:
         labels = ["pivotal (default)"] + [s[0] for s in SWEEP]
 

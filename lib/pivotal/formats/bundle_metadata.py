@@ -46,6 +46,10 @@ class TrainingInfo:
     validation_step: int = 0
     #: {setting: value as written} that a sweep varied for this run (empty: not a sweep's run)
     sweep: dict[str, str] = field(default_factory=dict)
+    #: prior preservation's class images (pivotal.training.prior's report + the weight; empty: off)
+    prior: dict[str, Any] = field(default_factory=dict)
+    #: DreamArtist++: {"cfg": scale, "negatives": {positive: negative name}} (empty: off)
+    dreamartist: dict[str, Any] = field(default_factory=dict)
 
 
 def lora_rank_alpha(lora: dict[str, torch.Tensor]) -> tuple[int, float]:
@@ -124,6 +128,9 @@ def build_metadata(base_model: str, lora: dict[str, torch.Tensor], embeddings: l
         meta["pivotal.validation_step"] = str(int(info.validation_step))
     if info.sweep:
         meta["pivotal.sweep"] = json.dumps(info.sweep, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    for key, value in (("pivotal.prior", info.prior), ("pivotal.dreamartist", info.dreamartist)):
+        if value:
+            meta[key] = json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
     if info.base_checkpoint:
         meta["ss_sd_model_name"] = info.base_checkpoint
     if info.base_checkpoint_hash:

@@ -22,8 +22,48 @@ from pivotal.host_api import SizeInfo, TrainingHost
 from pivotal.training.config import TrainConfig
 
 
-class BatchSource:
-    """``get(i)`` → (latents (B, C, h, w) fp32 on the host's device, captions, sizes)."""
+class Batches:
+    """``get(i)`` → (latents (B, C, h, w) fp32 on the host's device, captions, sizes) of a
+    :class:`Dataset`'s batch ``i``, through the latent cache when there is one."""
+
+    dataset: Dataset
+    host: TrainingHost
+    cache: LatentCache | None
+
+    def __init__(self, dataset: Dataset, host: TrainingHost, cache: LatentCache | None) -> None:
+        self.dataset, self.host, self.cache = dataset, host, cache
+
+    def get(self, index: int) -> tuple[torch.Tensor, list[str], list[SizeInfo]]:
+        """Latents (B, C, h, w) fp32 on the host's device: encoded there, or copied there once from
+        the latent cache (which keeps its entries in CPU memory, see :mod:`pivotal.data.latent_cache`)."""
+        batch = self.dataset.batch_at(index)
+        if self.cache is not None:
+            latents = self.cache.encode_batch(batch.items, batch.flipped, self.host.encode_images, self.host.device)
+        else:
+            latents = self.host.encode_images(batch.pixels).float()
+        return latents, list(batch.captions), list(batch.sizes)
+
+    def get_shard(self, index: int, shard: Callable[[int], slice]
+                  ) -> tuple[torch.Tensor, list[str], list[SizeInfo], int, slice]:
+        """This process's part of micro-step ``index``'s batch: ``(latents, captions, sizes, global
+        count, part)`` where ``part = shard(global count)`` and only those samples are encoded
+        (latents (n, C, h, w), or (0,) when the part is empty)."""
+        batch = self.dataset.batch_at(index)
+        count = len(batch.items)
+        part = shard(count)
+        items, flipped = batch.items[part], batch.flipped[part]
+        if not items:
+            return torch.zeros(0), [], [], count, part
+        if self.cache is not None:
+            latents = self.cache.encode_batch(items, flipped, self.host.encode_images, self.host.device)
+        else:
+            latents = self.host.encode_images(batch.pixels[part]).float()
+        return latents, list(batch.captions[part]), list(batch.sizes[part]), count, part
+
+
+class BatchSource(Batches):
+    """The training images' :class:`Batches`, built from the settings: the pre-flight, the
+    validation images held back, and the latent cache (which the class images share)."""
 
     def __init__(self, config: TrainConfig, host: TrainingHost) -> None:
         self.host = host
@@ -63,33 +103,6 @@ class BatchSource:
                                          "are cached in memory for this run only")
                 model_id, folder = f"{host.base_model}:this run only", None
             self.cache = LatentCache(model_id, folder, store="cpu")
-
-    def get(self, index: int) -> tuple[torch.Tensor, list[str], list[SizeInfo]]:
-        """Latents (B, C, h, w) fp32 on the host's device: encoded there, or copied there once from
-        the latent cache (which keeps its entries in CPU memory, see :mod:`pivotal.data.latent_cache`)."""
-        batch = self.dataset.batch_at(index)
-        if self.cache is not None:
-            latents = self.cache.encode_batch(batch.items, batch.flipped, self.host.encode_images, self.host.device)
-        else:
-            latents = self.host.encode_images(batch.pixels).float()
-        return latents, list(batch.captions), list(batch.sizes)
-
-    def get_shard(self, index: int, shard: Callable[[int], slice]
-                  ) -> tuple[torch.Tensor, list[str], list[SizeInfo], int, slice]:
-        """This process's part of micro-step ``index``'s batch: ``(latents, captions, sizes, global
-        count, part)`` where ``part = shard(global count)`` and only those samples are encoded
-        (latents (n, C, h, w), or (0,) when the part is empty)."""
-        batch = self.dataset.batch_at(index)
-        count = len(batch.items)
-        part = shard(count)
-        items, flipped = batch.items[part], batch.flipped[part]
-        if not items:
-            return torch.zeros(0), [], [], count, part
-        if self.cache is not None:
-            latents = self.cache.encode_batch(items, flipped, self.host.encode_images, self.host.device)
-        else:
-            latents = self.host.encode_images(batch.pixels[part]).float()
-        return latents, list(batch.captions[part]), list(batch.sizes[part]), count, part
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
         """{dataset folder name: {tag: count}} as kohya records it (``ss_tag_frequency``)."""

@@ -97,6 +97,8 @@ GROUPS = (
     Group("lora", "LoRA and learning rates"),
     Group("optimizer", "Optimizer and precision"),
     Group("data", "Dataset and captions"),
+    Group("prior", "DreamBooth prior preservation"),
+    Group("dreamartist", "DreamArtist++ (negative embeddings)"),
     Group("saving", "Saving and previews"),
     Group("validation", "Validation"),
 )

@@ -12,9 +12,10 @@ import torch
 from pivotal.adapters.network import LoraNetwork
 from pivotal.host_api import Conditioning, SizeInfo, TrainingHost
 from pivotal.text.embeddings import EmbeddingSet
-from pivotal.training.batches import BatchSource
+from pivotal.training.batches import Batches, BatchSource
 from pivotal.training.config import TrainConfig
 from pivotal.training.distributed import DataParallel
+from pivotal.training.dreamartist import guided_prediction, negative_captions, negative_pairs
 from pivotal.training.losses import (
     add_noise,
     diffusion_loss,
@@ -41,8 +42,13 @@ class StepRunner:
     """Computes the loss of one optimizer step and applies the update (or refuses to)."""
 
     def __init__(self, config: TrainConfig, host: TrainingHost, net: LoraNetwork, embeddings: EmbeddingSet,
-                 batches: BatchSource, generator: torch.Generator, parallel: DataParallel | None = None) -> None:
+                 batches: BatchSource, generator: torch.Generator, parallel: DataParallel | None = None,
+                 class_batches: Batches | None = None) -> None:
         self.config = config
+        #: prior preservation's class images (None: off); their loss is added × prior_loss_weight
+        self.class_batches = class_batches
+        #: DreamArtist++: {positive name: negative name} (empty: off), see pivotal.training.dreamartist
+        self.negatives = negative_pairs(config)
         self.parallel = parallel
         self.host = host
         self.net = net
@@ -110,6 +116,53 @@ class StepRunner:
         self._text_cache[key] = cond
         self._text_cache_bytes += size
 
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, captions: list[str], sizes: Sequence[SizeInfo],
+                guided: bool = True) -> torch.Tensor:
+        """The prediction the loss compares with the target, (B, C, h, w), for noisy latents (B, C, h, w)
+        and timesteps (B,): the UNet's output on the captions, or with DreamArtist++ (and ``guided``)
+        the guided one, uncond(captions with the negative names) + cfg · (cond − uncond), from one
+        UNet pass over the 2B rows. Runs under the caller's autocast."""
+        dtype = self.host.dtype
+        if not (guided and self.negatives):
+            return self.host.predict(noisy.to(dtype), t, self._encode(list(captions), sizes))
+        rows = negative_captions(captions, self.negatives) + list(captions)
+        cond = self._encode(rows, list(sizes) * 2)
+        both = self.host.predict(torch.cat([noisy, noisy]).to(dtype), torch.cat([t, t]), cond)
+        uncond, text = both.float().chunk(2)
+        return guided_prediction(uncond, text, self.config.dreamartist_cfg)
+
+    def _micro_loss(self, source: Batches, index: int, guided: bool, finite: bool) -> torch.Tensor | None:
+        """The loss of micro-step ``index`` of ``source`` (this process's share of it in data-parallel
+        runs); None when this process has no sample or an earlier micro-step was non-finite (the
+        random draws are made all the same, so every process keeps the same stream)."""
+        cfg = self.config
+        dp = self.parallel
+        if dp is None:
+            latents, captions, sizes = source.get(index)  # on the device
+            count, part, shape = latents.shape[0], slice(None), tuple(latents.shape)
+        else:
+            latents, captions, sizes, count, part = source.get_shard(index, dp.shard)
+            # rank 0 always has a sample: every process learns the latent shape for the noise
+            mine = list(latents.shape[1:]) if latents.dim() == 4 else [0, 0, 0]
+            shape = (count, *dp.largest(mine))
+        # The random draws come from the CPU generator (same stream on any device, exact resume;
+        # every process draws the global batch's): only they cross to the device, the latents
+        # stay where they are.
+        t_cpu = sample_timesteps(count, self.alphas.shape[0], self.generator)[part]
+        noise_cpu = sample_noise(torch.Size(shape), self.generator, cfg.noise_offset)[part]
+        if t_cpu.shape[0] == 0 or not finite:
+            return None  # a process with no sample still draws, to keep the random streams equal
+        noise, t = noise_cpu.to(self.device), t_cpu.to(self.device)
+        noisy = add_noise(latents, noise, t, self.alphas)
+        target = training_target(self.prediction, latents, noise, t, self.alphas)
+        weights = min_snr_weights(t_cpu, self.alphas, cfg.min_snr_gamma, self.prediction)
+        with self.autocast():
+            pred = self.predict(noisy, t, captions, sizes, guided)
+        loss = diffusion_loss(pred, target, weights)
+        if dp is not None:
+            loss = loss * (t_cpu.shape[0] / count)  # this shard's share of the global batch mean
+        return loss
+
     def run(self, step: int, optimizer: torch.optim.Optimizer) -> float | None:
         """Loss of optimizer step ``step`` (mean over accumulated micro-batches) after applying the
         update; None when the loss was NaN/inf, in which case nothing was updated.
@@ -123,40 +176,27 @@ class StepRunner:
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         finite = True
+        # Prior preservation (diffusers' train_dreambooth): each micro-step trains B instance images
+        # and B class images; loss = instance loss + prior_loss_weight × class loss. The two halves
+        # run as two passes (their buckets may differ), each backward on its own (same gradients
+        # as one sum, half the activations kept).
+        sources: list[tuple[Batches, float, bool]] = [(self.batches, 1.0, True)]
+        if self.class_batches is not None:
+            sources.append((self.class_batches, cfg.prior_loss_weight, False))
         for k in range(cfg.grad_accum):
             index = step * cfg.grad_accum + k
-            if dp is None:
-                latents, captions, sizes = self.batches.get(index)  # on the device
-                count, part, shape = latents.shape[0], slice(None), tuple(latents.shape)
-            else:
-                latents, captions, sizes, count, part = self.batches.get_shard(index, dp.shard)
-                # rank 0 always has a sample: every process learns the latent shape for the noise
-                mine = list(latents.shape[1:]) if latents.dim() == 4 else [0, 0, 0]
-                shape = (count, *dp.largest(mine))
-            # The random draws come from the CPU generator (same stream on any device, exact resume;
-            # every process draws the global batch's): only they cross to the device, the latents
-            # stay where they are.
-            t_cpu = sample_timesteps(count, self.alphas.shape[0], self.generator)[part]
-            noise_cpu = sample_noise(torch.Size(shape), self.generator, cfg.noise_offset)[part]
-            if t_cpu.shape[0] == 0 or not finite:
-                continue  # a process with no sample still draws, to keep the random streams equal
-            noise, t = noise_cpu.to(self.device), t_cpu.to(self.device)
-            noisy = add_noise(latents, noise, t, self.alphas)
-            target = training_target(self.prediction, latents, noise, t, self.alphas)
-            weights = min_snr_weights(t_cpu, self.alphas, cfg.min_snr_gamma, self.prediction)
-            with self.autocast():
-                cond = self._encode(captions, sizes)
-                pred = self.host.predict(noisy.to(self.host.dtype), t, cond)
-            loss = diffusion_loss(pred, target, weights) / cfg.grad_accum
-            if dp is not None:
-                loss = loss * (t_cpu.shape[0] / count)  # this shard's share of the global batch mean
-            if not torch.isfinite(loss):
-                finite = False
-                if dp is None:
-                    break
-                continue
-            self.scaler.scale(loss).backward()
-            total += float(loss.detach())
+            for source, weight, guided in sources:
+                loss = self._micro_loss(source, index, guided, finite)
+                if loss is None:
+                    continue
+                loss = loss * (weight / cfg.grad_accum)
+                if not torch.isfinite(loss):
+                    finite = False
+                    continue
+                self.scaler.scale(loss).backward()
+                total += float(loss.detach())
+            if not finite and dp is None:
+                break
         if dp is not None:
             finite = not dp.any(not finite)
         if not finite:

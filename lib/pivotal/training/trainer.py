@@ -40,11 +40,13 @@ from pivotal.formats.safetensors_io import stray_temp_files
 from pivotal.host_api import TrainingHost
 from pivotal.text.embeddings import EmbeddingSet
 from pivotal.text.inject import encode_plain
-from pivotal.training.batches import BatchSource
+from pivotal.training.batches import Batches, BatchSource
 from pivotal.training.config import TrainConfig
 from pivotal.training.distributed import DataParallel, from_environment, launched_world_size
+from pivotal.training.dreamartist import negative_pairs, negative_specs
 from pivotal.training.faults import fault_point
 from pivotal.training.optim import GroupSpec, apply_lrs, build_optimizer, phase_of, pull_norms
+from pivotal.training.prior import ClassImagesReport, class_dataset, ensure_class_images
 from pivotal.training.progress import EventSink, LossSmoother, ProgressEvent, TrainResult, window_means
 from pivotal.training.state import RunState, load_state, model_fingerprint, save_state
 from pivotal.training.step import StepRunner
@@ -140,18 +142,28 @@ class _Run:
         self.saved: list[str] = []
         self.validator: Validator | None = None
         self.validation_losses: list[tuple[int, float]] = []
+        #: the embeddings this run trains: the configured ones, and DreamArtist++'s negatives
+        self.specs = list(config.embeddings) + negative_specs(config)
+        self.class_report: ClassImagesReport | None = None
+        self.class_batches: Batches | None = None
 
     # -- 1-3: set up -----------------------------------------------------------------------
     def execute(self, resume: str | None, taken_names: Mapping[str, str] | None,
                 variants: Sequence[str] = ()) -> TrainResult:
         cfg = self.config
-        shared = check_new_names([e.name for e in cfg.embeddings], run_taken_names(cfg, taken_names, variants))
+        shared = check_new_names([e.name for e in self.specs], run_taken_names(cfg, taken_names, variants))
         self.batches = BatchSource(cfg, self.host)
         held = [item.name for item in self.batches.validation_items]
         note = (f"\nvalidation: {len(held)} image(s){' held back' if cfg.validation_count else ''}: "
                 + ", ".join(held[:10]) + (" ..." if len(held) > 10 else "")) if held else ""
+        extra: dict = {}
+        if cfg.class_prompt:
+            self._prepare_class_images()
+            assert self.class_report is not None
+            note += "\n" + self.class_report.format()
+            extra["class_images"] = self.class_report.to_dict()
         self.emit(ProgressEvent("preflight", total=cfg.steps, message=self.batches.report.format() + note,
-                                data={**self.batches.report.to_dict(), "validation_images": held}))
+                                data={**self.batches.report.to_dict(), "validation_images": held, **extra}))
         self.warnings += list(self.batches.warnings)
         for msg in shared:
             self.warnings.append(msg)
@@ -166,6 +178,27 @@ class _Run:
         if self.writer:  # another process's temp files may be saves in progress
             self._clean_stray_temps()
         return self._loop()
+
+    def _prepare_class_images(self) -> None:
+        """Prior preservation: find the class images, generate the missing ones through the host's
+        txt2img (no LoRA exists yet, no embedding is passed), and batch them
+        (:mod:`pivotal.training.prior`)."""
+        cfg = self.config
+        self.activity = "while generating class images"
+
+        def progress(done: int, total: int) -> None:
+            self.emit(ProgressEvent("phase", total=cfg.steps, phase="class images",
+                                    message=f"generated class image {done} of {total}"))
+
+        self.class_report, images = ensure_class_images(cfg, self.host, self.stop, progress)
+        if self.class_report.missing:
+            msg = (f"{self.class_report.missing} class image(s) not generated (interrupted); training with "
+                   f"{self.class_report.used}")
+            self.warnings.append(msg)
+            self.emit(ProgressEvent("warning", total=cfg.steps, message=msg))
+        if images:
+            dataset = class_dataset(cfg, images, self.host.tokenizer("clip_l"))
+            self.class_batches = Batches(dataset, self.host, self.batches.cache)
 
     def _clean_stray_temps(self) -> None:
         """Remove temp files a killed save left behind (never a finished file: those are renamed)."""
@@ -192,7 +225,7 @@ class _Run:
         self.embeddings = EmbeddingSet()
         init_gen = torch.Generator().manual_seed(cfg.seed + 1)
         vocabs = {k: host.vocabulary(k).detach().float().cpu() for k in host.encoder_keys()}
-        for spec in cfg.embeddings:
+        for spec in self.specs:
             ids = {k: encode_plain(host.tokenizer(k), spec.init_text) for k in vocabs} if spec.init_text else None
             self.embeddings.add_new(spec.name, spec.vectors, vocabs, init_ids=ids, generator=init_gen)
         self.embeddings.to_(host.device)
@@ -224,7 +257,8 @@ class _Run:
     # -- 4: the loop -------------------------------------------------------------------------
     def _loop(self) -> TrainResult:
         cfg = self.config
-        runner = StepRunner(cfg, self.host, self.net, self.embeddings, self.batches, self.generator, self.parallel)
+        runner = StepRunner(cfg, self.host, self.net, self.embeddings, self.batches, self.generator, self.parallel,
+                            self.class_batches)
         if self.batches.validation_items and self.writer:  # one process measures it
             self.validator = Validator(self.batches.validation_items, runner, self.batches.cache,
                                        cfg.validation_timesteps, cfg.seed, cfg.noise_offset)
@@ -304,12 +338,16 @@ class _Run:
             return str(path)  # rank 0 writes it; the states of all processes are equal
         self.activity = f"while saving {path.name} after step {self.step}"
         fault_point("save", self.step)
-        embs = [BundleEmbedding(s.name, self.embeddings.tensors()[s.name], s.init_text) for s in cfg.embeddings]
+        embs = [BundleEmbedding(s.name, self.embeddings.tensors()[s.name], s.init_text) for s in self.specs]
         info = TrainingInfo(cfg.output_name, resolution=(cfg.resolution, cfg.resolution),
                             num_train_images=len(self.batches.dataset.items),
                             tag_frequency=self.batches.tag_frequency(), settings=cfg.to_dict(),
                             base_checkpoint=self.host.label)
         info.sweep = dict(entry.partition("=")[::2] for entry in cfg.sweep)
+        if self.class_report is not None:
+            info.prior = {**self.class_report.to_dict(), "prior_loss_weight": cfg.prior_loss_weight}
+        if cfg.dreamartist:
+            info.dreamartist = {"cfg": cfg.dreamartist_cfg, "negatives": negative_pairs(cfg)}
         if self.validation_losses:
             info.validation_step, info.validation_loss = self.validation_losses[-1]
         write_bundle(path, self.host.base_model, self.net.kohya_state_dict(SAVE_DTYPES[cfg.save_precision]),
@@ -344,6 +382,7 @@ class _Run:
     def _preview(self) -> None:
         cfg = self.config
         prompts = cfg.preview_prompts or [" ".join(e.name for e in cfg.embeddings)]
+        negative = " ".join(negative_pairs(cfg).values())  # DreamArtist++: the negatives, as a user would
         size = cfg.preview_size or cfg.resolution
         folder = self.out_dir / "previews"
         folder.mkdir(exist_ok=True)
@@ -353,7 +392,7 @@ class _Run:
             fault_point("preview", self.step)
             with torch.no_grad():
                 for i, prompt in enumerate(prompts):
-                    image = self.host.generate(prompt, "", self.embeddings, cfg.preview_steps, cfg.seed,
+                    image = self.host.generate(prompt, negative, self.embeddings, cfg.preview_steps, cfg.seed,
                                                size, size, 7.0)
                     path = folder / f"{cfg.output_name}-step{self.step:06d}-{i}.png"
                     image.save(path)

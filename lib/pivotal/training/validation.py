@@ -97,9 +97,12 @@ class Validator:
                 noisy = add_noise(latents, noise, t, runner.alphas)
                 target = training_target(runner.prediction, latents, noise, t, runner.alphas)
                 with runner.autocast():
-                    cond = host.encode_prompts([s.caption], runner.embeddings, [s.size])
-                    cond = _repeat(cond, count)
-                    pred = host.predict(noisy.to(host.dtype), t, cond)
+                    if runner.negatives:  # DreamArtist++: the guided prediction, as training sees it
+                        pred = runner.predict(noisy, t, [s.caption] * count, [s.size] * count)
+                    else:
+                        cond = host.encode_prompts([s.caption], runner.embeddings, [s.size])
+                        cond = _repeat(cond, count)
+                        pred = host.predict(noisy.to(host.dtype), t, cond)
                 total += float(diffusion_loss(pred, target, weights))
         return total / len(self._samples) if self._samples else math.nan
 
