@@ -19,8 +19,11 @@ NOTHING = "Nothing"
 
 @dataclass
 class XyzCell:
-    """One picture the X/Y/Z plot rendered: its prompt and seed (from its infotext) and pixels."""
+    """One picture the X/Y/Z plot rendered: the axis values of its place in the grid (the webui
+    returns the sub-images x fastest), its prompt and seed (from its infotext) and its pixels."""
 
+    x: str
+    y: str
     prompt: str
     seed: int
     png: bytes
@@ -66,8 +69,12 @@ def xyz_txt2img(webui: Webui, body: dict[str, Any], x: tuple[str, Sequence[Any]]
                                                       "script_args": script_args}, timeout=1800)
     infotexts = json.loads(out["info"])["infotexts"]
     pngs = [base64.b64decode(i) for i in out["images"]]
-    cells = [XyzCell(info.split("\n", 1)[0], int(re.search(r"Seed: (\d+)", info).group(1)), png, info)
-             for png, info in zip(pngs[1:], infotexts[1:])]
+    xs = [str(v) for v in x[1]]
+    ys = [str(v) for v in y[1]] if y is not None else [""]
+    assert len(pngs) == 1 + len(xs) * len(ys), f"{len(pngs)} images for a {len(xs)} x {len(ys)} plot"
+    cells = [XyzCell(xs[i % len(xs)], ys[i // len(xs)], info.split("\n", 1)[0],
+                     int(re.search(r"Seed: (\d+)", info).group(1)), png, info)
+             for i, (png, info) in enumerate(zip(pngs[1:], infotexts[1:]))]
     return pngs[0], cells
 
 
