@@ -170,7 +170,7 @@ def test_the_webui_lora_extension_draws_the_bundle_as_pivotal_computes_it(
         base, _ = tiny_world.txt2img(prompt, seed=seed, steps=STEPS)
         change = abs(a - _array(base))
         print(f"{algorithm}: |webui - base| mean {change.mean():.2f}")
-        assert change.mean() > 10 * max(agree.mean(), 0.01), "the bundle did not change the picture"
+        assert change.mean() > max(2.0, 10 * agree.mean()), "the bundle did not change the picture"
     finally:
         reference.unlink(missing_ok=True)
     assert tiny_world.request("GET", "/pivotal/v1/host") == before_host
