@@ -295,10 +295,10 @@ def test_the_grid_and_the_xyz_part_axis_render_through_the_webui(fwebui: FamilyW
     assert grid_base == baseline, "the grid's base cell is not the webui's plain txt2img"
 
     _grid, xyz = xyz_txt2img(w, {**settings, "prompt": f"{PROMPT} <lora:{name}:1>"}, (PART_AXIS, ["full", "base"]))
-    by_prompt = {c.prompt: c.image().tobytes() for c in xyz}
-    assert sorted(by_prompt) == sorted([f"{PROMPT} <lora:{name}:1>", PROMPT])
-    assert by_prompt[PROMPT] == baseline, "the X/Y/Z base cell is not the webui's plain txt2img"
-    assert by_prompt[f"{PROMPT} <lora:{name}:1>"] == grid_full, "the X/Y/Z full cell is not the grid's"
+    assert {c.x: c.prompt for c in xyz} == {"full": f"{PROMPT} <lora:{name}:1>", "base": PROMPT}
+    by_part = {c.x: c.image().tobytes() for c in xyz}
+    assert by_part["base"] == baseline, "the X/Y/Z base cell is not the webui's plain txt2img"
+    assert by_part["full"] == grid_full, "the X/Y/Z full cell is not the grid's"
     assert w.txt2img(PROMPT)[0] == trained["before_image"]
     assert _without_cache_stats(w.request("GET", "/pivotal/v1/host")) == before
 

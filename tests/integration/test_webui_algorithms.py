@@ -153,15 +153,11 @@ def test_the_webui_lora_extension_draws_the_bundle_as_pivotal_computes_it(
         drawn, info = tiny_world.txt2img(f"{prompt} <lora:{name}:1>", seed=seed, steps=STEPS)
         assert f'Lora hashes: "{name}: ' in info, info
         predicted, _ = tiny_world.txt2img(f"{prompt} <lora:{reference.stem}:1>", seed=seed, steps=STEPS)
-        base, _ = tiny_world.txt2img(prompt, seed=seed, steps=STEPS)
-        a, p, b = _array(drawn), _array(predicted), _array(base)
-        agree, change = abs(a - p), abs(a - b)
-        print(f"{algorithm}: |webui - pivotal| max {agree.max()} mean {agree.mean():.4f}; "
-              f"|webui - base| mean {change.mean():.2f}")
-        assert change.mean() > 2.0, "the bundle did not change the picture"
+        a, p = _array(drawn), _array(predicted)
+        agree = abs(a - p)
+        print(f"{algorithm}: |webui - pivotal| max {agree.max()} mean {agree.mean():.4f}")
         assert agree.max() <= AGREE_MAX and agree.mean() <= AGREE_MEAN, (
-            f"the webui's {algorithm} differs from Pivotal's ΔW: max {agree.max()}, mean {agree.mean():.3f} "
-            f"(the bundle itself changes the picture by {change.mean():.2f} on average)")
+            f"the webui's {algorithm} differs from Pivotal's ΔW: max {agree.max()}, mean {agree.mean():.3f}")
         # the character, on backgrounds none of the training pictures had
         readings = [read_picture(_image(drawn))] + [
             read_picture(_image(tiny_world.txt2img(f"{text} <lora:{name}:1>", seed=s, steps=STEPS)[0]))
@@ -169,6 +165,12 @@ def test_the_webui_lora_extension_draws_the_bundle_as_pivotal_computes_it(
         colours = (EXAMPLE_CHARACTER.colour, EXAMPLE_CHARACTER.accent)
         hits = sum(r.colour in colours for r in readings)
         assert hits >= len(SEEDS) - 1, [(r.background, r.colour) for r in readings]
+        # last, a generation without the tag: the webui un-merges a LoRA at its next generation, so
+        # after it the weights (and the embedding database) must be as before the run
+        base, _ = tiny_world.txt2img(prompt, seed=seed, steps=STEPS)
+        change = abs(a - _array(base))
+        print(f"{algorithm}: |webui - base| mean {change.mean():.2f}")
+        assert change.mean() > max(2.0, 10 * agree.mean()), "the bundle did not change the picture"
     finally:
         reference.unlink(missing_ok=True)
     assert tiny_world.request("GET", "/pivotal/v1/host") == before_host

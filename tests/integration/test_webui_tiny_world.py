@@ -241,14 +241,14 @@ def test_the_xyz_plot_bundle_part_axis_shows_where_the_character_comes_from(
     width, height = Image.open(io.BytesIO(grid)).size
     assert width >= 64 * len(READ_COLUMNS) and height >= 64 * len(SEEDS)
     prompts = {"full": f"{prompt} <lora:{name}:1>", "emb": f"{prompt} <lora:{name}:0>", "base": prompt}
-    part_of = {text: part for part, text in prompts.items()}
-    assert sorted((part_of.get(c.prompt, c.prompt), c.seed) for c in cells) == sorted(
-        (part, seed) for part in READ_COLUMNS for seed in SEEDS)
+    assert sorted((c.x, c.y) for c in cells) == sorted((part, str(seed)) for part in READ_COLUMNS for seed in SEEDS)
     hits = {c: 0 for c in READ_COLUMNS}
     detail = []
     for cell in cells:
+        # the cell in the part's column carries that part's prompt, and the seed of its row
+        assert (cell.prompt, cell.seed) == (prompts[cell.x], int(cell.y)), (cell.x, cell.y, cell.prompt, cell.seed)
         reading = read_picture(cell.image())
-        hits[part_of[cell.prompt]] += _is_character(reading)
-        detail.append((part_of[cell.prompt], cell.seed, reading.background, reading.colour))
+        hits[cell.x] += _is_character(reading)
+        detail.append((cell.x, cell.seed, reading.background, reading.colour))
     _assert_where_the_character_comes_from(hits, len(SEEDS), detail)
     assert tiny_world.request("GET", "/pivotal/v1/host") == character_bundle["host"]
