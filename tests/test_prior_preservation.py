@@ -21,6 +21,7 @@ from pivotal.text.embeddings import EmbeddingSet  # noqa: E402
 from pivotal.training.config import EmbeddingSpec, TrainConfig  # noqa: E402
 from pivotal.training.progress import ProgressEvent  # noqa: E402
 from pivotal.training.trainer import train  # noqa: E402
+from pivotal.ui.dataset_check import check_dataset  # noqa: E402
 
 # ``host`` (the demo sd1 host) and ``data_dir`` (its dataset) are fixtures in conftest.py.
 CLASS_PROMPT = "a red circle on a blue background"
@@ -70,6 +71,10 @@ def test_class_images_are_generated_through_the_host_cached_and_reused(host, dat
     classes = tmp_path / "classes"
     before = unet_digest(host)
     events: list[ProgressEvent] = []
+    # the form's "Check dataset" says what will be drawn, and draws nothing
+    assert "0 generated earlier (reused), 2 to generate" in check_dataset(config(data_dir, tmp_path / "a",
+                                                                                 class_dir=str(classes)), host)
+    assert not classes.exists()
     with Recorder(host) as rec:
         first = train(config(data_dir, tmp_path / "a", class_dir=str(classes)), host, on_event=events.append)
     assert first.status == "completed"
@@ -91,6 +96,8 @@ def test_class_images_are_generated_through_the_host_cached_and_reused(host, dat
     pre = next(e for e in events if e.kind == "preflight")
     assert (pre.data["class_images"]["reused"], pre.data["class_images"]["generated"]) == (2, 0)
     assert "2 reused" in pre.message
+    assert "2 generated earlier (reused), 0 to generate" in check_dataset(
+        config(data_dir, tmp_path / "b", class_dir=str(classes)), host)
 
     # another size is another key: those images are not used, one new one is made
     with Recorder(host) as rec:

@@ -129,15 +129,10 @@ def _blank(image: Any) -> bool:
     return all(low == high for low, high in extrema)
 
 
-def ensure_class_images(cfg: TrainConfig, host: TrainingHost, stop: threading.Event | None = None,
-                        progress: Callable[[int, int], None] | None = None) -> tuple[ClassImagesReport, list[Path]]:
-    """Find the class images and generate what ``class_count`` still lacks through ``host.generate``
-    (call it before any LoRA is attached). Returns the report and the images to train with (the
-    user's first, then generated ones by number). ``progress(done, total)`` after each generated
-    image; ``stop`` set: generation ends early (what was made stays cached)."""
+def _plan(cfg: TrainConfig, host: TrainingHost) -> tuple[ClassImagesReport, list[Path], dict[int, Path]]:
+    """(the report before generating, the images found to use, {n: cached generated image n})."""
     folder = class_folder(cfg)
-    size = cfg.resolution
-    key = class_cache_key(host, cfg.class_prompt, size, size, cfg.class_steps)
+    key = class_cache_key(host, cfg.class_prompt, cfg.resolution, cfg.resolution, cfg.class_steps)
     user, mine, others = _scan(folder, key)
     report = ClassImagesReport(str(folder), cfg.class_prompt, key, cfg.class_count, len(user), 0, 0, others)
     want = cfg.class_count or len(user) + len(mine)
@@ -145,6 +140,24 @@ def ensure_class_images(cfg: TrainConfig, host: TrainingHost, stop: threading.Ev
     reuse = [mine[n] for n in sorted(mine)][:want - len(chosen)]
     report.reused = len(reuse)
     chosen += reuse
+    report.used, report.missing = len(chosen), want - len(chosen)
+    return report, chosen, mine
+
+
+def plan_class_images(cfg: TrainConfig, host: TrainingHost) -> ClassImagesReport:
+    """What :func:`ensure_class_images` would find, without generating (``missing``: to generate)."""
+    return _plan(cfg, host)[0]
+
+
+def ensure_class_images(cfg: TrainConfig, host: TrainingHost, stop: threading.Event | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> tuple[ClassImagesReport, list[Path]]:
+    """Find the class images and generate what ``class_count`` still lacks through ``host.generate``
+    (call it before any LoRA is attached). Returns the report and the images to train with (the
+    user's first, then generated ones by number). ``progress(done, total)`` after each generated
+    image; ``stop`` set: generation ends early (what was made stays cached)."""
+    report, chosen, mine = _plan(cfg, host)
+    folder, key, size = Path(report.folder), report.key, cfg.resolution
+    want = report.wanted or len(chosen)
     need = want - len(chosen)
     if need > 0:
         try:

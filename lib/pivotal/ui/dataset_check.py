@@ -36,4 +36,12 @@ def check_dataset(config: TrainConfig, host: Any) -> str:
     _, report = run_preflight(dataset_options(config), vectors, tokenizer)
     verdict = ("Ready: training can start." if not report.errors
                else "Training would be refused: fix the ERROR lines first.")
-    return f"{report.format()}\n\n{verdict}"
+    classes = ""
+    if config.class_prompt and host is not None:  # prior preservation: what is there, what will be drawn
+        from pivotal.training.prior import plan_class_images
+
+        plan = plan_class_images(config, host)
+        classes = (f"\n\nClass images (prior preservation): {plan.folder}, prompt {plan.prompt!r}\n"
+                   f"  {plan.found} found, {plan.reused} generated earlier (reused), {plan.missing} to generate "
+                   "before training")
+    return f"{report.format()}{classes}\n\n{verdict}"
