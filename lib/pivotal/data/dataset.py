@@ -52,7 +52,7 @@ from pivotal.data.images import (
     relative_name,
     scan_folder,
 )
-from pivotal.data.masks import ALPHA, MaskRef, find_mask, load_mask, summarise_masks
+from pivotal.data.masks import ALPHA, MaskRef, find_mask, index_masks, load_mask, summarise_masks
 from pivotal.data.report import LongCaption, PreflightReport, SkippedImage
 from pivotal.data.weighting import LossScales, folder_repeats
 from pivotal.errors import DatasetError
@@ -205,6 +205,7 @@ def run_preflight(options: DatasetOptions, embedding_vectors: Mapping[str, int],
     if scales is not None:
         report.errors += scales.errors
         report.loss_scales = dict(scales.values)
+    mask_index = index_masks(Path(opts.mask_dir)) if opts.masked and opts.mask_dir else {}
     if opts.masked:
         report.mask_source = str(opts.mask_dir) if opts.mask_dir else ALPHA
     first_of: dict[str, str] = {}
@@ -265,7 +266,8 @@ def run_preflight(options: DatasetOptions, embedding_vectors: Mapping[str, int],
             if found is not None:
                 repeats = report.repeats[found[0]] = found[1]
             weight = scales.of(path)
-        mask = find_mask(opts.mask_dir, rel, decoded.has_alpha, (h, w), report) if opts.masked else None
+        mask = (find_mask(opts.mask_dir, mask_index, rel, decoded.has_alpha, (h, w), report) if opts.masked
+                else None)
         items.append(DatasetItem(path=path, name=rel, sha256=decoded.sha256, original_hw=(h, w), resized_hw=resized_hw,
                                  crop_yx=crop_yx, target_hw=(bh, bw), background=background, caption=caption,
                                  trigger=trigger, caption_file=caption_file, tokens=tokens, repeats=repeats,

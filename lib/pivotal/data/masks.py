@@ -52,23 +52,17 @@ class MaskRef:
     sha256: str = ""
 
 
-def find_mask_file(mask_dir: Path, image_name: str) -> Path | None:
-    """The mask of dataset image ``image_name`` (relative, "/"): same relative folder and stem,
-    any image extension (case-insensitive); None when there is none."""
-    rel = Path(image_name)
-    folder = mask_dir / rel.parent
-    stem = rel.stem
-    if not folder.is_dir():
-        return None
-    try:
-        names = sorted(p.name for p in folder.iterdir())
-    except OSError:
-        return None
-    for name in names:
-        p = folder / name
-        if Path(name).stem == stem and name.lower().endswith(IMAGE_EXTENSIONS) and p.is_file():
-            return p
-    return None
+def index_masks(mask_dir: Path) -> dict[str, Path]:
+    """{relative path without extension ("sub/a"): mask file} of every image file under
+    ``mask_dir`` (hidden files skipped; of two masks with one stem, the first by name)."""
+    index: dict[str, Path] = {}
+    for path in sorted(mask_dir.rglob("*")):
+        rel = path.relative_to(mask_dir)
+        if any(part.startswith(".") for part in rel.parts) or not path.name.lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        if path.is_file():
+            index.setdefault(rel.with_suffix("").as_posix(), path)
+    return index
 
 
 def _grey(img: Image.Image) -> Image.Image:
@@ -135,10 +129,11 @@ def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(mask, size=latent_hw, mode="area")
 
 
-def find_mask(mask_dir: str | os.PathLike[str], rel: str, has_alpha: bool, image_hw: tuple[int, int],
-              report: PreflightReport) -> MaskRef | None:
-    """Dataset image ``rel``'s mask: in ``mask_dir``, or its alpha channel when ``mask_dir`` is
-    empty; recorded in ``report`` (found, missing, or of another size: then None)."""
+def find_mask(mask_dir: str | os.PathLike[str], index: dict[str, Path], rel: str, has_alpha: bool,
+              image_hw: tuple[int, int], report: PreflightReport) -> MaskRef | None:
+    """Dataset image ``rel``'s mask: in ``mask_dir`` (``index``: :func:`index_masks` of it), or its
+    alpha channel when ``mask_dir`` is empty; recorded in ``report`` (found, missing, or of another
+    size: then None)."""
     if not mask_dir:
         if not has_alpha:
             report.masks_missing.append(rel)
@@ -146,7 +141,7 @@ def find_mask(mask_dir: str | os.PathLike[str], rel: str, has_alpha: bool, image
         report.masks_found += 1
         return MaskRef(None, ALPHA)
     folder = Path(mask_dir)
-    path = find_mask_file(folder, rel)
+    path = index.get(Path(rel).with_suffix("").as_posix())
     if path is None:
         report.masks_missing.append(rel)
         return None
