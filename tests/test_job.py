@@ -67,7 +67,8 @@ class FakeTrainer:
             loss = 1.0 / step
             losses.append(loss)
             emit(ProgressEvent("step", step=step, total=cfg.steps, loss=loss, smoothed_loss=smoother.update(loss),
-                               lrs={"unet": 1e-4}, eta_s=float(cfg.steps - step), phase="together"))
+                               lrs={"unet": 1e-4}, eta_s=float(cfg.steps - step), phase="together",
+                               data={"grad_norm": 10.0 * step}))
             if self.warn:
                 emit(ProgressEvent("warning", step=step, message=f"warn {step}"))
             if self.validate and step % 2 == 0:
@@ -127,6 +128,7 @@ def test_completed_run_snapshot() -> None:
     assert snap["warnings"] == [f"warn {i}" for i in range(1, 6)]
     assert snap["preview_count"] == 5 and snap["preview_png_base64"] and snap["preview_path"] == "/out/previews/5.png"
     assert snap["phase"] == "together" and snap["eta_s"] == 0.0 and snap["message"] == "completed"
+    assert snap["grad_norm"] == 50.0  # the last step's
     assert [p.step for p in job.previews()] == [1, 2, 3, 4, 5]
     assert job.latest_preview().getpixel((0, 0)) == (50, 0, 0)
     assert fake.calls[0]["host"] is HOST and fake.calls[0]["resume"] == "/out/state"

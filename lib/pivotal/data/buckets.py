@@ -117,18 +117,24 @@ class BucketBatches:
     batch rather than dropped images or a batch mixing sizes). The batches of all buckets are then
     shuffled with ``seeded_rng("epoch", seed, epoch)``. Every image is seen once per epoch.
 
+    ``repeats[i]`` (default 1 each) puts item ``i`` that many times into every epoch (kohya's
+    ``N_name`` folders); with all ones the order is exactly the one without repeats.
+
     ``batch_at(step)`` (item indices) is a pure function of ``(seed, step)``, so training can
     resume at any step.
     """
 
-    def __init__(self, bucket_of_item: Sequence[Hashable], batch_size: int, seed: int) -> None:
+    def __init__(self, bucket_of_item: Sequence[Hashable], batch_size: int, seed: int,
+                 repeats: Sequence[int] | None = None) -> None:
         if batch_size < 1:
             raise DatasetError(f"batch_size {batch_size} must be >= 1")
         if len(bucket_of_item) == 0:
             raise DatasetError("no images to make batches from")
+        if repeats is not None and (len(repeats) != len(bucket_of_item) or min(repeats) < 1):
+            raise DatasetError(f"repeats: need one count >= 1 per item ({len(bucket_of_item)} items)")
         groups: dict[Hashable, list[int]] = {}
         for index, bucket in enumerate(bucket_of_item):
-            groups.setdefault(bucket, []).append(index)
+            groups.setdefault(bucket, []).extend([index] * (1 if repeats is None else repeats[index]))
         # Sorted by repr: a fixed order whatever the insertion order or hash seed.
         self._groups = [(key, groups[key]) for key in sorted(groups, key=repr)]
         self.batch_size = batch_size

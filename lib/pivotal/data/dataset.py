@@ -7,8 +7,10 @@ the :class:`Dataset` and the :class:`~pivotal.data.report.PreflightReport`. What
 pre-flight accepted decodes the same way mid-run. :func:`run_preflight` gives the report
 without refusing (for a UI's "check dataset" button).
 
-The scan is recursive (kohya-style ``10_name`` sub-folders are read; the repeat prefix is not
-interpreted); see :func:`pivotal.data.images.scan_folder` for hidden files and links.
+The scan is recursive; see :func:`pivotal.data.images.scan_folder` for hidden files and links.
+With ``folder_repeats`` a kohya-style ``10_name`` sub-folder repeats its images and a
+``loss_scale.txt`` weights its folder's loss (:mod:`pivotal.data.weighting`); with ``masked`` each
+image gets a loss mask (:mod:`pivotal.data.masks`).
 
 An image smaller than its bucket, and one over ``max_pixels`` or ``max_aspect``, is a bad image
 like an unreadable one: the run refuses unless ``skip_bad_images`` (``upscale_small`` allows
@@ -50,7 +52,9 @@ from pivotal.data.images import (
     relative_name,
     scan_folder,
 )
+from pivotal.data.masks import ALPHA, MaskRef, find_mask, index_masks, load_mask, summarise_masks
 from pivotal.data.report import LongCaption, PreflightReport, SkippedImage
+from pivotal.data.weighting import LossScales, folder_repeats
 from pivotal.errors import DatasetError
 from pivotal.host_api import SizeInfo
 from pivotal.text.names import validate_embedding_name
@@ -76,6 +80,9 @@ class DatasetOptions:
     are bad). ``background`` (white: what transparency is composited on). ``caption_extensions``
     ((".txt", ".caption"), in order of preference). ``seed`` (0: batch order, flips, shuffles).
     ``lossy_captions`` (False: a caption that is not valid UTF-8 refuses the run).
+    ``folder_repeats`` (False: ``N_name`` folders and ``loss_scale.txt`` files mean nothing).
+    ``masked`` (False): every image gets a loss mask, from ``mask_dir`` (a folder) or, when that
+    is empty, from its alpha channel.
     """
 
     folder: str | os.PathLike[str]
@@ -97,6 +104,9 @@ class DatasetOptions:
     caption_extensions: tuple[str, ...] = (".txt", ".caption")
     seed: int = 0
     lossy_captions: bool = False
+    folder_repeats: bool = False
+    masked: bool = False
+    mask_dir: str | os.PathLike[str] = ""
 
     def validate(self) -> "DatasetOptions":
         """Return self when every setting is usable, else raise DatasetError naming it."""
@@ -105,7 +115,8 @@ class DatasetOptions:
 
         if not str(self.folder):
             raise bad("folder", "no folder given")
-        for name in ("bucketing", "shuffle_tags", "flip", "skip_bad_images", "upscale_small", "lossy_captions"):
+        for name in ("bucketing", "shuffle_tags", "flip", "skip_bad_images", "upscale_small", "lossy_captions",
+                     "folder_repeats", "masked"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be True or False")
         for name, low in (("resolution", 8), ("bucket_step", 8), ("batch_size", 1), ("keep_tags", 0),
@@ -124,6 +135,8 @@ class DatasetOptions:
         if (self.min_side or 0) > self.resolution or (self.max_side or self.resolution) < self.resolution:
             raise DatasetError(f"dataset settings min_side {self.min_side} / max_side {self.max_side} must "
                                f"leave resolution {self.resolution} in between")
+        if self.mask_dir and not Path(self.mask_dir).is_dir():
+            raise bad("mask_dir", "is not a folder; give the folder of masks (or leave it empty for alpha channels)")
         if not _is_number(self.caption_dropout) or not 0.0 <= self.caption_dropout <= 1.0:
             raise bad("caption_dropout", "must be a probability between 0 and 1")
         if not _is_number(self.max_aspect) or not self.max_aspect >= 1.0:
@@ -154,12 +167,17 @@ class DatasetItem(ImageItem):
     ``caption``: with the trigger applied, before per-step shuffling/dropout. ``trigger``: the
     names it contains. ``caption_file``: relative path, None when missing or empty.
     ``tokens``: caption length in tokens (names as their vectors); None without a tokenizer.
+    ``repeats``: times per epoch; ``loss_weight``: multiplies its loss; ``mask``: its loss mask
+    (None: no masking, or no mask found: the whole image counts).
     """
 
     caption: str
     trigger: str
     caption_file: str | None
     tokens: int | None
+    repeats: int = 1
+    loss_weight: float = 1.0
+    mask: MaskRef | None = None
 
 
 def run_preflight(options: DatasetOptions, embedding_vectors: Mapping[str, int],
@@ -183,6 +201,13 @@ def run_preflight(options: DatasetOptions, embedding_vectors: Mapping[str, int],
     buckets = (make_buckets(opts.resolution, opts.bucket_step, opts.min_side, opts.max_side) if opts.bucketing
                else [(opts.resolution, opts.resolution)])
     captions = CaptionFinder(scan.others, tuple(opts.caption_extensions))
+    scales = LossScales(folder, scan.others) if opts.folder_repeats else None
+    if scales is not None:
+        report.errors += scales.errors
+        report.loss_scales = dict(scales.values)
+    mask_index = index_masks(Path(opts.mask_dir)) if opts.masked and opts.mask_dir else {}
+    if opts.masked:
+        report.mask_source = str(opts.mask_dir) if opts.mask_dir else ALPHA
     first_of: dict[str, str] = {}
     items: list[DatasetItem] = []
     background = (int(opts.background[0]), int(opts.background[1]), int(opts.background[2]))
@@ -230,10 +255,27 @@ def run_preflight(options: DatasetOptions, embedding_vectors: Mapping[str, int],
             report.duplicates.append((first_of[decoded.sha256], rel))
             report.warnings.append(f"duplicate images (identical bytes): {first_of[decoded.sha256]} and {rel}")
         first_of.setdefault(decoded.sha256, rel)
+        repeats, weight = 1, 1.0
+        if scales is not None:
+            try:
+                found = folder_repeats(rel)
+            except DatasetError as e:
+                if str(e) not in report.errors:  # once per folder
+                    report.errors.append(str(e))
+                found = None
+            if found is not None:
+                repeats = report.repeats[found[0]] = found[1]
+            weight = scales.of(path)
+        mask = (find_mask(opts.mask_dir, mask_index, rel, decoded.has_alpha, (h, w), report) if opts.masked
+                else None)
         items.append(DatasetItem(path=path, name=rel, sha256=decoded.sha256, original_hw=(h, w), resized_hw=resized_hw,
                                  crop_yx=crop_yx, target_hw=(bh, bw), background=background, caption=caption,
-                                 trigger=trigger, caption_file=caption_file, tokens=tokens))
-    _summarise(report, opts, items, scan, captions.used, " ".join(names))
+                                 trigger=trigger, caption_file=caption_file, tokens=tokens, repeats=repeats,
+                                 loss_weight=weight, mask=mask))
+    used = captions.used | (set(scales.files.values()) if scales is not None else set())
+    _summarise(report, opts, items, scan, used, " ".join(names))
+    if opts.masked:
+        summarise_masks(report, len(items), LIST_IN_ERROR)
     return items, report
 
 
@@ -295,6 +337,19 @@ class Batch:
     def pixels(self) -> torch.Tensor:
         return torch.stack([load_pixels(item, flip) for item, flip in zip(self.items, self.flipped)])
 
+    @property
+    def loss_weights(self) -> torch.Tensor:
+        """(B,) float32: each item's loss weight (its folder's ``loss_scale.txt``, else 1)."""
+        return torch.tensor([item.loss_weight for item in self.items], dtype=torch.float32)
+
+
+def item_mask(item: DatasetItem, flip: bool) -> torch.Tensor:
+    """(1, H, W) float32 in [0, 1]: the item's loss mask through its crop and flip; all ones for an
+    item without one (it trains on the whole picture)."""
+    if item.mask is None:
+        return torch.ones(1, *item.target_hw)
+    return load_mask(item.mask, item, flip)
+
 
 class Dataset:
     """The images the trainer reads, with a batch order that is a pure function of (seed, step)."""
@@ -304,7 +359,8 @@ class Dataset:
             raise DatasetError(f"dataset {options.folder}: no usable image")
         self.items = list(items)
         self.options = options
-        self.order = BucketBatches([item.target_hw for item in self.items], options.batch_size, options.seed)
+        self.order = BucketBatches([item.target_hw for item in self.items], options.batch_size, options.seed,
+                                   [item.repeats for item in self.items])
 
     def __len__(self) -> int:
         return len(self.items)

@@ -60,6 +60,8 @@ class DecodedImage:
     sha256: str
     animated: bool
     notes: tuple[str, ...]
+    #: the file has an alpha channel or a transparent colour (usable as a loss mask)
+    has_alpha: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ def decode_image(
                 if animated:
                     img.seek(0)
                 img.load()
+                alpha = has_alpha(img)
                 rgb = _orient_and_convert(img, name, background, notes)
     except Image.UnidentifiedImageError as e:
         raise ImageRejected(name, "not an image Pillow can read (unknown format or a damaged header)") from e
@@ -131,7 +134,7 @@ def decode_image(
         raise ImageRejected(name, f"cannot decode: {e}") from e
     if animated:
         notes.append(f"{name}: animated image; only the first frame is used")
-    return DecodedImage(rgb, digest, animated, tuple(notes))
+    return DecodedImage(rgb, digest, animated, tuple(notes), alpha)
 
 
 def _check_header(size: tuple[int, int], name: str, max_pixels: int | None, max_aspect: float | None) -> None:
@@ -164,6 +167,11 @@ def _orient_and_convert(img: Image.Image, name: str, background: RGB, notes: lis
         raise ImageRejected(name, f"colour mode {oriented.mode} cannot be converted to RGB ({e})") from e
 
 
+def has_alpha(img: Image.Image) -> bool:
+    """True when ``img`` has an alpha channel or a ``transparency`` entry."""
+    return img.mode in _ALPHA_MODES or "transparency" in img.info
+
+
 def to_rgb(img: Image.Image, background: RGB = (255, 255, 255)) -> Image.Image:
     """8-bit RGB from any Pillow mode.
 
@@ -176,7 +184,7 @@ def to_rgb(img: Image.Image, background: RGB = (255, 255, 255)) -> Image.Image:
     """
     if img.mode in _DEEP_MODES:
         img = deep_to_8bit(img)
-    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+    if has_alpha(img):
         rgba = img.convert("RGBA")
         base = Image.new("RGBA", rgba.size, (*background, 255))
         return Image.alpha_composite(base, rgba).convert("RGB")

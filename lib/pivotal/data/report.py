@@ -32,6 +32,9 @@ class PreflightReport:
 
     ``errors`` are refusals (the run does not start while there is one); ``warnings`` are
     worth reading but do not stop it. ``name_tokens`` is empty when no tokenizer was given.
+    ``repeats``: {``N_name`` folder: N}; ``loss_scales``: {``loss_scale.txt`` file: value}.
+    ``mask_source``: the mask folder, "alpha", or "" (no masked loss); masks ``found`` (count),
+    ``missing`` (images) and ``mismatched`` (mask and image sizes).
     """
 
     folder: str
@@ -49,6 +52,12 @@ class PreflightReport:
     duplicates: list[tuple[str, str]] = field(default_factory=list)
     buckets: dict[str, int] = field(default_factory=dict)
     name_tokens: dict[str, list[str]] = field(default_factory=dict)
+    repeats: dict[str, int] = field(default_factory=dict)
+    loss_scales: dict[str, float] = field(default_factory=dict)
+    mask_source: str = ""
+    masks_found: int = 0
+    masks_missing: list[str] = field(default_factory=list)
+    masks_mismatched: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -89,6 +98,18 @@ class PreflightReport:
                          + "; ".join(f"{a} = {b}" for a, b in self.duplicates[:SHOW_FIRST]) + _tail(self.duplicates))
         if self.buckets:
             lines.append("  buckets (w x h): " + ", ".join(f"{b}: {n}" for b, n in self.buckets.items()))
+        if self.repeats:
+            lines.append("  repeats (N_name folders): " + ", ".join(f"{f}: x{n}" for f, n in self.repeats.items()))
+        if self.loss_scales:
+            lines.append("  loss weights (loss_scale.txt): "
+                         + ", ".join(f"{f}: {v:g}" for f, v in self.loss_scales.items()))
+        if self.mask_source:
+            lines.append(f"  masks ({self.mask_source}): {self.masks_found} found, {len(self.masks_missing)} missing, "
+                         f"{len(self.masks_mismatched)} of another size")
+            if self.masks_missing:
+                lines.append(f"    missing: {', '.join(self.masks_missing[:SHOW_FIRST])}" + _tail(self.masks_missing))
+            lines += [f"    size: {m}" for m in self.masks_mismatched[:SHOW_FIRST]]
+            lines += _more(self.masks_mismatched)
         for name, tokens in self.name_tokens.items():
             lines.append(f"  {name!r} tokenizes as {' | '.join(tokens)}")
         lines += [f"  warning: {w}" for w in self.warnings]

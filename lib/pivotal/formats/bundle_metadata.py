@@ -50,6 +50,14 @@ class TrainingInfo:
     prior: dict[str, Any] = field(default_factory=dict)
     #: DreamArtist++: {"cfg": scale, "negatives": {positive: negative name}} (empty: off)
     dreamartist: dict[str, Any] = field(default_factory=dict)
+    #: the training objective, as kohya records it (``ss_zero_terminal_snr``, ``ss_max_grad_norm``,
+    #: ``ss_masked_loss``, ``ss_v_parameterization``); None: not recorded
+    zero_terminal_snr: bool | None = None
+    max_grad_norm: float | None = None
+    masked_loss: bool | None = None
+    v_prediction: bool | None = None
+    #: what the dataset's folders said (``pivotal.dataset``): repeats, loss scales, masks found
+    dataset: dict[str, Any] = field(default_factory=dict)
 
 
 def lora_rank_alpha(lora: dict[str, torch.Tensor]) -> tuple[int, float]:
@@ -126,11 +134,21 @@ def build_metadata(base_model: str, lora: dict[str, torch.Tensor], embeddings: l
     if info.validation_loss is not None:
         meta["pivotal.validation_loss"] = repr(float(info.validation_loss))
         meta["pivotal.validation_step"] = str(int(info.validation_step))
+    for flag, on in (("ss_zero_terminal_snr", info.zero_terminal_snr), ("ss_masked_loss", info.masked_loss),
+                     ("ss_v_parameterization", info.v_prediction)):
+        if on is not None:
+            meta[flag] = str(bool(on))  # kohya's spelling: "True" / "False"
+    if info.max_grad_norm is not None:
+        meta["ss_max_grad_norm"] = repr(float(info.max_grad_norm))
+    if info.zero_terminal_snr is not None:
+        meta["pivotal.noise_schedule"] = "zero_terminal_snr" if info.zero_terminal_snr else "model"
+    if info.dataset:
+        meta["pivotal.dataset"] = json.dumps(info.dataset, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
     if info.sweep:
         meta["pivotal.sweep"] = json.dumps(info.sweep, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-    for key, value in (("pivotal.prior", info.prior), ("pivotal.dreamartist", info.dreamartist)):
-        if value:
-            meta[key] = json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    for key, record in (("pivotal.prior", info.prior), ("pivotal.dreamartist", info.dreamartist)):
+        if record:
+            meta[key] = json.dumps(record, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
     if info.base_checkpoint:
         meta["ss_sd_model_name"] = info.base_checkpoint
     if info.base_checkpoint_hash:

@@ -15,8 +15,9 @@ from typing import Callable
 import torch
 
 from pivotal.data.buckets import seeded_rng
-from pivotal.data.dataset import Dataset, DatasetItem, DatasetOptions, prepare_dataset
+from pivotal.data.dataset import Dataset, DatasetItem, DatasetOptions, item_mask, prepare_dataset
 from pivotal.data.latent_cache import LatentCache
+from pivotal.data.masks import latent_mask
 from pivotal.errors import ConfigError, DatasetError
 from pivotal.host_api import SizeInfo, TrainingHost
 from pivotal.training.config import TrainConfig
@@ -29,9 +30,12 @@ class Batches:
     dataset: Dataset
     host: TrainingHost
     cache: LatentCache | None
+    #: the masked loss's weight outside the mask (used when the dataset's options ask for masks)
+    unmasked_weight: float = 0.0
 
     def __init__(self, dataset: Dataset, host: TrainingHost, cache: LatentCache | None) -> None:
         self.dataset, self.host, self.cache = dataset, host, cache
+        self._masks: dict[tuple, torch.Tensor] = {}
 
     def get(self, index: int) -> tuple[torch.Tensor, list[str], list[SizeInfo]]:
         """Latents (B, C, h, w) fp32 on the host's device: encoded there, or copied there once from
@@ -60,6 +64,25 @@ class Batches:
             latents = self.host.encode_images(batch.pixels[part]).float()
         return latents, list(batch.captions[part]), list(batch.sizes[part]), count, part
 
+    def loss_weights(self, index: int, latent_hw: tuple[int, int], part: slice = slice(None)
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Micro-step ``index``'s (samples ``part``) loss weights: per sample (B,) float32 on the CPU
+        (``loss_scale.txt``), and the masked-loss weight map (B, 1, h, w) on the host's device,
+        ``unmasked_weight + (1 - unmasked_weight) * mask`` at latent size (None: no masked loss)."""
+        batch = self.dataset.batch_at(index)
+        weights = batch.loss_weights[part]
+        if not self.dataset.options.masked:
+            return weights, None
+        maps = []
+        for item, flip in zip(batch.items[part], batch.flipped[part]):
+            key = (item.name, item.sha256, item.mask, flip, latent_hw)
+            m = self._masks.get(key)
+            if m is None:
+                m = self._masks[key] = latent_mask(item_mask(item, flip).unsqueeze(0), latent_hw)
+            maps.append(m)
+        mask = torch.cat(maps).to(self.host.device)
+        return weights, self.unmasked_weight + (1.0 - self.unmasked_weight) * mask
+
 
 class BatchSource(Batches):
     """The training images' :class:`Batches`, built from the settings: the pre-flight, the
@@ -72,7 +95,11 @@ class BatchSource(Batches):
             folder=config.data_dir, resolution=config.resolution, bucket_step=config.bucket_step,
             bucketing=config.bucketing, batch_size=config.batch_size, shuffle_tags=config.shuffle_tags,
             keep_tags=config.keep_tags, caption_dropout=config.caption_dropout, flip=config.flip,
-            skip_bad_images=config.skip_bad_images, seed=config.seed)
+            skip_bad_images=config.skip_bad_images, seed=config.seed, folder_repeats=config.folder_repeats,
+            masked=config.masked_loss, mask_dir=config.mask_dir)
+        self.unmasked_weight = config.unmasked_weight
+        #: {(image, mask, flip, latent size): (1, 1, h, w) latent-size mask}: decoded once per run
+        self._masks: dict[tuple, torch.Tensor] = {}
         vectors = {e.name: e.vectors for e in config.embeddings}
         self.dataset, self.report = prepare_dataset(options, vectors, host.tokenizer("clip_l"))
         self.warnings: list[str] = list(getattr(self.report, "warnings", []))

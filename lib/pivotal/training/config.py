@@ -45,6 +45,11 @@ LORA_PRESETS = ("attn", "attn-mlp", "attn-mlp-conv")
 DEMO_SETTINGS: dict[str, Any] = {"resolution": 64, "bucket_step": 16, "steps": 150, "unet_lr": 2e-3,
                                  "embedding_lr": 1e-2, "lora_preset": "attn-mlp-conv"}
 DEMO_EMBEDDING = "mychar:2:person"
+#: Settings added after resume files were first written, at their defaults: a resume file that
+#: does not record them matches a run that leaves them there.
+NEWER_SETTINGS = ("max_grad_norm", "zero_terminal_snr", "folder_repeats", "masked_loss", "unmasked_weight",
+                  "class_prompt", "class_count", "prior_loss_weight", "class_steps", "dreamartist",
+                  "dreamartist_cfg", "dreamartist_suffix", "dreamartist_vectors")
 
 
 @dataclass
@@ -115,6 +120,18 @@ class TrainConfig:
                                      group="data", limits=FRACTION, label="caption dropout")
     skip_bad_images: bool = setting(False, "leave out unreadable images instead of refusing the dataset",
                                     group="data", label="skip unreadable images")
+    # kohya's folder convention: 10_name/ = every image in it ten times per epoch
+    folder_repeats: bool = setting(True, "read a sub-folder named N_name (kohya) as N repeats of its images per "
+                                   "epoch; a loss_scale.txt (EveryDream2) in a folder weights its images' loss",
+                                   group="data", label="N_name folder repeats and loss_scale.txt")
+    masked_loss: bool = setting(False, "weight the loss by a mask per image: mask_dir/IMAGE-STEM.png, else the "
+                                "image's alpha channel (white = trained, black = unmasked_weight)", group="data",
+                                label="masked loss")
+    mask_dir: str = setting("", "the folder of masks, one per image with the image's relative path and stem "
+                            "(empty: the images' alpha channels)", group="data", metavar="DIR",
+                            label="mask folder (empty = alpha channel)")
+    unmasked_weight: float = setting(0.0, "masked loss: the loss weight of the area outside the mask (0 = ignored)",
+                                     group="data", limits=FRACTION, label="masked loss: weight outside the mask")
     latent_cache: str = setting("memory", "where encoded latents are kept between epochs", group="data",
                                 choices=("memory", "disk", "off"), form=FORM_ADVANCED, label="latent cache")
 
@@ -182,6 +199,14 @@ class TrainConfig:
                                    limits=NON_NEGATIVE, label="min-SNR gamma (0 = off)")
     noise_offset: float = setting(0.0, "noise offset (brighter brights, darker darks)", group="optimizer",
                                   limits=NON_NEGATIVE, label="noise offset")
+    # kohya / diffusers default; 0 = off
+    max_grad_norm: float = setting(1.0, "clip the norm of all trained gradients to this before each update "
+                                   "(0 = off)", group="optimizer", limits=NON_NEGATIVE,
+                                   label="max gradient norm (0 = off)")
+    # Lin et al. 2023: the last timestep is pure noise, as sampling starts; needs v-prediction
+    zero_terminal_snr: bool = setting(False, "rescale the noise schedule so its last timestep has SNR 0 (Lin et al. "
+                                      "2023; needs prediction_type v_prediction)", group="optimizer",
+                                      form=FORM_ADVANCED, label="zero terminal SNR (needs v-prediction)")
     # consecutive non-finite losses before the run stops
     max_bad_steps: int = setting(5, "consecutive steps with a NaN/inf loss (each skipped) before the run stops",
                                  group="optimizer", limits=NON_NEGATIVE, form=FORM_ADVANCED,
@@ -290,6 +315,13 @@ class TrainConfig:
             raise ConfigError(f"embedding_steps: {self.embedding_steps} leaves no LoRA steps out of "
                               f"steps={self.steps}")
         self._validate_algorithms()
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ConfigError("zero_terminal_snr: needs prediction_type v_prediction (at SNR 0 the noisy latent is "
+                              "pure noise, so predicting the noise teaches nothing); set prediction_type to "
+                              "v_prediction or zero_terminal_snr to false")
+        if self.mask_dir and not self.masked_loss:
+            raise ConfigError(f"mask_dir: {self.mask_dir!r} is set but masked_loss is off; set masked_loss to true "
+                              "or mask_dir to empty")
         if self.validation_dir and self.validation_count:
             raise ConfigError(f"validation_dir and validation_count: both are set ({self.validation_dir!r}, "
                               f"{self.validation_count}); use a validation folder or held-back images, not both "
@@ -356,7 +388,7 @@ class TrainConfig:
         """The settings a resumed run must share with the original (paths and schedules of
         saving/previews may change between the two)."""
         d = self.to_dict()
-        for k in ("data_dir", "out_dir", "save_every", "on_interrupt", "preview_every", "preview_prompts",
+        for k in ("data_dir", "mask_dir", "out_dir", "save_every", "on_interrupt", "preview_every", "preview_prompts",
                   "preview_steps", "preview_size", "latent_cache", "save_precision", "output_name",
                   "max_bad_steps", "sweep", "validation_dir", "validation_every", "validation_timesteps",
                   "class_dir"):
@@ -364,10 +396,9 @@ class TrainConfig:
         if not d["validation_count"]:  # resume files from before validation existed stay usable
             d.pop("validation_count")
         defaults = TrainConfig()
-        for k in ("class_prompt", "class_count", "prior_loss_weight", "class_steps", "dreamartist",
-                  "dreamartist_cfg", "dreamartist_suffix", "dreamartist_vectors"):
-            if d[k] == getattr(defaults, k):  # the same for resume files from before these settings
-                d.pop(k)
+        for key in NEWER_SETTINGS:  # so do those from before these settings existed
+            if d[key] == getattr(defaults, key):
+                d.pop(key)
         return d
 
     @classmethod

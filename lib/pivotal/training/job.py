@@ -177,7 +177,7 @@ class TrainingJob:
         completed/interrupted/stopped/failed), ``run_id``, ``step``/``total``, ``loss``,
         ``smoothed_loss``, ``losses``/``smoothed_losses`` (this run's history), ``validation_loss``
         (the last held-out validation loss, or None) and ``validation_losses`` ([step, loss] each),
-        ``lrs``, ``eta_s``,
+        ``lrs``, ``grad_norm`` (the last step's, before clipping; None with max_grad_norm 0), ``eta_s``,
         ``elapsed_s``, ``phase``, ``message``, ``warnings``, ``bundle_path`` (the latest save),
         ``saved_paths``, ``preflight`` (the dataset report), ``preview_count``, ``preview_path``,
         ``stop_requested``, ``settings`` (the run's config). The same keys when idle.
@@ -190,7 +190,7 @@ class TrainingJob:
             if run is None:
                 return {"state": IDLE, "run_id": 0, "step": 0, "total": 0, "loss": None, "smoothed_loss": None,
                         "losses": [], "smoothed_losses": [], "validation_loss": None, "validation_losses": [],
-                        "lrs": {}, "eta_s": None, "phase": "",
+                        "lrs": {}, "grad_norm": None, "eta_s": None, "phase": "",
                         "message": "", "warnings": [], "bundle_path": "", "saved_paths": [], "preflight": {},
                         "result_status": "", "preview_count": 0, "elapsed_s": 0.0, "stop_requested": False,
                         "preview_path": "", "settings": {}, "validation_drift": None, "validation_drifts": [],
@@ -199,6 +199,7 @@ class TrainingJob:
             snap = {"state": run.state, "run_id": run.run_id, "step": run.step, "total": run.total,
                     "loss": run.loss, "smoothed_loss": run.smoothed_loss, "losses": list(run.losses),
                     "smoothed_losses": list(run.smoothed_losses), "lrs": dict(run.lrs), "eta_s": run.eta_s,
+                    "grad_norm": run.grad_norm,
                     "validation_loss": run.validation_losses[-1][1] if run.validation_losses else None,
                     "validation_losses": [list(v) for v in run.validation_losses],
                     "phase": run.phase, "message": run.message, "warnings": list(run.warnings),
@@ -305,6 +306,7 @@ class TrainingJob:
                     run.smoothed_losses.append(float(ev.smoothed_loss))
                 run.lrs = dict(ev.lrs)
                 run.eta_s = ev.eta_s
+                run.grad_norm = ev.data.get("grad_norm")
             elif ev.kind == "validation" and "validation_loss" in ev.data:
                 run.validation_losses.append([ev.step, float(ev.data["validation_loss"])])
                 if ev.data.get("validation_drift") is not None:

@@ -43,6 +43,8 @@ class RunState:
     #: [step, validation loss] of each evaluation (none without a validation set)
     validation_losses: list[list[float]] = field(default_factory=list)
     lrs: dict[str, float] = field(default_factory=dict)
+    #: the last step's gradient norm before clipping (None: clipping off, or no step yet)
+    grad_norm: Optional[float] = None
     eta_s: Optional[float] = None
     phase: str = ""
     message: str = ""
@@ -66,3 +68,4 @@ class RunState:
         self.step, self.total, self.loss, self.smoothed_loss, self.eta_s = 0, 0, None, None, None
         self.losses, self.smoothed_losses, self.validation_losses, self.validation_drifts = [], [], [], []
         self.lrs, self.preflight, self.bundle_path, self.previews = {}, {}, "", []
+        self.grad_norm = None

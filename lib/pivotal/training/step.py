@@ -1,5 +1,9 @@
 """One optimizer step: gradient accumulation over micro-batches, mixed precision, the
-non-finite guard, and the update."""
+non-finite guard, gradient clipping, and the update.
+
+The loss of each sample is weighted by min-SNR, its image's loss weight (``loss_scale.txt``) and,
+with ``masked_loss``, its mask; the schedule is the host's, rescaled to zero terminal SNR when
+``zero_terminal_snr`` is on (the validation loss uses the same :attr:`StepRunner.alphas`)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Sequence
 import torch
 
 from pivotal.adapters.network import LoraNetwork
+from pivotal.errors import ConfigError
 from pivotal.host_api import Conditioning, SizeInfo, TrainingHost
 from pivotal.text.embeddings import EmbeddingSet
 from pivotal.training.batches import Batches, BatchSource
@@ -23,6 +28,7 @@ from pivotal.training.losses import (
     sample_noise,
     sample_timesteps,
     training_target,
+    zero_terminal_snr,
 )
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,6 +42,17 @@ def _grad_scaler(enabled: bool):
     if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
         return torch.amp.GradScaler("cuda", enabled=enabled)
     return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
+def training_prediction(config: TrainConfig, host: TrainingHost) -> str:
+    """What the UNet is trained to predict ("epsilon" or "v_prediction"): the setting, or the
+    model's own for "auto". ConfigError when zero_terminal_snr is on and that is not v-prediction."""
+    prediction = config.prediction_type if config.prediction_type != "auto" else host.prediction_type
+    if config.zero_terminal_snr and prediction != "v_prediction":
+        raise ConfigError(f"zero_terminal_snr: needs v-prediction, but prediction_type {config.prediction_type!r} "
+                          f"means {prediction!r} for {host.label}; set prediction_type to v_prediction (the model "
+                          "learns to predict v) or zero_terminal_snr to false")
+    return prediction
 
 
 class StepRunner:
@@ -56,7 +73,11 @@ class StepRunner:
         self.batches = batches
         self.generator = generator
         self.alphas = host.alphas_cumprod().float().to(host.device)
-        self.prediction = config.prediction_type if config.prediction_type != "auto" else host.prediction_type
+        self.prediction = training_prediction(config, host)
+        if config.zero_terminal_snr:
+            self.alphas = zero_terminal_snr(self.alphas)
+        #: the total gradient norm of the last update, before clipping (None: clipping is off)
+        self.grad_norm: float | None = None
         self.device = host.device
         autocast_dtype = AUTOCAST_DTYPES.get(config.precision)
         self.autocast_dtype = autocast_dtype
@@ -155,10 +176,11 @@ class StepRunner:
         noise, t = noise_cpu.to(self.device), t_cpu.to(self.device)
         noisy = add_noise(latents, noise, t, self.alphas)
         target = training_target(self.prediction, latents, noise, t, self.alphas)
-        weights = min_snr_weights(t_cpu, self.alphas, cfg.min_snr_gamma, self.prediction)
+        image_weights, mask = source.loss_weights(index, (shape[-2], shape[-1]), part)
+        weights = min_snr_weights(t_cpu, self.alphas, cfg.min_snr_gamma, self.prediction) * image_weights
         with self.autocast():
             pred = self.predict(noisy, t, captions, sizes, guided)
-        loss = diffusion_loss(pred, target, weights)
+        loss = diffusion_loss(pred, target, weights, mask)
         if dp is not None:
             loss = loss * (t_cpu.shape[0] / count)  # this shard's share of the global batch mean
         return loss
@@ -206,6 +228,19 @@ class StepRunner:
         if dp is not None:
             dp.sum_gradients(p for group in optimizer.param_groups for p in group["params"])
             total = dp.total(total)
+        if cfg.max_grad_norm > 0:
+            self.grad_norm = self._clip(optimizer, cfg.max_grad_norm)
         self.scaler.step(optimizer)
         self.scaler.update()
         return total
+
+    def _clip(self, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+        """Clip the summed gradients of every trained tensor (LoRA and embeddings together, as kohya
+        and diffusers do) to total norm ``max_norm``; return the norm before clipping. fp16: the
+        GradScaler unscales first (its step then does not unscale again), so the limit applies to
+        the true gradients; an overflowed step (inf norm) is still skipped by the scaler."""
+        self.scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return 0.0
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))

@@ -49,7 +49,7 @@ from pivotal.training.optim import GroupSpec, apply_lrs, build_optimizer, phase_
 from pivotal.training.prior import ClassImagesReport, class_dataset, ensure_class_images
 from pivotal.training.progress import EventSink, LossSmoother, ProgressEvent, TrainResult, window_means
 from pivotal.training.state import RunState, load_state, model_fingerprint, save_state
-from pivotal.training.step import StepRunner
+from pivotal.training.step import StepRunner, training_prediction
 from pivotal.training.validation import Validator
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -151,6 +151,7 @@ class _Run:
     def execute(self, resume: str | None, taken_names: Mapping[str, str] | None,
                 variants: Sequence[str] = ()) -> TrainResult:
         cfg = self.config
+        self.prediction = training_prediction(cfg, self.host)  # zero_terminal_snr needs v: refuse before any work
         shared = check_new_names([e.name for e in self.specs], run_taken_names(cfg, taken_names, variants))
         self.batches = BatchSource(cfg, self.host)
         held = [item.name for item in self.batches.validation_items]
@@ -309,7 +310,8 @@ class _Run:
                 elapsed = time.perf_counter() - started
                 step_time = elapsed if step_time is None else 0.9 * step_time + 0.1 * elapsed
                 self.emit(ProgressEvent("step", step=self.step, total=cfg.steps, loss=loss, smoothed_loss=smoothed,
-                                        lrs=lrs, eta_s=step_time * (cfg.steps - self.step), phase=phase))
+                                        lrs=lrs, eta_s=step_time * (cfg.steps - self.step), phase=phase,
+                                        data={} if runner.grad_norm is None else {"grad_norm": runner.grad_norm}))
                 if every and self.step % every == 0 and self.step < cfg.steps:
                     self._validate()  # before a step save, which records it
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
@@ -348,6 +350,13 @@ class _Run:
             info.prior = {**self.class_report.to_dict(), "prior_loss_weight": cfg.prior_loss_weight}
         if cfg.dreamartist:
             info.dreamartist = {"cfg": cfg.dreamartist_cfg, "negatives": negative_pairs(cfg)}
+        report = self.batches.report
+        info.zero_terminal_snr, info.max_grad_norm = cfg.zero_terminal_snr, cfg.max_grad_norm
+        info.masked_loss, info.v_prediction = cfg.masked_loss, self.prediction == "v_prediction"
+        info.dataset = {k: v for k, v in (("repeats", report.repeats), ("loss_scales", report.loss_scales)) if v}
+        if cfg.masked_loss:
+            info.dataset["masks"] = {"source": "alpha" if not cfg.mask_dir else "folder", "found": report.masks_found,
+                                     "missing": len(report.masks_missing), "unmasked_weight": cfg.unmasked_weight}
         if self.validation_losses:
             info.validation_step, info.validation_loss = self.validation_losses[-1]
         write_bundle(path, self.host.base_model, self.net.kohya_state_dict(SAVE_DTYPES[cfg.save_precision]),
