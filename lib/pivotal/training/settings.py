@@ -99,6 +99,7 @@ GROUPS = (
     Group("data", "Dataset and captions"),
     Group("saving", "Saving and previews"),
     Group("validation", "Validation"),
+    Group("textcraftor", "Reward fine-tuning (TextCraftor)"),
 )
 ADVANCED = Group("advanced", "Advanced")
 _GROUP_KEYS = {g.key for g in GROUPS}

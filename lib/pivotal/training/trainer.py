@@ -45,8 +45,10 @@ from pivotal.training.distributed import DataParallel, from_environment, launche
 from pivotal.training.faults import fault_point
 from pivotal.training.optim import GroupSpec, apply_lrs, build_optimizer, phase_of, pull_norms
 from pivotal.training.progress import EventSink, LossSmoother, ProgressEvent, TrainResult, window_means
+from pivotal.training.rewards import build_rewards
 from pivotal.training.state import RunState, load_state, model_fingerprint, save_state
 from pivotal.training.step import StepRunner
+from pivotal.training.textcraftor import RewardStepRunner, read_prompts
 from pivotal.training.validation import Validator
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -118,19 +120,25 @@ class _Run:
         self.saved: list[str] = []
         self.validator: Validator | None = None
         self.validation_losses: list[tuple[int, float]] = []
+        self.reward_mode = config.mode == "textcraftor"
+        self.batches: BatchSource | None = None
 
     # -- 1-3: set up -----------------------------------------------------------------------
     def execute(self, resume: str | None, taken_names: Mapping[str, str] | None,
                 variants: Sequence[str] = ()) -> TrainResult:
         cfg = self.config
-        shared = check_new_names([e.name for e in cfg.embeddings], run_taken_names(cfg, taken_names, variants))
-        self.batches = BatchSource(cfg, self.host)
-        held = [item.name for item in self.batches.validation_items]
-        note = (f"\nvalidation: {len(held)} image(s){' held back' if cfg.validation_count else ''}: "
-                + ", ".join(held[:10]) + (" ..." if len(held) > 10 else "")) if held else ""
-        self.emit(ProgressEvent("preflight", total=cfg.steps, message=self.batches.report.format() + note,
-                                data={**self.batches.report.to_dict(), "validation_images": held}))
-        self.warnings += list(self.batches.warnings)
+        if self.reward_mode:
+            self._reward_preflight()
+            shared: list[str] = []
+        else:
+            shared = check_new_names([e.name for e in cfg.embeddings], run_taken_names(cfg, taken_names, variants))
+            self.batches = BatchSource(cfg, self.host)
+            held = [item.name for item in self.batches.validation_items]
+            note = (f"\nvalidation: {len(held)} image(s){' held back' if cfg.validation_count else ''}: "
+                    + ", ".join(held[:10]) + (" ..." if len(held) > 10 else "")) if held else ""
+            self.emit(ProgressEvent("preflight", total=cfg.steps, message=self.batches.report.format() + note,
+                                    data={**self.batches.report.to_dict(), "validation_images": held}))
+            self.warnings += list(self.batches.warnings)
         for msg in shared:
             self.warnings.append(msg)
             self.emit(ProgressEvent("warning", total=cfg.steps, message=msg))
@@ -145,6 +153,24 @@ class _Run:
             self._clean_stray_temps()
         return self._loop()
 
+    def _reward_preflight(self) -> None:
+        """The textcraftor mode's checks before anything trains: the prompts, the rewards (their
+        weight files load now), a host that decodes differentiably."""
+        cfg = self.config
+        self.prompts = read_prompts(cfg)
+        self.rewards = build_rewards(cfg, self.host.device)
+        names = ", ".join(f"{r.name} x{w:g}" for r, w in self.rewards)
+        self.emit(ProgressEvent("preflight", total=cfg.steps,
+                                message=f"textcraftor: {len(self.prompts)} prompt(s), reward {names}, "
+                                        f"{cfg.textcraftor_sample_steps} DDIM steps, gradient through the last "
+                                        f"{cfg.textcraftor_grad_steps}",
+                                data={"prompts": len(self.prompts), "rewards": [r.name for r, _ in self.rewards]}))
+        if cfg.embeddings:
+            msg = (f"textcraftor mode trains no embeddings: {', '.join(e.name for e in cfg.embeddings)} "
+                   "left out of the run")
+            self.warnings.append(msg)
+            self.emit(ProgressEvent("warning", total=cfg.steps, message=msg))
+
     def _clean_stray_temps(self) -> None:
         """Remove temp files a killed save left behind (never a finished file: those are renamed)."""
         for path in stray_temp_files(self.out_dir):
@@ -155,8 +181,10 @@ class _Run:
 
     def _build_trainables(self) -> None:
         cfg, host = self.config, self.host
-        unet_targets = host.lora_targets("unet", cfg.lora_preset)
-        te_targets = host.lora_targets("te", cfg.lora_preset) if cfg.te_lora else []
+        # textcraftor: the text-encoder LoRA always, the UNet's only when asked
+        with_unet = not self.reward_mode or cfg.textcraftor_unet
+        unet_targets = host.lora_targets("unet", cfg.lora_preset) if with_unet else []
+        te_targets = host.lora_targets("te", cfg.lora_preset) if cfg.te_lora or self.reward_mode else []
         self.all_targets = unet_targets + te_targets
         ranks = {k: cfg.te_rank for k, _ in te_targets}
         alphas = {k: cfg.te_alpha for k, _ in te_targets}
@@ -170,7 +198,7 @@ class _Run:
         self.embeddings = EmbeddingSet()
         init_gen = torch.Generator().manual_seed(cfg.seed + 1)
         vocabs = {k: host.vocabulary(k).detach().float().cpu() for k in host.encoder_keys()}
-        for spec in cfg.embeddings:
+        for spec in [] if self.reward_mode else cfg.embeddings:
             ids = {k: encode_plain(host.tokenizer(k), spec.init_text) for k in vocabs} if spec.init_text else None
             self.embeddings.add_new(spec.name, spec.vectors, vocabs, init_ids=ids, generator=init_gen)
         self.embeddings.to_(host.device)
@@ -202,10 +230,15 @@ class _Run:
     # -- 4: the loop -------------------------------------------------------------------------
     def _loop(self) -> TrainResult:
         cfg = self.config
-        runner = StepRunner(cfg, self.host, self.net, self.embeddings, self.batches, self.generator, self.parallel)
-        if self.batches.validation_items and self.writer:  # one process measures it
-            self.validator = Validator(self.batches.validation_items, runner, self.batches.cache,
-                                       cfg.validation_timesteps, cfg.seed, cfg.noise_offset)
+        runner: StepRunner | RewardStepRunner
+        if self.batches is None:  # the textcraftor mode
+            runner = RewardStepRunner(cfg, self.host, self.prompts, self.rewards, self.generator)
+        else:
+            runner = StepRunner(cfg, self.host, self.net, self.embeddings, self.batches, self.generator,
+                                self.parallel)
+            if self.batches.validation_items and self.writer:  # one process measures it
+                self.validator = Validator(self.batches.validation_items, runner, self.batches.cache,
+                                           cfg.validation_timesteps, cfg.seed, cfg.noise_offset)
         every = cfg.validation_interval()
         status, message = "completed", ""
         bad_in_a_row = 0
@@ -281,10 +314,13 @@ class _Run:
             return str(path)  # rank 0 writes it; the states of all processes are equal
         self.activity = f"while saving {path.name} after step {self.step}"
         fault_point("save", self.step)
-        embs = [BundleEmbedding(s.name, self.embeddings.tensors()[s.name], s.init_text) for s in cfg.embeddings]
+        trained = self.embeddings.tensors()
+        embs = [BundleEmbedding(s.name, trained[s.name], s.init_text) for s in cfg.embeddings if s.name in trained]
+        batches = self.batches
         info = TrainingInfo(cfg.output_name, resolution=(cfg.resolution, cfg.resolution),
-                            num_train_images=len(self.batches.dataset.items),
-                            tag_frequency=self.batches.tag_frequency(), settings=cfg.to_dict(),
+                            num_train_images=len(batches.dataset.items) if batches is not None else 0,
+                            tag_frequency=batches.tag_frequency() if batches is not None else {},
+                            settings=cfg.to_dict(),
                             base_checkpoint=self.host.label)
         info.sweep = dict(entry.partition("=")[::2] for entry in cfg.sweep)
         if self.validation_losses:
@@ -320,7 +356,8 @@ class _Run:
 
     def _preview(self) -> None:
         cfg = self.config
-        prompts = cfg.preview_prompts or [" ".join(e.name for e in cfg.embeddings)]
+        prompts = cfg.preview_prompts or ([self.prompts[0]] if self.reward_mode
+                                          else [" ".join(e.name for e in cfg.embeddings)])
         size = cfg.preview_size or cfg.resolution
         folder = self.out_dir / "previews"
         folder.mkdir(exist_ok=True)
