@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=200, help="prompts per accuracy measurement")
     parser.add_argument("--steps", type=int, default=RUN["steps"], help="textcraftor steps per run")
     parser.add_argument("--cost-steps", type=int, default=10, help="steps timed per cost case")
+    parser.add_argument("--runs", default="te,te+unet", help="which runs (comma-separated: te, te+unet; empty: none)")
+    parser.add_argument("--no-base", action="store_true", help="skip the base model's row")
+    parser.add_argument("--no-cost", action="store_true", help="skip the cost measurement")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--cost-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -185,12 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results: dict[str, Any] = {"settings": {**RUN, "steps": args.steps}, "count": args.count,
                                "model": args.weights or "shipped tiny-world sd1", "rows": []}
-    results["rows"].append({"run": "base", "te": None, "unet": None,
-                            "accuracy": accuracy(host, None, 0, 0, args.count)})
-    print(json.dumps(results["rows"][-1]), flush=True)
+    if not args.no_base:
+        results["rows"].append({"run": "base", "te": None, "unet": None,
+                                "accuracy": accuracy(host, None, 0, 0, args.count)})
+        print(json.dumps(results["rows"][-1]), flush=True)
     work = Path(tempfile.mkdtemp(prefix="tc-bench-"))
-    for unet in (False, True):
-        name = "te+unet" if unet else "te"
+    for name in [r for r in args.runs.split(",") if r]:
+        unet = name == "te+unet"
         t0 = time.perf_counter()
         res = train(textcraftor_config(work / name, unet, args.steps), host)
         results[f"train_{name}"] = {"seconds": round(time.perf_counter() - t0, 1),
@@ -201,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                    "accuracy": accuracy(host, res.bundle_path, te, 1.0, args.count)}
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
-    results["cost"] = {case: cost(case, args.weights, args.cost_steps) for case in ("pivotal", "te", "te+unet")}
+    if not args.no_cost:
+        results["cost"] = {case: cost(case, args.weights, args.cost_steps) for case in ("pivotal", "te", "te+unet")}
     results["seconds"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(results["cost"]), flush=True)
     print(table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -222,6 +226,8 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"| {r['run']} | {te} | {unet} | " + " | ".join(f"{100 * a[k]:.0f} %" for k in
                                                                         ("background", "colour", "place", "shape",
                                                                          "all4")) + " |")
+    if "cost" not in results:
+        return "\n".join(lines)
     lines += ["", "| step | device | s / step (median) | peak RSS added by training (MiB) | CUDA peak (MiB) |",
               "|---|---|---|---|---|"]
     for case, c in results["cost"].items():

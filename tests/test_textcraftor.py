@@ -313,3 +313,16 @@ def test_the_cli_demo_in_textcraftor_mode_needs_no_dataset(tmp_path: Path) -> No
     assert (cfg.te_lr, cfg.textcraftor_grad_steps) == (0.01, 2)  # flags win over the demo's settings
     assert cfg.textcraftor_sample_steps == DEMO_TEXTCRAFTOR["textcraftor_sample_steps"]
     assert not (tmp_path / "demo_data").exists()
+
+
+def test_checkpointing_the_k_steps_gives_the_same_gradient(host, tmp_path: Path) -> None:
+    grads = []
+    for checkpointed in (False, True):
+        cfg = tiny_settings(tmp_path, gradient_checkpointing=checkpointed, textcraftor_sample_steps=3)
+        runner = RewardStepRunner(cfg, host, PROMPTS, [(Redness(), 1.0)], torch.Generator().manual_seed(0))
+        net = te_network(host)
+        with host.training_session(False), net.attached():
+            prompts, noise = runner.draw(1)
+            Redness()(runner.images(prompts, noise), prompts).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
