@@ -335,8 +335,8 @@ def test_form_round_trip_and_errors(variant: int) -> None:
         config_from_form(base_config(), {**values, "steps": 2.5})
     with pytest.raises(ConfigError, match="unet_lr: 'x' is not a number"):
         config_from_form(base_config(), {**values, "unet_lr": "x"})
-    with pytest.raises(ConfigError, match="at least one embedding"):
-        config_from_form(base_config(), {**values, "emb0_name": " ", "emb1_name": ""})
+    with pytest.raises(ConfigError, match="at least one embedding"):  # in the pivotal mode (textcraftor needs none)
+        config_from_form(base_config(), {**values, "mode": "pivotal", "emb0_name": " ", "emb1_name": ""})
 
 
 def test_progress_html_escapes_everything() -> None:

@@ -22,6 +22,7 @@ from typing import Any, Hashable, Iterator, Protocol, Sequence
 import torch
 
 from pivotal.adapters.network import Target
+from pivotal.errors import ConfigError
 from pivotal.text.embeddings import EmbeddingSet
 
 
@@ -95,6 +96,13 @@ class TrainingHost(Protocol):
         so a setting changed mid-run is encoded afresh instead of served stale. Default None."""
         ...
 
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) fp32 in about [-1, 1] of latents (B, C, h, w) (scale factor applied,
+        as :meth:`encode_images` gives them), **differentiable** with respect to the latents: the
+        reward fine-tuning mode ("textcraftor") backpropagates a reward on the pictures through it.
+        Default: ConfigError, this host cannot (the mode then refuses to start)."""
+        ...
+
     # -- required -----------------------------------------------------------------------------
     def alphas_cumprod(self) -> torch.Tensor:
         """(T,) fp32 cumulative alphas of the training noise schedule (T = 1000 for SD)."""
@@ -166,6 +174,11 @@ class HostDefaults:
 
     def text_encoding_key(self) -> Hashable:
         return None
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        raise ConfigError(f"{getattr(self, 'label', type(self).__name__)}: this host cannot decode latents "
+                        "differentiably, which the textcraftor mode needs (setting: mode); use mode pivotal, "
+                        "or the standalone host (pivotal train --model ...)")
 
 
 def weights_fingerprint(modules: Sequence[torch.nn.Module], *extra: object) -> str:

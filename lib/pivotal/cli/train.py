@@ -103,14 +103,22 @@ def _bundle_path_out(out: str, name: Any) -> dict[str, str]:
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults < demo defaults < config file < flags."""
+    given = load_config_file(args.config) if args.config else {}
+    given.update(flag_values(args))
     values: dict[str, Any] = dict(DEMO_SETTINGS) if args.demo else {}
-    if args.config:
-        values.update(load_config_file(args.config))
-    values.update(flag_values(args))
-    if args.demo and not values.get("embeddings"):
+    reward_mode = given.get("mode") == "textcraftor"
+    if args.demo and reward_mode:
+        from pivotal.demo.reward import DEMO_TEXTCRAFTOR, demo_prompts
+
+        # the demo's reward fine-tuning: the tiny-world reward on world captions (where nothing else spoke)
+        values.update(DEMO_TEXTCRAFTOR)
+        if not given.get("reward_prompts") and not given.get("reward_prompts_file"):
+            values["reward_prompts"] = demo_prompts()
+    values.update(given)
+    if args.demo and not values.get("embeddings") and not reward_mode:
         values["embeddings"] = [EmbeddingSpec.parse(DEMO_EMBEDDING)]
     cfg = TrainConfig.from_dict(values)
-    if args.demo and not cfg.data_dir:
+    if args.demo and not cfg.data_dir and not reward_mode:
         from pivotal.demo.data import make_demo_dataset
         from pivotal.demo.world import EXAMPLE_CHARACTER
 

@@ -32,6 +32,9 @@ def build_demo_host(base: str, seed: int = 0, device: str | torch.device | None 
     ``pretrained``: the tiny-world weights (default: for sd1) or random ones.
     """
     from pivotal.demo.model import build_demo_parts, is_pretrained
+    from pivotal.demo.reward import register
+
+    register()  # the tiny-world reward of the textcraftor mode
 
     require_standalone_libraries()
     parts = build_demo_parts(base, seed, cache_dir, pretrained=pretrained)
@@ -45,7 +48,10 @@ def build_demo_host(base: str, seed: int = 0, device: str | torch.device | None 
 
 def load_host(model: str | None = None, demo: str | None = None, device: str | None = None) -> DiffusersHost:
     """Exactly one of ``model`` (a diffusers folder or a single-file .safetensors checkpoint) or
-    ``demo`` ("sd1" / "sdxl")."""
+    ``demo`` ("sd1" / "sdxl"). Registers the tiny-world reward (``reward`` setting ``tiny_world``)."""
+    from pivotal.demo.reward import register
+
+    register()  # the tiny-world reward of the textcraftor mode (for a tiny-world checkpoint file too)
     if (model is None) == (demo is None):
         raise ConfigError("give exactly one of --model PATH (a diffusers folder or a .safetensors checkpoint) "
                           "or --demo {sd1,sdxl}")

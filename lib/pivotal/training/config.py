@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from pivotal.adapters.algorithms import AlgorithmSpec, algorithm_class, algorithm_names
 from pivotal.errors import ConfigError, EmbeddingNameError
 from pivotal.text.names import validate_embedding_name
+from pivotal.training.rewards import parse_reward_entries
 from pivotal.training.settings import (
     BELOW_ONE,
     FORM_ADVANCED,
@@ -37,6 +38,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 PREDICTIONS = ("auto", "epsilon", "v_prediction")
 ON_INTERRUPT = ("save", "discard")
 LORA_PRESETS = ("attn", "attn-mlp", "attn-mlp-conv")
+MODES = ("pivotal", "textcraftor")
 
 
 #: Settings of the built-in demo (tiny random model, 64 px synthetic data). Nothing to preserve and
@@ -49,7 +51,9 @@ DEMO_EMBEDDING = "mychar:2:person"
 #: does not record them matches a run that leaves them there.
 NEWER_SETTINGS = ("max_grad_norm", "zero_terminal_snr", "folder_repeats", "masked_loss", "unmasked_weight",
                   "class_prompt", "class_count", "prior_loss_weight", "class_steps", "dreamartist",
-                  "dreamartist_cfg", "dreamartist_suffix", "dreamartist_vectors")
+                  "dreamartist_cfg", "dreamartist_suffix", "dreamartist_vectors", "mode", "reward", "reward_prompts",
+                  "reward_prompts_file", "textcraftor_sample_steps", "textcraftor_grad_steps", "textcraftor_guidance",
+                  "textcraftor_unet", "reward_clip_model", "reward_aesthetic_file")
 
 
 @dataclass
@@ -93,6 +97,9 @@ class TrainConfig:
         "of {name, vectors, init_text} tables (or of such strings)", group="run", flag="embedding",
         metavar="NAME[:VECTORS[:INIT TEXT]]", label="Embeddings")
 
+    mode: str = setting("pivotal", "pivotal: LoRA + embeddings learnt from a dataset; textcraftor: a text-encoder "
+                        "LoRA fine-tuned by a reward on sampled pictures, from prompts only (no dataset)",
+                        group="run", choices=MODES, widget="radio", label="training mode")
     # ~1000 steps at batch 4 is the common SD1.5 pivotal budget
     steps: int = setting(1000, "training steps", group="run", limits=POSITIVE)
     # fits any GPU; raise with the memory you have
@@ -290,6 +297,32 @@ class TrainConfig:
                                         "noised at", group="validation", limits=POSITIVE, form=FORM_ADVANCED,
                                         label="validation timesteps")
 
+    # -- the textcraftor mode (pivotal.training.textcraftor): TextCraftor's defaults (25 DDIM steps,
+    # gradient through the last 5, guidance 7.5)
+    reward: list[str] = setting([], "textcraftor: a reward NAME[:WEIGHT] (repeatable; clip, aesthetic, tiny_world "
+                                "on the demo model, or a plug-in's)", group="textcraftor", metavar="NAME[:WEIGHT]",
+                                label="rewards (NAME[:WEIGHT], one per line)", check=parse_reward_entries)
+    reward_prompts: list[str] = setting([], "textcraftor: a training prompt (repeatable)", group="textcraftor",
+                                        flag="reward-prompt", metavar="PROMPT",
+                                        label="training prompts (one per line)")
+    reward_prompts_file: str = setting("", "textcraftor: a text file of more training prompts, one per line",
+                                       group="textcraftor", metavar="FILE", label="training prompts file")
+    textcraftor_sample_steps: int = setting(25, "textcraftor: DDIM steps of each sampled picture", group="textcraftor",
+                                            limits=POSITIVE, label="sampling steps")
+    textcraftor_grad_steps: int = setting(5, "textcraftor: the last K sampling steps the gradient flows through "
+                                          "(the earlier ones run without grad)", group="textcraftor", limits=POSITIVE,
+                                          label="gradient steps K")
+    textcraftor_guidance: float = setting(7.5, "textcraftor: classifier-free guidance scale of the sampling",
+                                          group="textcraftor", limits=NON_NEGATIVE, label="guidance scale")
+    textcraftor_unet: bool = setting(False, "textcraftor: also train a UNet LoRA by the same reward (one bundle)",
+                                     group="textcraftor", label="also fine-tune a UNet LoRA")
+    reward_clip_model: str = setting("", "a local transformers CLIP model folder, for the clip and aesthetic "
+                                     "rewards (nothing is downloaded)", group="textcraftor", metavar="DIR",
+                                     label="CLIP model folder")
+    reward_aesthetic_file: str = setting("", "a local .safetensors aesthetic head on CLIP image embeddings, for the "
+                                         "aesthetic reward", group="textcraftor", metavar="FILE",
+                                         label="aesthetic head file")
+
     # written by ``pivotal sweep`` (pivotal.training.sweep), recorded in the bundle as pivotal.sweep
     sweep: list[str] = setting([], "the settings a sweep varied for this run, NAME=VALUE (written by pivotal sweep; "
                                "recorded in the bundle)", group="run", flag="sweep-value", metavar="NAME=VALUE",
@@ -298,7 +331,8 @@ class TrainConfig:
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         """Check every value; return self. Raises ConfigError naming the setting."""
-        if not self.embeddings:
+        reward_mode = self.mode == "textcraftor"
+        if not self.embeddings and not reward_mode:
             raise ConfigError("embeddings: at least one embedding is needed (e.g. --embedding mychar:2:woman)")
         seen = set()
         for e in self.embeddings:
@@ -326,7 +360,9 @@ class TrainConfig:
             raise ConfigError(f"validation_dir and validation_count: both are set ({self.validation_dir!r}, "
                               f"{self.validation_count}); use a validation folder or held-back images, not both "
                               "(set validation_count to 0 or validation_dir to empty)")
-        if not self.data_dir:
+        if reward_mode:
+            self._validate_textcraftor()
+        elif not self.data_dir:
             raise ConfigError("data_dir: the folder of training images is not set (--data)")
         self._validate_prior_and_dreamartist()
         return self
@@ -352,6 +388,16 @@ class TrainConfig:
                 if not self.dreamartist_suffix or neg.lower() in positives:
                     raise ConfigError(f"dreamartist_suffix: {self.dreamartist_suffix!r} makes the negative of "
                                       f"{e.name!r} a name already taken ({neg!r}); use e.g. '-neg'")
+
+    def _validate_textcraftor(self) -> None:
+        if not self.reward:
+            raise ConfigError("reward: the textcraftor mode needs a reward (e.g. --reward clip)")
+        if not self.reward_prompts and not self.reward_prompts_file:
+            raise ConfigError("reward_prompts: the textcraftor mode needs training prompts (--reward-prompt, or "
+                              "reward_prompts_file)")
+        if self.textcraftor_grad_steps > self.textcraftor_sample_steps:
+            raise ConfigError(f"textcraftor_grad_steps: {self.textcraftor_grad_steps} is more than "
+                              f"textcraftor_sample_steps ({self.textcraftor_sample_steps})")
 
     def _validate_algorithms(self) -> None:
         if self.lokr_factor == 0 or self.lokr_factor < -1:

@@ -54,6 +54,8 @@ def schedule_factor(kind: str, step: int, total: int, warmup: int) -> float:
 
 def phase_of(config: TrainConfig, step: int) -> str:
     """"embeddings", "lora" or "together" / "lora_only" — the phase step ``step`` belongs to."""
+    if config.mode == "textcraftor":  # no embeddings: every step trains the LoRA
+        return "lora"
     k = config.phase1_steps()
     if config.phase_plan == "embeddings_first":
         return "embeddings" if step < k else "lora"

@@ -101,6 +101,7 @@ GROUPS = (
     Group("dreamartist", "DreamArtist++ (negative embeddings)"),
     Group("saving", "Saving and previews"),
     Group("validation", "Validation"),
+    Group("textcraftor", "Reward fine-tuning (TextCraftor)"),
 )
 ADVANCED = Group("advanced", "Advanced")
 _GROUP_KEYS = {g.key for g in GROUPS}

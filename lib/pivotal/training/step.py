@@ -229,18 +229,19 @@ class StepRunner:
             dp.sum_gradients(p for group in optimizer.param_groups for p in group["params"])
             total = dp.total(total)
         if cfg.max_grad_norm > 0:
-            self.grad_norm = self._clip(optimizer, cfg.max_grad_norm)
+            self.grad_norm = clip_gradients(self.scaler, optimizer, cfg.max_grad_norm)
         self.scaler.step(optimizer)
         self.scaler.update()
         return total
 
-    def _clip(self, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
-        """Clip the summed gradients of every trained tensor (LoRA and embeddings together, as kohya
-        and diffusers do) to total norm ``max_norm``; return the norm before clipping. fp16: the
-        GradScaler unscales first (its step then does not unscale again), so the limit applies to
-        the true gradients; an overflowed step (inf norm) is still skipped by the scaler."""
-        self.scaler.unscale_(optimizer)
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not params:
-            return 0.0
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+def clip_gradients(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+    """Clip the summed gradients of every trained tensor (LoRA and embeddings together, as kohya
+    and diffusers do) to total norm ``max_norm``; return the norm before clipping. fp16: the
+    GradScaler unscales first (its step then does not unscale again), so the limit applies to
+    the true gradients; an overflowed step (inf norm) is still skipped by the scaler."""
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not params:
+        return 0.0
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))

@@ -48,8 +48,10 @@ from pivotal.training.faults import fault_point
 from pivotal.training.optim import GroupSpec, apply_lrs, build_optimizer, phase_of, pull_norms
 from pivotal.training.prior import ClassImagesReport, class_dataset, ensure_class_images
 from pivotal.training.progress import EventSink, LossSmoother, ProgressEvent, TrainResult, window_means
+from pivotal.training.rewards import build_rewards
 from pivotal.training.state import RunState, load_state, model_fingerprint, save_state
 from pivotal.training.step import StepRunner, training_prediction
+from pivotal.training.textcraftor import RewardStepRunner, read_prompts
 from pivotal.training.validation import Validator
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -142,8 +144,11 @@ class _Run:
         self.saved: list[str] = []
         self.validator: Validator | None = None
         self.validation_losses: list[tuple[int, float]] = []
-        #: the embeddings this run trains: the configured ones, and DreamArtist++'s negatives
-        self.specs = list(config.embeddings) + negative_specs(config)
+        self.reward_mode = config.mode == "textcraftor"
+        self.batches: BatchSource | None = None
+        #: the embeddings this run trains: the configured ones and DreamArtist++'s negatives (none
+        #: in the textcraftor mode, which trains the text encoder's LoRA only)
+        self.specs = [] if self.reward_mode else list(config.embeddings) + negative_specs(config)
         self.class_report: ClassImagesReport | None = None
         self.class_batches: Batches | None = None
 
@@ -152,20 +157,24 @@ class _Run:
                 variants: Sequence[str] = ()) -> TrainResult:
         cfg = self.config
         self.prediction = training_prediction(cfg, self.host)  # zero_terminal_snr needs v: refuse before any work
-        shared = check_new_names([e.name for e in self.specs], run_taken_names(cfg, taken_names, variants))
-        self.batches = BatchSource(cfg, self.host)
-        held = [item.name for item in self.batches.validation_items]
-        note = (f"\nvalidation: {len(held)} image(s){' held back' if cfg.validation_count else ''}: "
-                + ", ".join(held[:10]) + (" ..." if len(held) > 10 else "")) if held else ""
-        extra: dict = {}
-        if cfg.class_prompt:
-            self._prepare_class_images()
-            assert self.class_report is not None
-            note += "\n" + self.class_report.format()
-            extra["class_images"] = self.class_report.to_dict()
-        self.emit(ProgressEvent("preflight", total=cfg.steps, message=self.batches.report.format() + note,
-                                data={**self.batches.report.to_dict(), "validation_images": held, **extra}))
-        self.warnings += list(self.batches.warnings)
+        if self.reward_mode:
+            self._reward_preflight()
+            shared: list[str] = []
+        else:
+            shared = check_new_names([e.name for e in self.specs], run_taken_names(cfg, taken_names, variants))
+            self.batches = BatchSource(cfg, self.host)
+            held = [item.name for item in self.batches.validation_items]
+            note = (f"\nvalidation: {len(held)} image(s){' held back' if cfg.validation_count else ''}: "
+                    + ", ".join(held[:10]) + (" ..." if len(held) > 10 else "")) if held else ""
+            extra: dict = {}
+            if cfg.class_prompt:
+                self._prepare_class_images()
+                assert self.class_report is not None
+                note += "\n" + self.class_report.format()
+                extra["class_images"] = self.class_report.to_dict()
+            self.emit(ProgressEvent("preflight", total=cfg.steps, message=self.batches.report.format() + note,
+                                    data={**self.batches.report.to_dict(), "validation_images": held, **extra}))
+            self.warnings += list(self.batches.warnings)
         for msg in shared:
             self.warnings.append(msg)
             self.emit(ProgressEvent("warning", total=cfg.steps, message=msg))
@@ -199,7 +208,25 @@ class _Run:
             self.emit(ProgressEvent("warning", total=cfg.steps, message=msg))
         if images:
             dataset = class_dataset(cfg, images, self.host.tokenizer("clip_l"))
-            self.class_batches = Batches(dataset, self.host, self.batches.cache)
+            self.class_batches = Batches(dataset, self.host, self.batches.cache if self.batches else None)
+
+    def _reward_preflight(self) -> None:
+        """The textcraftor mode's checks before anything trains: the prompts, the rewards (their
+        weight files load now), a host that decodes differentiably."""
+        cfg = self.config
+        self.prompts = read_prompts(cfg)
+        self.rewards = build_rewards(cfg, self.host.device)
+        names = ", ".join(f"{r.name} x{w:g}" for r, w in self.rewards)
+        self.emit(ProgressEvent("preflight", total=cfg.steps,
+                                message=f"textcraftor: {len(self.prompts)} prompt(s), reward {names}, "
+                                        f"{cfg.textcraftor_sample_steps} DDIM steps, gradient through the last "
+                                        f"{cfg.textcraftor_grad_steps}",
+                                data={"prompts": len(self.prompts), "rewards": [r.name for r, _ in self.rewards]}))
+        if cfg.embeddings:
+            msg = (f"textcraftor mode trains no embeddings: {', '.join(e.name for e in cfg.embeddings)} "
+                   "left out of the run")
+            self.warnings.append(msg)
+            self.emit(ProgressEvent("warning", total=cfg.steps, message=msg))
 
     def _clean_stray_temps(self) -> None:
         """Remove temp files a killed save left behind (never a finished file: those are renamed)."""
@@ -211,8 +238,10 @@ class _Run:
 
     def _build_trainables(self) -> None:
         cfg, host = self.config, self.host
-        unet_targets = host.lora_targets("unet", cfg.lora_preset)
-        te_targets = host.lora_targets("te", cfg.lora_preset) if cfg.te_lora else []
+        # textcraftor: the text-encoder LoRA always, the UNet's only when asked
+        with_unet = not self.reward_mode or cfg.textcraftor_unet
+        unet_targets = host.lora_targets("unet", cfg.lora_preset) if with_unet else []
+        te_targets = host.lora_targets("te", cfg.lora_preset) if cfg.te_lora or self.reward_mode else []
         self.all_targets = unet_targets + te_targets
         ranks = {k: cfg.te_rank for k, _ in te_targets}
         alphas = {k: cfg.te_alpha for k, _ in te_targets}
@@ -258,11 +287,15 @@ class _Run:
     # -- 4: the loop -------------------------------------------------------------------------
     def _loop(self) -> TrainResult:
         cfg = self.config
-        runner = StepRunner(cfg, self.host, self.net, self.embeddings, self.batches, self.generator, self.parallel,
-                            self.class_batches)
-        if self.batches.validation_items and self.writer:  # one process measures it
-            self.validator = Validator(self.batches.validation_items, runner, self.batches.cache,
-                                       cfg.validation_timesteps, cfg.seed, cfg.noise_offset)
+        runner: StepRunner | RewardStepRunner
+        if self.batches is None:  # the textcraftor mode
+            runner = RewardStepRunner(cfg, self.host, self.prompts, self.rewards, self.generator)
+        else:
+            runner = StepRunner(cfg, self.host, self.net, self.embeddings, self.batches, self.generator,
+                                self.parallel, self.class_batches)
+            if self.batches.validation_items and self.writer:  # one process measures it
+                self.validator = Validator(self.batches.validation_items, runner, self.batches.cache,
+                                           cfg.validation_timesteps, cfg.seed, cfg.noise_offset)
         every = cfg.validation_interval()
         status, message = "completed", ""
         bad_in_a_row = 0
@@ -340,21 +373,25 @@ class _Run:
             return str(path)  # rank 0 writes it; the states of all processes are equal
         self.activity = f"while saving {path.name} after step {self.step}"
         fault_point("save", self.step)
-        embs = [BundleEmbedding(s.name, self.embeddings.tensors()[s.name], s.init_text) for s in self.specs]
+        trained = self.embeddings.tensors()
+        embs = [BundleEmbedding(s.name, trained[s.name], s.init_text) for s in self.specs if s.name in trained]
+        batches = self.batches
         info = TrainingInfo(cfg.output_name, resolution=(cfg.resolution, cfg.resolution),
-                            num_train_images=len(self.batches.dataset.items),
-                            tag_frequency=self.batches.tag_frequency(), settings=cfg.to_dict(),
+                            num_train_images=len(batches.dataset.items) if batches is not None else 0,
+                            tag_frequency=batches.tag_frequency() if batches is not None else {},
+                            settings=cfg.to_dict(),
                             base_checkpoint=self.host.label)
         info.sweep = dict(entry.partition("=")[::2] for entry in cfg.sweep)
         if self.class_report is not None:
             info.prior = {**self.class_report.to_dict(), "prior_loss_weight": cfg.prior_loss_weight}
         if cfg.dreamartist:
             info.dreamartist = {"cfg": cfg.dreamartist_cfg, "negatives": negative_pairs(cfg)}
-        report = self.batches.report
         info.zero_terminal_snr, info.max_grad_norm = cfg.zero_terminal_snr, cfg.max_grad_norm
         info.masked_loss, info.v_prediction = cfg.masked_loss, self.prediction == "v_prediction"
-        info.dataset = {k: v for k, v in (("repeats", report.repeats), ("loss_scales", report.loss_scales)) if v}
-        if cfg.masked_loss:
+        report = batches.report if batches is not None else None
+        if report is not None:
+            info.dataset = {k: v for k, v in (("repeats", report.repeats), ("loss_scales", report.loss_scales)) if v}
+        if cfg.masked_loss and report is not None:
             info.dataset["masks"] = {"source": "alpha" if not cfg.mask_dir else "folder", "found": report.masks_found,
                                      "missing": len(report.masks_missing), "unmasked_weight": cfg.unmasked_weight}
         if self.validation_losses:
@@ -390,7 +427,8 @@ class _Run:
 
     def _preview(self) -> None:
         cfg = self.config
-        prompts = cfg.preview_prompts or [" ".join(e.name for e in cfg.embeddings)]
+        prompts = cfg.preview_prompts or ([self.prompts[0]] if self.reward_mode
+                                          else [" ".join(e.name for e in cfg.embeddings)])
         negative = " ".join(negative_pairs(cfg).values())  # DreamArtist++: the negatives, as a user would
         size = cfg.preview_size or cfg.resolution
         folder = self.out_dir / "previews"

@@ -230,6 +230,12 @@ class DiffusersHost(HostDefaults):
         # exactly the data the interrupted one saw.
         return (dist.mode() * self.scaling_factor).to(torch.float32)
 
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) fp32 of latents (scale factor applied), differentiable (the VAE's own
+        weights stay frozen: a training session turned their requires_grad off)."""
+        out = self.vae.decode((latents / self.scaling_factor).to(self.device, self._vae_dtype)).sample
+        return out.float()
+
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet's output (B, C, h, w) as fp32; inputs are cast to the UNet's dtype."""
         x = noisy_latents.to(self.device, self.dtype)
