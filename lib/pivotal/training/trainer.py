@@ -123,8 +123,8 @@ class _Run:
     def execute(self, resume: str | None, taken_names: Mapping[str, str] | None,
                 variants: Sequence[str] = ()) -> TrainResult:
         cfg = self.config
-        self.prediction = training_prediction(cfg, self.host)  # zero_terminal_snr needs v: refuse before any work
         shared = check_new_names([e.name for e in cfg.embeddings], run_taken_names(cfg, taken_names, variants))
+        self.prediction = training_prediction(cfg, self.host)  # zero_terminal_snr needs v: refuse before any work
         self.batches = BatchSource(cfg, self.host)
         held = [item.name for item in self.batches.validation_items]
         note = (f"\nvalidation: {len(held)} image(s){' held back' if cfg.validation_count else ''}: "
