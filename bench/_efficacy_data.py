@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 from PIL import Image
 
 from pivotal.demo.world import (
@@ -132,6 +133,25 @@ def base_prompt_items(style: WorldStyle = BASE_STYLE) -> list[tuple[Image.Image,
     """Ordinary pictures of the base world with their captions (no trigger): for drift."""
     return [(item.image, item.caption) for item in
             (world_item(BASE_PROMPT_SEED, i, BASE_WORLD, style) for i in range(BASE_PROMPT_COUNT))]
+
+
+def object_mask(scene: Scene, style: WorldStyle = BASE_STYLE, size: int = 64) -> Image.Image:
+    """The grey-level mask ("L") of the scene's objects: each pixel's coverage by them, from two
+    renders on a black and a white background (an edge pixel a share ``a`` covered differs by
+    ``(1 - a) * 255`` between the two)."""
+    dark = np.asarray(render(Scene("black", scene.objects), size, size, style), dtype=np.float64)
+    light = np.asarray(render(Scene("white", scene.objects), size, size, style), dtype=np.float64)
+    span = np.asarray(style.colour("white"), np.float64) - np.asarray(style.colour("black"), np.float64)
+    coverage = 1.0 - ((light - dark) / span).mean(axis=2)
+    return Image.fromarray(np.clip(np.rint(coverage * 255), 0, 255).astype(np.uint8), "L")
+
+
+def write_mask_folder(folder: Path, concept: Concept, seed: int = 0) -> Path:
+    """Masks of the training set (``NNN.png``, the concept's region), as ``mask_dir`` reads them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, pic in enumerate(training_pictures(concept, seed)):
+        object_mask(pic.scene).save(folder / f"{i:03d}.png")
+    return folder
 
 
 def write_training_folder(folder: Path, concept: Concept, trigger: str, seed: int = 0) -> Path:

@@ -156,12 +156,14 @@ class _Run:
     def execute(self, resume: str | None, taken_names: Mapping[str, str] | None,
                 variants: Sequence[str] = ()) -> TrainResult:
         cfg = self.config
-        self.prediction = training_prediction(cfg, self.host)  # zero_terminal_snr needs v: refuse before any work
         if self.reward_mode:
+            self.prediction = training_prediction(cfg, self.host)
             self._reward_preflight()
             shared: list[str] = []
         else:
             shared = check_new_names([e.name for e in self.specs], run_taken_names(cfg, taken_names, variants))
+            # zero_terminal_snr needs v: refused before any work (after the names: it reads the host)
+            self.prediction = training_prediction(cfg, self.host)
             self.batches = BatchSource(cfg, self.host)
             held = [item.name for item in self.batches.validation_items]
             note = (f"\nvalidation: {len(held)} image(s){' held back' if cfg.validation_count else ''}: "
