@@ -67,7 +67,7 @@ def test_a_run_holds_the_queue_mirrors_progress_and_publishes(tmp_path: Path) ->
     events: list[ProgressEvent] = []
 
     def fake_train(cfg: TrainConfig, h: Any, on_event: Any, stop: threading.Event, resume: Any,
-                   taken_names: dict[str, str]) -> TrainResult:
+                   taken_names: dict[str, str], variants: Any = ()) -> TrainResult:
         seen["locked"] = lock.locked()
         seen["taken"] = taken_names
         seen["task"] = runner.current_task_id()
@@ -86,6 +86,27 @@ def test_a_run_holds_the_queue_mirrors_progress_and_publishes(tmp_path: Path) ->
     assert state.calls == [f"begin {seen['task']}", "end"] and rescans == [1]
     assert result.bundle_path == str(lora_dir / "mybundle.safetensors")
     assert Path(result.bundle_path).read_bytes() == (tmp_path / "out" / "mybundle.safetensors").read_bytes()
+
+
+def test_a_sweep_variant_may_share_the_embedding_names_of_the_other_variants(tmp_path: Path) -> None:
+    state, lock = FakeState(), threading.Lock()
+    host = _host(state, lock, [])
+    lora_dir = tmp_path / "Lora"
+    _bundle(lora_dir / "hero-te_lr1e-06.safetensors", "pvtchar")  # the sweep's first variant, published
+    host.webui.embedding_db.word_embeddings["pvtchar"] = types.SimpleNamespace(
+        filename=str(lora_dir / "hero-te_lr1e-06.safetensors" / "pvtchar"))  # and used in a generation
+    config = TrainConfig(out_dir=str(tmp_path / "out"), output_name="hero-te_lr1e-05", steps=3)
+    assert "pvtchar" in runner.taken_names(host.webui, config, str(lora_dir))
+    seen: dict[str, Any] = {}
+
+    def fake_train(cfg: TrainConfig, h: Any, on_event: Any, stop: threading.Event, resume: Any,
+                   taken_names: dict[str, str], variants: Any = ()) -> TrainResult:
+        seen["taken"], seen["variants"] = taken_names, variants
+        return TrainResult("failed", 0, 3)
+
+    runner.run_in_webui(config, host, lambda e: None, threading.Event(), train_fn=fake_train, lora_dir=str(lora_dir),
+                        variants=["hero-te_lr1e-06"])
+    assert "pvtchar" not in seen["taken"] and seen["variants"] == ["hero-te_lr1e-06"]
 
 
 def test_the_webui_interrupt_stops_the_trainer() -> None:

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from pivotal.demo.pretrain.data import render_world_set
-from pivotal.demo.pretrain.diffusion import layout_noise, min_snr_weights, noisy_latents
+from pivotal.demo.pretrain.diffusion import (
+    DiffusionSettings,
+    _groups,
+    draw_timesteps,
+    layout_noise,
+    min_snr_weights,
+    noisy_latents,
+)
 from pivotal.demo.pretrain.vae import colour_guide, lr_at, random_crops, salience
 from pivotal.demo.world import BASE_STYLE, FULL_WORLD, SHIFTED_STYLE, world_item
 
@@ -61,6 +68,32 @@ def test_noising_and_min_snr_weights() -> None:
     w = min_snr_weights(torch.tensor([0, 999]), acp, 5.0)
     snr0 = 0.99 / 0.01
     assert w[0] == pytest.approx(5.0 / snr0) and w[1] == pytest.approx(1.0)
+
+
+def test_timesteps_lean_toward_noise_with_a_power() -> None:
+    gen = torch.Generator().manual_seed(0)
+    uniform = draw_timesteps(20000, 1000, 1.0, gen)
+    assert torch.equal(uniform, torch.randint(0, 1000, (20000,), generator=torch.Generator().manual_seed(0)))
+    leaning = draw_timesteps(20000, 1000, 2.0, gen)
+    assert int(leaning.min()) >= 0 and int(leaning.max()) <= 999
+    # density ~ t: mean 2/3 of the range, and the top half drawn 3x as often as the bottom half
+    assert abs(float(leaning.float().mean()) - 666) < 10
+    assert 2.7 < float((leaning >= 500).sum()) / float((leaning < 500).sum()) < 3.3
+
+
+def test_cross_attention_gets_its_own_learning_rate() -> None:
+    from pivotal.demo import tiny_world
+
+    unet, _vae, te = tiny_world.build_modules(0, 7)
+    everything = {id(p) for m in (unet, te) for p in m.parameters()}
+    cross = {id(p) for n, p in unet.named_parameters() if ".attn2." in n}
+    v1 = _groups(unet, te, DiffusionSettings())
+    assert len(v1) == 2 and [g["lr_scale"] for g in v1] == [1.0, 1.0]  # v1's groups, in v1's order
+    groups = _groups(unet, te, DiffusionSettings(cross_attention_lr_scale=4.0))
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) and set(ids) == everything
+    assert {id(p) for p in groups[2]["params"]} == cross and groups[2]["lr_scale"] == 4.0
+    assert groups[1]["params"] == [te.get_input_embeddings().weight] and groups[1]["weight_decay"] == 0.0
 
 
 def test_vae_helpers() -> None:

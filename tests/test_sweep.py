@@ -89,9 +89,14 @@ def test_sweep_trains_ranks_and_records_the_values(tmp_path: Path, capsys: pytes
         swept = r["config"].removeprefix("mychar-te_lr").removesuffix(".json").replace("p", ".")
         assert json.loads(meta["pivotal.sweep"]) == {"te_lr": repr(float(swept))}
         assert float(meta["pivotal.validation_loss"]) == r["validation_loss"]
-    # again: nothing trains twice
-    assert main(args) == 0
+    # again: nothing trains twice; then the variants x parts grid, next to the sweep
+    assert main(args + ["--grid", "mychar on a blue background", "--grid-steps", "2", "--grid-seed", "3"]) == 0
     assert capsys.readouterr().out.count("(earlier)") == 2
+    record = json.loads((sweep / "sweep-grid.json").read_text())
+    assert record["row_bundles"] == [Path(r).stem for r in sorted(
+        (r["bundle"] for r in summary), key=lambda b: losses[Path(b).stem + ".json"])]
+    assert record["columns"] == ["full", "unet", "te", "emb", "base"] and record["complete"]
+    assert {c["seed"] for c in record["cells"]} == {3} and (sweep / "sweep-grid.png").is_file()
 
 
 def test_queue_takes_a_relative_validation_folder_from_the_config_folder(tmp_path: Path) -> None:

@@ -117,6 +117,19 @@ def test_reader_reads_rendered_pictures_back() -> None:
     assert blank.background == "red" and blank.colour is None and blank.coverage == 0.0
 
 
+def test_reader_reads_soft_edged_shapes() -> None:
+    """Decoded pictures have soft edges: the shape is read from the outline halfway between the
+    background and the object, so a 1 px blur leaves most shapes readable (a fixed distance
+    threshold read 80 % of these; the halfway outline 92 %)."""
+    from PIL import ImageFilter
+
+    rng = random.Random(12)
+    scenes = [sample_scene(rng, BASE_WORLD, objects=1) for _ in range(100)]
+    hits = sum(read_picture(render(s).filter(ImageFilter.GaussianBlur(1.0))).shape == s.objects[0].shape
+               for s in scenes)
+    assert hits >= 88, hits
+
+
 def test_demo_dataset_of_a_character(tmp_path: Path) -> None:
     paths = make_demo_dataset(tmp_path, ["mychar"], count=4, size=64, character=EXAMPLE_CHARACTER)
     texts = [p.with_suffix(".txt").read_text(encoding="utf-8") for p in paths]

@@ -139,3 +139,29 @@ def test_pretraining_is_reproducible(tmp_path: Path) -> None:
         tiny_world.TOKEN_IDS_KEY].numel()
     unet, vae, te, meta = tiny_world.load_modules(tmp_path / "a.safetensors")
     assert meta["settings"] == QUICK.to_dict() and not any(p.requires_grad for p in unet.parameters())
+
+
+def test_train_base_model_overrides_any_settings_field() -> None:
+    """``tools/train_base_model.py --set a.b=JSON`` changes that one field, nested or not, and
+    refuses a field that does not exist or a value that is not JSON; a changed field added after
+    the first shipped file is recorded, an unchanged one is not (so old recipes record as before)."""
+    import importlib.util
+
+    from pivotal.demo.pretrain.run import ADDED_FIELDS, PretrainSettings
+
+    spec = importlib.util.spec_from_file_location(
+        "train_base_model", Path(__file__).resolve().parent.parent / "tools" / "train_base_model.py")
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    base = PretrainSettings()
+    s = tool.with_field(tool.with_field(base, "diffusion.timestep_power=2"), "images=64")
+    s = tool.with_field(s, "diffusion.coarse_noise=[0.1, 0.2]")
+    assert (s.diffusion.timestep_power, s.images, s.diffusion.coarse_noise) == (2, 64, (0.1, 0.2))
+    assert s.vae == base.vae and s.diffusion.steps == base.diffusion.steps
+    for bad in ("diffusion.nope=1", "nope=1", "diffusion.steps", "diffusion.steps=many"):
+        with pytest.raises(SystemExit):
+            tool.with_field(base, bad)
+    recorded = s.to_dict()["diffusion"]
+    assert recorded["timestep_power"] == 2
+    assert "cross_attention_lr_scale" not in recorded and "cross_attention_lr_scale" in ADDED_FIELDS["diffusion"]

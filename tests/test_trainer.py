@@ -287,3 +287,24 @@ def test_latents_cross_to_the_device_once_per_step_at_most(data_dir: Path, tmp_p
                 runner.run(step, optimizer)
     per_step = crossings.count / 4
     assert per_step <= (2 if latent_cache == "memory" else 1), per_step  # latents (cached) + noise
+
+
+def test_lora_dropout_is_reproducible_resumable_and_leaves_the_global_generator_alone(
+        host, data_dir: Path, tmp_path: Path) -> None:
+    # Dropout draws from torch's global generator, which belongs to the host (a webui seeds its
+    # generations from it): each step gets its own state from (seed, step), restored afterwards.
+    torch.manual_seed(1234)
+    before = torch.random.get_rng_state()
+    full = train(config(data_dir, tmp_path / "full", lora_dropout=0.5, save_every=0), host)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    stop = threading.Event()
+
+    def stop_after_3(e: ProgressEvent) -> None:
+        if e.kind == "step" and e.step == 3:
+            stop.set()
+
+    train(config(data_dir, tmp_path / "part", lora_dropout=0.5), host, stop_after_3, stop)
+    torch.manual_seed(99)  # whatever the host did in between must not matter
+    rest = train(config(data_dir, tmp_path / "part", lora_dropout=0.5), host,
+                 resume=str(tmp_path / "part" / "t-step000003.resume.safetensors"))
+    assert rest.losses == full.losses

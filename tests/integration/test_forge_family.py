@@ -15,7 +15,8 @@ one per parameter); each needs ~7 GB of memory on a CPU.
 Proves, per webui: training through the API and from the Pivotal tab (headless Chromium); the bundle
 with ``<lora:NAME:1>`` and its embedding name changing the image, with the embedding in the infotext;
 the image without the LoRA equal to the one before; ``/pivotal/v1/host`` identical before and after a
-run (also after a generation that merged a LoRA); the webui's Interrupt and queue; a bundle with 13
+run (also after a generation that merged a LoRA); the ablation grid and the X/Y/Z plot's Pivotal
+axis rendering through the webui's txt2img; the webui's Interrupt and queue; a bundle with 13
 embeddings applying its LoRA (Forge skips a LoRA with more than 12 keys it does not know); two
 bundles defining one name resolved by the prompt's tags; and no traceback in the webui's log.
 """
@@ -263,6 +264,43 @@ def test_two_bundles_with_one_name_follow_the_prompt(fwebui: FamilyWebui, traine
     finally:
         for p in paths:
             p.unlink(missing_ok=True)
+
+
+def test_the_grid_and_the_xyz_part_axis_render_through_the_webui(fwebui: FamilyWebui,
+                                                                 trained: dict[str, Any]) -> None:
+    """``POST /pivotal/v1/grid`` and the webui's own X/Y/Z plot on the "Pivotal: bundle part" axis
+    (found by label): the whole bundle changes the picture, the base cell is the plain txt2img of
+    the prompt (the baseline image), the X/Y/Z full cell is the grid's full cell, and the host is as
+    it was."""
+    import io
+
+    from PIL import Image
+    from xyz_plot import sheet_cell, xyz_txt2img
+
+    from pivotal.webui.xyz_axes import PART_AXIS
+
+    w, name = fwebui.server, trained["name"]
+    before = _without_cache_stats(w.request("GET", "/pivotal/v1/host"))
+    baseline = Image.open(io.BytesIO(trained["before_image"])).convert("RGB").tobytes()
+    settings = {"steps": 4, "width": 64, "height": 64, "seed": 1, "sampler_name": "Euler", "cfg_scale": 7.0}
+    out = w.request("POST", "/pivotal/v1/grid", {"bundle": name, "prompts": [PROMPT], "auto_prompts": 0,
+                                                 "columns": ["full", "base"], **settings})
+    record = out["record"]
+    assert record["complete"] and not out["interrupted"], out
+    cells = {c["column"]: c for c in record["cells"]}
+    assert cells["full"]["prompt"] == f"{PROMPT} <lora:{name}:1>" and cells["base"]["prompt"] == PROMPT
+    with Image.open(out["png"]) as sheet:
+        grid_full, grid_base = (sheet_cell(sheet, cells[c]).tobytes() for c in ("full", "base"))
+    assert grid_full != grid_base, "the whole bundle did not change the grid's picture"
+    assert grid_base == baseline, "the grid's base cell is not the webui's plain txt2img"
+
+    _grid, xyz = xyz_txt2img(w, {**settings, "prompt": f"{PROMPT} <lora:{name}:1>"}, (PART_AXIS, ["full", "base"]))
+    assert {c.x: c.prompt for c in xyz} == {"full": f"{PROMPT} <lora:{name}:1>", "base": PROMPT}
+    by_part = {c.x: c.image().tobytes() for c in xyz}
+    assert by_part["base"] == baseline, "the X/Y/Z base cell is not the webui's plain txt2img"
+    assert by_part["full"] == grid_full, "the X/Y/Z full cell is not the grid's"
+    assert w.txt2img(PROMPT)[0] == trained["before_image"]
+    assert _without_cache_stats(w.request("GET", "/pivotal/v1/host")) == before
 
 
 def test_the_tab_trains_and_its_bundle_works(fwebui: FamilyWebui, dataset: Path, tmp_path: Path) -> None:

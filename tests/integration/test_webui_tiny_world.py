@@ -15,7 +15,7 @@ import io
 import os
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 from webui_server import Webui
@@ -67,9 +67,25 @@ def test_the_webui_draws_what_the_prompt_says(tiny_world: Webui) -> None:
     assert sum(r.colour == "yellow" for r in readings) >= 2, detail
 
 
-def test_a_bundle_trained_in_the_webui_draws_the_character(tiny_world: Webui, character_data: Path) -> None:
+def _unseen_backgrounds(character_data: Path) -> list[str]:
+    """Background colours none of the training captions had (nor the character's own colours)."""
     from pivotal.demo.world import COLOURS, EXAMPLE_CHARACTER
 
+    words = " ".join(p.read_text(encoding="utf-8") for p in character_data.glob("*.txt"))
+    return [c for c in COLOURS if f"{c} background" not in words
+            and c not in (EXAMPLE_CHARACTER.colour, EXAMPLE_CHARACTER.accent)]
+
+
+def _is_character(reading) -> bool:
+    from pivotal.demo.world import EXAMPLE_CHARACTER
+
+    return reading.colour in (EXAMPLE_CHARACTER.colour, EXAMPLE_CHARACTER.accent)
+
+
+@pytest.fixture(scope="module")
+def character_bundle(tiny_world: Webui, character_data: Path) -> dict:
+    """A bundle trained in the webui on the held-out character: {"name", "host"} (the host state
+    before the run, which the run left as it was)."""
     before_host = tiny_world.request("GET", "/pivotal/v1/host")
     name = f"pvtw{uuid.uuid4().hex[:6]}"
     config = {"data_dir": str(character_data), "output_name": name, "steps": 150, "resolution": 64,
@@ -80,11 +96,13 @@ def test_a_bundle_trained_in_the_webui_draws_the_character(tiny_world: Webui, ch
     snap = tiny_world.wait_run()
     assert snap["result_status"] == "completed", snap["message"]
     assert tiny_world.request("GET", "/pivotal/v1/host") == before_host
+    return {"name": name, "host": before_host}
 
-    words = " ".join(p.read_text(encoding="utf-8") for p in character_data.glob("*.txt"))
-    unseen = [c for c in COLOURS if f"{c} background" not in words
-              and c not in (EXAMPLE_CHARACTER.colour, EXAMPLE_CHARACTER.accent)]
-    colours = (EXAMPLE_CHARACTER.colour, EXAMPLE_CHARACTER.accent)
+
+def test_a_bundle_trained_in_the_webui_draws_the_character(tiny_world: Webui, character_data: Path,
+                                                           character_bundle: dict) -> None:
+    name, before_host = character_bundle["name"], character_bundle["host"]
+    unseen = _unseen_backgrounds(character_data)
     hits = {"bundle": 0, "base": 0}
     detail = []
     for background in unseen[:2]:
@@ -93,8 +111,144 @@ def test_a_bundle_trained_in_the_webui_draws_the_character(tiny_world: Webui, ch
             prompt = f"{NAME} on a {background} background, {('top left', 'bottom right')[seed % 2]}"
             for key, text in (("bundle", f"{prompt} <lora:{name}:1>"), ("base", prompt)):
                 reading = _read(tiny_world.txt2img(text, seed=seed, steps=STEPS)[0])
-                hits[key] += reading.colour in colours
+                hits[key] += _is_character(reading)
                 detail.append((key, background, seed, reading.background, reading.colour))
     total = len(unseen[:2]) * len(SEEDS)
     assert hits["bundle"] >= 0.75 * total and hits["bundle"] - hits["base"] >= 0.4 * total, (hits, detail)
     assert tiny_world.request("GET", "/pivotal/v1/host") == before_host
+
+
+#: the columns read back: the character must come from the embeddings alone, not from the base model
+READ_COLUMNS = ["full", "emb", "base"]
+
+
+def _assert_where_the_character_comes_from(hits: dict[str, int], rows: int, detail: list) -> None:
+    """The tolerances of tests/test_demo_learns.py's standalone grid: with 4 rows, all but one row
+    show the character in the full and embeddings-only columns, at most one base cell does (one
+    miss per 4 rows: none with fewer)."""
+    misses = rows // 4
+    assert hits["full"] >= rows - misses and hits["emb"] >= rows - misses, (hits, detail)
+    assert hits["base"] <= misses, (hits, detail)
+
+
+def test_the_ablation_grid_shows_where_the_character_comes_from(tiny_world: Webui, character_data: Path,
+                                                               character_bundle: dict) -> None:
+    """``POST /pivotal/v1/grid`` on the trained character, 4 rows on backgrounds the training
+    pictures never had; every cell cut from the saved sheet by the record's geometry and read back."""
+    name = character_bundle["name"]
+    prompts = [f"{NAME} on a {bg} background, {place}" for bg in _unseen_backgrounds(character_data)[:2]
+               for place in ("top left", "bottom right")]
+    out = tiny_world.request("POST", "/pivotal/v1/grid", {
+        "bundle": name, "prompts": prompts, "auto_prompts": 0, "columns": READ_COLUMNS, "steps": STEPS,
+        "cfg_scale": 7.0, "sampler_name": "Euler", "width": 64, "height": 64, "seed": SEEDS[0]}, timeout=1800)
+    assert out["record"]["columns"] == READ_COLUMNS and out["record"]["rows"] == prompts
+    _read_grid_back(out["png"], out["record"])
+    assert tiny_world.request("GET", "/pivotal/v1/host") == character_bundle["host"]
+
+
+def _read_grid_back(png: str, record: dict) -> None:
+    """Every cell of a saved grid, cut from the sheet by the record's geometry and read back."""
+    from PIL import Image
+    from xyz_plot import sheet_cell
+
+    from pivotal.demo.world_read import read_picture
+
+    assert record["complete"]
+    hits = {c: 0 for c in READ_COLUMNS}
+    detail = []
+    with Image.open(png) as sheet:
+        for cell in record["cells"]:
+            reading = read_picture(sheet_cell(sheet, cell))
+            hits[cell["column"]] = hits.get(cell["column"], 0) + _is_character(reading)
+            detail.append((cell["row"], cell["column"], reading.background, reading.colour))
+            assert reading.background in cell["prompt"], detail  # the cell is where the record says
+    _assert_where_the_character_comes_from(hits, len(record["rows"]), detail)
+
+
+def test_the_tabs_ablation_grid_button_shows_where_the_character_comes_from(
+        tiny_world: Webui, character_data: Path, character_bundle: dict, tmp_path: Path) -> None:
+    """A person opens the Pivotal tab's "Ablation grid" section in headless Chromium, picks the
+    bundle, types two prompts on backgrounds the training pictures never had, 12 steps of Euler at
+    64 px, and presses the button; the saved sheet is read back like the API's."""
+    import json
+
+    import test_webui_tab as tab
+    from selenium.webdriver.common.by import By
+
+    missing = tab._browser_missing()
+    if missing:
+        pytest.skip(missing)
+    name = character_bundle["name"]
+    background = _unseen_backgrounds(character_data)[1]
+    prompts = [f"{NAME} on a {background} background, {place}" for place in ("top left", "bottom right")]
+    shots = Path(os.environ.get("PIVOTAL_SCREENSHOTS") or tmp_path) / "tiny-world-grid"
+    shots.mkdir(parents=True, exist_ok=True)
+    with tab.chromium() as d:
+        d.get(tiny_world.url + "/")
+        pivotal_tab = "//div[contains(@class,'tab-nav')]//button[normalize-space()='Pivotal']"
+        tab._wait(d, "the Pivotal tab button", lambda d: d.find_elements(By.XPATH, pivotal_tab), 120)[0].click()
+        section = d.find_element(By.ID, "pivotal-grid-section")
+        section.find_element(By.CSS_SELECTOR, ".label-wrap").click()
+        tab._wait(d, "the grid button", lambda d: d.find_element(By.ID, "pivotal-grid-button").is_displayed(), 30)
+        d.find_element(By.ID, "pivotal-grid-refresh").click()  # the bundle trained since the page was built
+        for elem_id, value in (("pivotal-grid-bundle", name), ("pivotal-grid-sampler", "Euler")):
+            _choose(d, elem_id, value)
+        tab._type(d, "pivotal-grid-prompts", "\n".join(prompts))
+        for elem_id, value in (("pivotal-grid-auto", "0"), ("pivotal-grid-steps", str(STEPS)),
+                               ("pivotal-grid-width", "64"), ("pivotal-grid-height", "64"),
+                               ("pivotal-grid-seed", str(SEEDS[0]))):
+            tab._type(d, elem_id, value)
+        d.save_screenshot(str(shots / "grid-01-filled.png"))
+        d.find_element(By.ID, "pivotal-grid-button").click()
+        done = tab._wait(d, "the grid to be rendered", lambda d: d.find_elements(By.ID, "pivotal-grid-done"), 1800)
+        d.save_screenshot(str(shots / "grid-02-done.png"))
+        png, record_path = (c.text for c in done[0].find_elements(By.TAG_NAME, "code"))
+    record = json.loads(Path(record_path).read_text(encoding="utf-8"))
+    assert record["rows"] == prompts and record["bundle"] == name, record
+    assert [c["prompt"] for c in record["cells"] if c["column"] == "full"] == [f"{p} <lora:{name}:1>" for p in prompts]
+    assert "Sampler: Euler," in record["cells"][0]["infotext"] and "Steps: 12," in record["cells"][0]["infotext"]
+    _read_grid_back(png, record)
+    assert tiny_world.request("GET", "/pivotal/v1/host") == character_bundle["host"]
+
+
+def _choose(d: Any, elem_id: str, value: str) -> None:
+    """Pick ``value`` in the gradio dropdown ``elem_id`` as a person does: open it, click the option."""
+    import test_webui_tab as tab
+    from selenium.webdriver.common.by import By
+
+    d.find_element(By.ID, elem_id).find_element(By.CSS_SELECTOR, "input").click()
+    option = f"#{elem_id} li[data-value='{value}']"
+    found = tab._wait(d, f"the option {value!r} of {elem_id}", lambda d: d.find_elements(By.CSS_SELECTOR, option), 30)
+    found[0].click()
+
+
+def test_the_xyz_plot_bundle_part_axis_shows_where_the_character_comes_from(
+        tiny_world: Webui, character_data: Path, character_bundle: dict) -> None:
+    """The webui's own X/Y/Z plot, X = "Pivotal: bundle part" (full, emb, base), Y = Seed: the grid
+    image comes back and every sub-image is read back (which part it is, from its infotext)."""
+    from PIL import Image
+    from xyz_plot import xyz_txt2img
+
+    from pivotal.demo.world_read import read_picture
+    from pivotal.webui.xyz_axes import PART_AXIS
+
+    name = character_bundle["name"]
+    background = _unseen_backgrounds(character_data)[0]
+    prompt = f"{NAME} on a {background} background, top left"
+    body = {"prompt": f"{prompt} <lora:{name}:1>", "steps": STEPS, "width": 64, "height": 64, "seed": SEEDS[0],
+            "sampler_name": "Euler", "cfg_scale": 7.0}
+    grid, cells = xyz_txt2img(tiny_world, body, (PART_AXIS, READ_COLUMNS), ("Seed", SEEDS))
+    width, height = Image.open(io.BytesIO(grid)).size
+    assert width >= 64 * len(READ_COLUMNS) and height >= 64 * len(SEEDS)
+    prompts = {"full": f"{prompt} <lora:{name}:1>", "emb": f"{prompt} <lora:{name}:0>", "base": prompt}
+    assert sorted((c.x, c.y) for c in cells) == sorted((part, str(seed)) for part in READ_COLUMNS for seed in SEEDS)
+    hits = {c: 0 for c in READ_COLUMNS}
+    detail = []
+    for cell in cells:
+        # the cell in the part's column carries that part's prompt, and the seed of its row
+        assert (cell.prompt, cell.seed) == (prompts[cell.x], int(cell.y)), (cell.x, cell.y, cell.prompt, cell.seed)
+        reading = read_picture(cell.image())
+        hits[cell.x] += _is_character(reading)
+        detail.append((cell.x, cell.seed, reading.background, reading.colour))
+    _assert_where_the_character_comes_from(hits, len(SEEDS), detail)
+    assert tiny_world.request("GET", "/pivotal/v1/host") == character_bundle["host"]

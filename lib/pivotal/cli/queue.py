@@ -57,9 +57,11 @@ def _builder(demo: str | None) -> Any:
     return build
 
 
-def run_queue_command(args: argparse.Namespace, order: Callable[[list[Any]], list[Any]] | None = None) -> int:
+def run_queue_command(args: argparse.Namespace, order: Callable[[list[Any]], list[Any]] | None = None,
+                      after: Callable[[list[Any], Any], None] | None = None) -> int:
     """Run the queue of ``args.folder``; ``order``: how the final table lists the runs (a sweep
-    ranks them by validation loss)."""
+    ranks them by validation loss); ``after(runs, host)``: more work on the loaded model once the
+    queue has run without interruption (a sweep's grid)."""
     from dataclasses import asdict
 
     from pivotal.demo.host import load_host
@@ -105,4 +107,6 @@ def run_queue_command(args: argparse.Namespace, order: Callable[[list[Any]], lis
     statuses = {r.status for r in runs}
     if "interrupted" in statuses or stop.is_set():
         return 130
+    if after is not None:
+        after(runs, host)
     return 0 if statuses == {"completed"} else 1

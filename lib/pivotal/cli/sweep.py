@@ -2,6 +2,8 @@
 combination into FOLDER (:mod:`pivotal.training.sweep`), then train them as a queue (``pivotal queue
 FOLDER``: resumable, finished runs skipped) and print the table ranked by validation loss.
 
+``--grid [PROMPT]``: then the variants x parts grid, next to the sweep (FOLDER/sweep-grid.png + .json).
+
 Exit status: as ``pivotal queue``; ``--write-only``: 0 once the configs are written.
 """
 
@@ -26,6 +28,12 @@ def add_sweep_command(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="one JSON line per finished run, then the summary")
     p.add_argument("--write-only", action="store_true", help="write the configs; train them later with "
                                                               "pivotal queue FOLDER")
+    p.add_argument("--grid", nargs="?", const="", default=None, metavar="PROMPT",
+                   help="after the runs, render the variants x parts grid (rows: the variants, best validation "
+                        "loss first; columns: full / UNet / TE / embeddings / base) of PROMPT (default: the "
+                        "embedding names) into FOLDER/sweep-grid.png + .json")
+    p.add_argument("--grid-seed", type=int, default=0, metavar="N", help="the grid's seed (every cell)")
+    p.add_argument("--grid-steps", type=int, default=20, metavar="N", help="the grid's sampling steps")
     p.set_defaults(run=run_sweep_command)
 
 
@@ -41,4 +49,14 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     if args.write_only:
         return 0
     return run_queue_command(argparse.Namespace(folder=args.out, model=args.model, demo=args.demo,
-                                                device=args.device, json=args.json), order=ranked)
+                                                device=args.device, json=args.json), order=ranked,
+                             after=(lambda runs, host: _grid(args, host)) if args.grid is not None else None)
+
+
+def _grid(args: argparse.Namespace, host: Any) -> None:
+    """The variants x parts grid of the sweep in ``args.out`` (Pivotal's own render on ``host``)."""
+    from pivotal.inference.sweep_grid import render_sweep_grid, standalone_renderer
+
+    png, record = render_sweep_grid(args.out, standalone_renderer(host, steps=args.grid_steps), args.grid,
+                                    seed=args.grid_seed)
+    print(f"sweep grid: {png} ({record})", flush=True)

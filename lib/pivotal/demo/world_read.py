@@ -5,7 +5,11 @@ asked for (see :mod:`pivotal.demo.pretrain.check`), deliberately simple so it ca
 * background: the median colour of the picture's outer ring of pixels (objects touch little of it);
 * object: the pixels far (in RGB) from that colour; its colour is their median, its place the
   palette position nearest to their centre of mass;
-* shape: how much of the object's bounding box it fills (circle ~0.79, square 1, triangle 0.5).
+* shape: how much of the object's bounding box it fills (circle ~0.79, square 1, triangle 0.5),
+  the object's outline taken halfway between the background and the object colour: a fixed
+  distance would grow a soft-edged (decoded) shape by a margin that depends on its contrast with
+  the background, which rounds squares and fills triangles out (a render blurred by 1 px read
+  80 % of shapes right that way, 92 % this way).
 """
 
 from __future__ import annotations
@@ -63,10 +67,24 @@ def read_picture(image: Image.Image, style: WorldStyle = BASE_STYLE, shapes: Seq
     coverage = float(mask.mean())
     if coverage < MIN_COVERAGE:
         return Reading(background, None, None, None, coverage)
-    colour = nearest_colour(np.median(px[mask], axis=0), exclude=[background], style=style)
+    object_rgb = np.median(px[mask], axis=0)
+    colour = nearest_colour(object_rgb, exclude=[background], style=style)
     ys, xs = np.nonzero(mask)
     cx, cy = (xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h
     place = min(PLACES, key=lambda p: (PLACES[p][0] - cx) ** 2 + (PLACES[p][1] - cy) ** 2)
+    return Reading(background, colour, place, _shape(px, bg_rgb, object_rgb, mask, shapes), coverage)
+
+
+def _shape(px: np.ndarray, bg_rgb: np.ndarray, object_rgb: np.ndarray, mask: np.ndarray,
+           shapes: Sequence[str]) -> str | None:
+    """The shape whose bounding-box fill is nearest to the object's: pixels (H, W, 3), ``mask``
+    (H, W) the pixels far from the background; the outline is redrawn halfway to the object colour."""
+    half = 0.5 * float(np.linalg.norm(object_rgb - bg_rgb))
+    if half > OBJECT_DISTANCE:
+        outline = np.linalg.norm(px - bg_rgb, axis=-1) > half
+        if outline.sum() >= 4:
+            mask = outline
+    ys, xs = np.nonzero(mask)
     # Robust bounding box: a few stray pixels must not stretch it.
     x0, x1 = np.percentile(xs, [1, 99])
     y0, y1 = np.percentile(ys, [1, 99])
@@ -74,5 +92,4 @@ def read_picture(image: Image.Image, style: WorldStyle = BASE_STYLE, shapes: Seq
     inside = mask[int(y0):int(y1) + 1, int(x0):int(x1) + 1].sum()
     fill = float(inside) / box
     known = [s for s in shapes if s in BOX_FILL]
-    shape = min(known, key=lambda s: abs(BOX_FILL[s] - fill)) if known else None
-    return Reading(background, colour, place, shape, coverage)
+    return min(known, key=lambda s: abs(BOX_FILL[s] - fill)) if known else None

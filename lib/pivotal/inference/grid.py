@@ -70,9 +70,17 @@ class GridPlan:
     negative: str = ""
     strength: float = 1.0
     notes: dict[str, str] = field(default_factory=dict)  # column -> why it looks like another
+    #: a variants grid (a sweep's): row i uses bundle ``row_bundles[i]`` (empty: every row ``bundle``)
+    row_bundles: list[str] = field(default_factory=list)
+    #: what the sheet writes left of each row (empty: the row's prompt and seed)
+    row_labels: list[str] = field(default_factory=list)
+
+    def bundle_of(self, row: int) -> str:
+        """The bundle row ``row`` compares the parts of."""
+        return self.row_bundles[row] if self.row_bundles else self.bundle
 
     def cells(self) -> list[GridCell]:
-        return [GridCell(r, c, f"{prompt} {column_tag(self.bundle, c, self.strength)}".strip(), self.negative,
+        return [GridCell(r, c, f"{prompt} {column_tag(self.bundle_of(r), c, self.strength)}".strip(), self.negative,
                          self.seeds[r])
                 for r, prompt in enumerate(self.rows) for c in self.columns]
 

@@ -56,7 +56,7 @@ def compose_grid(result: GridResult) -> tuple[Any, dict[tuple[int, str], tuple[i
     boxes: dict[tuple[int, str], tuple[int, int, int, int]] = {}
     for r, prompt in enumerate(plan.rows):
         y = HEADER_H + PAD + r * (ch + PAD)
-        label = f"{prompt}  (seed {plan.seeds[r]})"
+        label = plan.row_labels[r] if plan.row_labels else f"{prompt}  (seed {plan.seeds[r]})"
         for i, line in enumerate(_lines(label, ROW_LABEL_W - 2 * PAD)[: max(1, ch // 11)]):
             draw.text((PAD, y + 11 * i), line, fill=TEXT, font=font)
         for c, column in enumerate(plan.columns):
@@ -83,11 +83,13 @@ def grid_record(result: GridResult, boxes: dict[tuple[int, str], tuple[int, int,
             continue
         x, y, w, h = boxes[key]
         cells.append({"row": cell.row, "column": cell.column, "column_title": COLUMNS[cell.column],
+                      "bundle": plan.bundle_of(cell.row),
                       "prompt": cell.prompt, "negative": cell.negative, "seed": cell.seed,
                       "box": {"x": x, "y": y, "width": w, "height": h},
                       "size": list(result.images[key].size), "infotext": result.infotexts.get(key, "")})
     return {"bundle": plan.bundle, "rows": plan.rows, "columns": plan.columns, "seeds": plan.seeds,
             "strength": plan.strength, "negative": plan.negative, "notes": plan.notes,
+            "row_bundles": plan.row_bundles, "row_labels": plan.row_labels,
             "complete": len(cells) == len(plan.rows) * len(plan.columns), "cells": cells}
 
 
@@ -98,6 +100,9 @@ def grid_infotext(result: GridResult) -> str:
     settings = first.splitlines()[-1] if first else ""
     head = (f"Pivotal ablation grid of <lora:{plan.bundle}>: columns {', '.join(plan.columns)}; "
             f"rows {len(plan.rows)}; seeds {', '.join(map(str, plan.seeds))}")
+    if plan.row_bundles:
+        head = (f"Pivotal sweep grid: rows {', '.join(plan.row_bundles)}; columns {', '.join(plan.columns)}; "
+                f"prompt {plan.rows[0] if plan.rows else ''!r}; seed {plan.seeds[0] if plan.seeds else 0}")
     return "\n".join(x for x in (head, settings) if x)
 
 

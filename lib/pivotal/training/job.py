@@ -18,12 +18,14 @@ import io
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
-from pivotal.errors import PivotalError, TrainingError
+from pivotal.errors import ConfigError, PivotalError, TrainingError
 from pivotal.training.config import TrainConfig
+from pivotal.training.job_state import FAILED, FINISHED, IDLE, RUNNING, Preview, RunState
 from pivotal.training.progress import ProgressEvent, TrainResult
+from pivotal.training.queue_job import QUEUE, QueueProgress, outcome
 
 if TYPE_CHECKING:  # host_api imports torch; the job itself never touches a tensor
     from pivotal.host_api import TrainingHost
@@ -31,7 +33,6 @@ if TYPE_CHECKING:  # host_api imports torch; the job itself never touches a tens
 log = logging.getLogger(__name__)
 
 #: states of a job, as :meth:`TrainingJob.status` reports them
-IDLE, RUNNING, FINISHED, FAILED = "idle", "running", "finished", "failed"
 JOB_STATES = (IDLE, RUNNING, FINISHED, FAILED)
 
 #: signature of :func:`pivotal.training.trainer.train`
@@ -48,48 +49,6 @@ class JobBusyError(TrainingError):
     """A run is already going; only one may run at a time."""
 
 
-@dataclass
-class Preview:
-    """A preview image the trainer made, with the step and the prompt it shows."""
-
-    image: Any
-    step: int
-    caption: str
-    #: where the trainer saved it ("" when it did not)
-    path: str = ""
-
-
-@dataclass
-class _RunState:
-    """Everything one run has reported so far (guarded by the job's lock)."""
-
-    run_id: int
-    state: str = RUNNING
-    result_status: str = ""
-    step: int = 0
-    total: int = 0
-    loss: Optional[float] = None
-    smoothed_loss: Optional[float] = None
-    losses: list[float] = field(default_factory=list)
-    smoothed_losses: list[float] = field(default_factory=list)
-    #: [step, validation loss] of each evaluation (none without a validation set)
-    validation_losses: list[list[float]] = field(default_factory=list)
-    lrs: dict[str, float] = field(default_factory=dict)
-    eta_s: Optional[float] = None
-    phase: str = ""
-    message: str = ""
-    warnings: list[str] = field(default_factory=list)
-    bundle_path: str = ""
-    saved_paths: list[str] = field(default_factory=list)
-    preflight: dict[str, Any] = field(default_factory=dict)
-    previews: list[Preview] = field(default_factory=list)
-    preview_count: int = 0
-    started_at: float = field(default_factory=time.time)
-    ended_at: Optional[float] = None
-    stop_requested: bool = False
-    config: dict[str, Any] = field(default_factory=dict)
-
-
 class TrainingJob:
     """Runs :func:`pivotal.training.trainer.train` in a background thread, one run at a time.
 
@@ -100,7 +59,7 @@ class TrainingJob:
     def __init__(self, trainer: Optional[TrainFn] = None) -> None:
         self._trainer = trainer
         self._lock = threading.Lock()
-        self._run: Optional[_RunState] = None
+        self._run: Optional[RunState] = None
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._next_id = 1
@@ -120,12 +79,9 @@ class TrainingJob:
             raise TrainingError("give either a host or a host provider to start a run")
         config.validate()  # a bad setting is reported to the caller at once, not as a failed run
         with self._lock:
-            if self._run is not None and self._run.state == RUNNING:
-                raise JobBusyError(self._busy_message(self._run))
-            if self._host_users:
-                raise JobBusyError("the model is generating an image; start the run when it is done")
+            self._check_free()
             trainer = self._trainer or _default_trainer()
-            run = _RunState(run_id=self._next_id, config=config.to_dict(), total=config.steps,
+            run = RunState(run_id=self._next_id, config=config.to_dict(), total=config.steps,
                             phase="loading model" if host is None else "starting",
                             message="loading the model" if host is None else "starting")
             self._next_id += 1
@@ -136,6 +92,39 @@ class TrainingJob:
             self._thread = thread
             thread.start()
         return run.run_id
+
+    def start_queue(self, folder: str | Path, build: Callable[[Path], TrainConfig], *,
+                    host_provider: HostProvider, kind: str = QUEUE, name: str = "",
+                    base: Optional[TrainConfig] = None) -> int:
+        """Train the configs of queue folder ``folder`` one after another as one job (see
+        :mod:`pivotal.training.queue_job`); return its run id. ``build(path)``: a config file's
+        TrainConfig; ``kind``: "queue" or "sweep"; ``base``: the settings shown for the job.
+        ConfigError when the folder holds no config, JobBusyError while a run is going. Interrupt
+        stops the run going (it saves per its ``on_interrupt``) and the queue; starting the same
+        folder again skips the finished runs and resumes the interrupted one."""
+        queue = QueueProgress.plan(folder, build, kind, name)
+        if not queue.rows:
+            raise ConfigError(f"{folder}: no config files (.toml / .json) to run")
+        with self._lock:
+            self._check_free()
+            trainer = self._trainer or _default_trainer()
+            run = RunState(run_id=self._next_id, config=base.to_dict() if base else {}, phase="loading model",
+                            message="loading the model", queue=queue)
+            self._next_id += 1
+            self._run = run
+            self._stop = threading.Event()
+            thread = threading.Thread(target=self._queue_worker, name=f"pivotal-{kind}-{run.run_id}", daemon=True,
+                                      args=(run, trainer, Path(folder), build, host_provider, self._stop))
+            self._thread = thread
+            thread.start()
+        return run.run_id
+
+    def _check_free(self) -> None:
+        """JobBusyError while a run is going or the host is lent out (call under the lock)."""
+        if self._run is not None and self._run.state == RUNNING:
+            raise JobBusyError(self._busy_message(self._run))
+        if self._host_users:
+            raise JobBusyError("the model is generating an image; start the run when it is done")
 
     def interrupt(self) -> bool:
         """Ask the running run to stop at the next step boundary; the trainer then saves or
@@ -204,7 +193,8 @@ class TrainingJob:
                         "lrs": {}, "eta_s": None, "phase": "",
                         "message": "", "warnings": [], "bundle_path": "", "saved_paths": [], "preflight": {},
                         "result_status": "", "preview_count": 0, "elapsed_s": 0.0, "stop_requested": False,
-                        "preview_path": "", "settings": {}}
+                        "preview_path": "", "settings": {}, "validation_drift": None, "validation_drifts": [],
+                        "queue": None}
             end = run.ended_at if run.ended_at is not None else time.time()
             snap = {"state": run.state, "run_id": run.run_id, "step": run.step, "total": run.total,
                     "loss": run.loss, "smoothed_loss": run.smoothed_loss, "losses": list(run.losses),
@@ -216,7 +206,10 @@ class TrainingJob:
                     "preflight": dict(run.preflight), "result_status": run.result_status,
                     "preview_count": run.preview_count, "elapsed_s": round(end - run.started_at, 3),
                     "preview_path": run.previews[-1].path if run.previews else "", "settings": run.config,
-                    "stop_requested": run.stop_requested}
+                    "stop_requested": run.stop_requested,
+                    "validation_drift": run.validation_drifts[-1][1] if run.validation_drifts else None,
+                    "validation_drifts": [list(v) for v in run.validation_drifts],
+                    "queue": run.queue.snapshot() if run.queue is not None else None}
             latest = run.previews[-1].image if run.previews else None
         if preview_png and latest is not None:
             snap["preview_png_base64"] = _png_base64(latest)
@@ -235,7 +228,7 @@ class TrainingJob:
             return self._run.previews[-1].image
 
     # -- the background thread ----------------------------------------------------------------
-    def _worker(self, run: _RunState, trainer: TrainFn, config: TrainConfig, host: Optional[TrainingHost],
+    def _worker(self, run: RunState, trainer: TrainFn, config: TrainConfig, host: Optional[TrainingHost],
                 host_provider: Optional[HostProvider], resume: Optional[str], stop: threading.Event) -> None:
         try:
             if host is None and host_provider is not None:
@@ -251,7 +244,51 @@ class TrainingJob:
             return
         self._finish_result(run, result)
 
-    def _on_event(self, run: _RunState, ev: ProgressEvent) -> None:
+    def _queue_worker(self, run: RunState, trainer: TrainFn, folder: Path, build: Callable[[Path], TrainConfig],
+                      host_provider: HostProvider, stop: threading.Event) -> None:
+        from pivotal.training.queue import run_queue
+
+        queue = run.queue
+        assert queue is not None  # start_queue sets it
+        try:
+            host = host_provider()
+            self._update(run, phase="starting", message="model loaded")
+            runs = run_queue(folder, host, build, on_event=lambda config, ev: self._on_queue_event(run, config, ev),
+                             stop=stop, on_run=lambda r: self._on_queue_run(run, r), train_fn=trainer)
+        except PivotalError as e:
+            with self._lock:
+                queue.stopped()
+            self._finish(run, FAILED, "failed", str(e))
+            return
+        except Exception as e:  # a bug: the traceback in the log, the gist on the page
+            log.exception("%s %d failed", queue.kind, run.run_id)
+            with self._lock:
+                queue.stopped()
+            self._finish(run, FAILED, "failed", f"{type(e).__name__}: {e}")
+            return
+        state, result = outcome(runs)
+        counts = {s: sum(r.status == s for r in runs) for s in ("completed", "interrupted", "failed", "pending")}
+        message = f"{queue.kind} {result}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        self._finish(run, FAILED if state == FAILED else FINISHED, result, message)
+
+    def _on_queue_event(self, run: RunState, config: str, ev: ProgressEvent) -> None:
+        with self._lock:
+            queue = run.queue
+            assert queue is not None
+            if queue.begin(config):
+                run.reset_for_next_run()
+            if ev.kind == "step":
+                queue.step(config, ev.step, ev.total, ev.smoothed_loss)
+            elif ev.kind == "validation":
+                queue.validation(config, ev.data)
+        self._on_event(run, ev)
+
+    def _on_queue_run(self, run: RunState, queue_run: Any) -> None:
+        with self._lock:
+            assert run.queue is not None
+            run.queue.finished(queue_run)
+
+    def _on_event(self, run: RunState, ev: ProgressEvent) -> None:
         with self._lock:
             if ev.total:
                 run.total = ev.total
@@ -270,6 +307,8 @@ class TrainingJob:
                 run.eta_s = ev.eta_s
             elif ev.kind == "validation" and "validation_loss" in ev.data:
                 run.validation_losses.append([ev.step, float(ev.data["validation_loss"])])
+                if ev.data.get("validation_drift") is not None:
+                    run.validation_drifts.append([ev.step, float(ev.data["validation_drift"])])
             elif ev.kind == "preflight":
                 run.preflight = dict(ev.data)
             elif ev.kind == "save" and ev.path:
@@ -288,12 +327,12 @@ class TrainingJob:
             if ev.message and ev.kind not in ("warning", "preview") and not (run.stop_requested and ev.kind == "step"):
                 run.message = ev.message
 
-    def _update(self, run: _RunState, **values: Any) -> None:
+    def _update(self, run: RunState, **values: Any) -> None:
         with self._lock:
             for k, v in values.items():
                 setattr(run, k, v)
 
-    def _finish_result(self, run: _RunState, result: TrainResult) -> None:
+    def _finish_result(self, run: RunState, result: TrainResult) -> None:
         # "stopped" (diverged) is a failure to the user even though a periodic save may be kept
         state = FAILED if result.status in ("failed", "stopped") else FINISHED
         message = result.message or {"completed": "run completed", "interrupted": "run interrupted",
@@ -312,7 +351,7 @@ class TrainingJob:
                 run.smoothed_loss = result.last_smoothed_loss
         self._finish(run, state, result.status, message)
 
-    def _finish(self, run: _RunState, state: str, result_status: str, message: str) -> None:
+    def _finish(self, run: RunState, state: str, result_status: str, message: str) -> None:
         with self._lock:
             run.state = state
             run.result_status = result_status
@@ -321,7 +360,7 @@ class TrainingJob:
             run.ended_at = time.time()
 
     @staticmethod
-    def _busy_message(run: _RunState) -> str:
+    def _busy_message(run: RunState) -> str:
         where = f"step {run.step}/{run.total}" if run.total else run.phase or "starting"
         return (f"a training run is already going (run {run.run_id}, {where}); only one run at a time: "
                 "wait for it to end or interrupt it first")

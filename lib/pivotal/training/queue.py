@@ -1,7 +1,8 @@
 """A queue of training runs: every config file of a folder, one after another, on one loaded model.
 
 ``run_queue(folder, host, build)`` trains each ``*.toml`` / ``*.json`` config of ``folder`` (name
-order; ``queue-summary.json`` is the queue's own record, not a config) and records each outcome in
+order; ``queue-summary.json`` is the queue's own record and ``sweep-grid.json`` a sweep's grid's, not
+configs) and records each outcome in
 ``folder/queue-summary.json`` after every run, atomically. Run again, it picks up where it stopped:
 
 * a run recorded as completed, whose config file is unchanged (sha256) and whose bundle is still
@@ -32,10 +33,12 @@ from pivotal.errors import ConfigError, PivotalError
 from pivotal.formats.png import write_json
 from pivotal.host_api import TrainingHost
 from pivotal.training.config import TrainConfig, load_config_file
-from pivotal.training.progress import EventSink, ProgressEvent
+from pivotal.training.progress import EventSink, ProgressEvent, TrainResult
 from pivotal.training.trainer import train
 
 SUMMARY_FILE = "queue-summary.json"
+#: a sweep's grid record, written next to its configs (:mod:`pivotal.inference.sweep_grid`); not a config
+SWEEP_GRID_RECORD = "sweep-grid.json"
 CONFIG_SUFFIXES = (".toml", ".json")
 FORMAT = 1
 _STEP_FILE = re.compile(r"-step(\d{6,})\.resume\.safetensors$")
@@ -54,6 +57,10 @@ class QueueRun:
     total: int = 0
     loss: float | None = None
     validation_loss: float | None = None
+    #: the last validation drift in % (loss on plain prompts against the base model's; None: not measured)
+    validation_drift: float | None = None
+    #: what a sweep varied for this run, NAME=VALUE (empty for a plain queue's run)
+    values: list[str] = field(default_factory=list)
     bundle: str = ""
     resumed_from: str = ""
     seconds: float = 0.0
@@ -68,7 +75,8 @@ def find_configs(folder: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         raise ConfigError(f"{root}: no such queue folder; put one settings file (.toml or .json) per run in it")
     return sorted(p for p in root.iterdir()
-                  if p.is_file() and p.suffix.lower() in CONFIG_SUFFIXES and p.name != SUMMARY_FILE
+                  if p.is_file() and p.suffix.lower() in CONFIG_SUFFIXES
+                  and p.name not in (SUMMARY_FILE, SWEEP_GRID_RECORD)
                   and not p.name.startswith("."))
 
 
@@ -142,12 +150,15 @@ def _is_done(rec: QueueRun | None, sha: str) -> bool:
 def run_queue(folder: str | os.PathLike, host: TrainingHost, build: Callable[[Path], TrainConfig],
               on_event: Callable[[str, ProgressEvent], None] | None = None,
               stop: threading.Event | None = None,
-              on_run: Callable[[QueueRun], None] | None = None) -> list[QueueRun]:
+              on_run: Callable[[QueueRun], None] | None = None,
+              train_fn: Callable[..., TrainResult] | None = None) -> list[QueueRun]:
     """Train every config of ``folder`` not yet done (see the module docstring); returns the runs.
 
     ``build(path)``: the TrainConfig of a config file (:func:`queue_config` plus what the caller
     adds). ``on_event(config name, event)``: every trainer event. ``stop``: set it to interrupt the
     current run at its next step (it is saved, and the queue stops). ``on_run``: each finished run.
+    ``train_fn``: the trainer (default :func:`pivotal.training.trainer.train`; the webui's runs go
+    through its queue and publish their bundles), called as ``train`` is.
     """
     root = Path(folder)
     configs = find_configs(root)
@@ -167,7 +178,7 @@ def run_queue(folder: str | os.PathLike, host: TrainingHost, build: Callable[[Pa
             continue
         if stop.is_set():
             break
-        _run_one(path, run, host, build, on_event, stop, names)
+        _run_one(path, run, host, build, on_event, stop, names, train_fn or train)
         write_summary(root, runs, model)
         if on_run:
             on_run(run)
@@ -191,17 +202,19 @@ def _output_names(configs: list[Path], build: Callable[[Path], TrainConfig]) -> 
 
 def _run_one(path: Path, run: QueueRun, host: TrainingHost, build: Callable[[Path], TrainConfig],
              on_event: Callable[[str, ProgressEvent], None] | None, stop: threading.Event,
-             queue_names: Sequence[str] = ()) -> None:
+             queue_names: Sequence[str] = (), train_fn: Callable[..., TrainResult] = train) -> None:
     started = time.perf_counter()
     sink: EventSink = (lambda e: on_event(run.config, e)) if on_event else (lambda e: None)
     try:
         cfg = build(path).validate()
+        run.values = list(cfg.sweep)
         resume = newest_resume_file(cfg)
         run.resumed_from = str(resume) if resume else ""
         run.total = cfg.steps
         # The queue's runs are variants of one concept: they may share embedding names.
         variants = [n for n in queue_names if n != cfg.output_name]
-        result = train(cfg, host, sink, stop, resume=str(resume) if resume else None, variants=variants)
+        result = train_fn(cfg, host, on_event=sink, stop=stop, resume=str(resume) if resume else None,
+                          variants=variants)
     except PivotalError as e:
         run.status, run.message = "failed", str(e)
     else:
@@ -209,6 +222,7 @@ def _run_one(path: Path, run: QueueRun, host: TrainingHost, build: Callable[[Pat
         run.status, run.steps, run.total = result.status, result.steps_done, result.total_steps
         run.loss, run.bundle, run.message = result.last_smoothed_loss, result.bundle_path, result.message
         run.validation_loss = summary.get("validation_loss", summary.get("last_validation_loss"))
+        run.validation_drift = summary.get("validation_drift")
         run.warnings = list(result.warnings)
     run.seconds = round(time.perf_counter() - started, 3)
 

@@ -12,16 +12,17 @@ validation loss.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pivotal.errors import ConfigError
 from pivotal.training.config import TrainConfig, load_config_file
-from pivotal.training.queue import QueueRun
+from pivotal.training.queue import QueueRun, queue_config
 from pivotal.training.settings import DeclaredSetting, declared
 
 #: at most this many settings vary in one sweep (3 values x 3 values is already 9 runs)
@@ -83,32 +84,79 @@ def write_sweep(base: str | os.PathLike, varies: list[str], folder: str | os.Pat
     """Write one config per combination of the ``varies`` values into ``folder`` (see the module
     docstring); returns their paths. Nothing is written when a value or the base is refused."""
     base_path = Path(base)
+    axes = check_varies(varies)
+    values = load_config_file(base_path)
+    for key in ("data_dir", "out_dir", "validation_dir"):  # relative to the base file, wherever the sweep is
+        if values.get(key) and not Path(str(values[key])).expanduser().is_absolute():
+            values[key] = str((base_path.parent / str(values[key])).resolve())
+    stem = str(values.get("output_name") or base_path.stem)
+    return _write(sweep_configs(values, axes, stem, Path(folder)))
+
+
+def check_varies(varies: list[str]) -> list[tuple[str, list[Any]]]:
+    """The (setting, values) of each ``NAME=V1,V2`` entry (:func:`parse_vary`); ConfigError for
+    none or more than :data:`MAX_VARY`, or a setting given twice."""
     if not 1 <= len(varies) <= MAX_VARY:
         raise ConfigError(f"--vary: give 1 to {MAX_VARY} settings to sweep (got {len(varies)})")
     axes = [parse_vary(v) for v in varies]
     names = [n for n, _ in axes]
     if len(set(names)) != len(names):
         raise ConfigError(f"--vary {names[0]}: the same setting is varied twice; list all its values in one --vary")
-    values = load_config_file(base_path)
-    for key in ("data_dir", "out_dir", "validation_dir"):  # relative to the base file, wherever the sweep is
-        if values.get(key) and not Path(str(values[key])).expanduser().is_absolute():
-            values[key] = str((base_path.parent / str(values[key])).resolve())
-    stem = str(values.get("output_name") or base_path.stem)
-    out = Path(folder)
+    return axes
+
+
+def sweep_configs(values: dict[str, Any], axes: list[tuple[str, list[Any]]], stem: str, out: Path,
+                  complete: bool = False) -> list[tuple[Path, dict[str, Any]]]:
+    """(path, settings) of each combination, every one built as a TrainConfig (types, unknown
+    keys) before any is written; ``complete``: also validated whole (a form's or a request's
+    settings, which must be runnable as they are: a config file may leave data_dir to the queue)."""
+    names = [n for n, _ in axes]
     configs: list[tuple[Path, dict[str, Any]]] = []
     for combo in itertools.product(*(vals for _, vals in axes)):
         run = dict(values)
         run.update(zip(names, combo))
         run["output_name"] = "-".join([stem] + [f"{n}{value_text(v)}" for n, v in zip(names, combo)])
         run["sweep"] = [f"{n}={v!r}" if isinstance(v, float) else f"{n}={v}" for n, v in zip(names, combo)]
-        TrainConfig.from_dict(run)  # every combination builds (types, unknown keys) before any is written
+        cfg = TrainConfig.from_dict(run)
+        if complete:
+            cfg.validate()
         configs.append((out / f"{run['output_name']}.json", run))
-    out.mkdir(parents=True, exist_ok=True)
+    return configs
+
+
+def _write(configs: list[tuple[Path, dict[str, Any]]]) -> list[Path]:
     for path, run in configs:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(run, indent=2, default=_json_default) + "\n", encoding="utf-8")
         os.replace(tmp, path)
     return [p for p, _ in configs]
+
+
+def sweep_folder(outputs: str | os.PathLike, base: TrainConfig, varies: list[str]) -> Path:
+    """``<outputs>/sweeps/<output_name>-<settings>-<hash>``: the folder of the sweep of ``base``
+    over ``varies`` (a form's or a request's). The same base and values give the same folder, so
+    starting the same sweep again finds its finished runs there (and skips them); any other base
+    or value list gets a folder of its own, whose runs are not mixed with this one's."""
+    axes = check_varies(varies)
+    key = json.dumps({"base": base.to_dict(), "vary": [[n, [repr(v) for v in vals]] for n, vals in axes]},
+                     sort_keys=True, default=_json_default)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    names = "-".join(n for n, _ in axes)
+    return Path(outputs) / "sweeps" / f"{base.output_name}-{names}-{digest}"
+
+
+def write_sweep_from(base: TrainConfig, varies: list[str], outputs: str | os.PathLike) -> Path:
+    """Write the sweep of the settings ``base`` (a form's, a request's) over ``varies`` into its
+    :func:`sweep_folder` and return the folder. The runs write their bundles into ``output/``
+    there. Every value is checked before anything is written (ConfigError naming the setting)."""
+    axes = check_varies(varies)
+    folder = sweep_folder(outputs, base, varies)
+    values = base.to_dict()
+    values["out_dir"] = str(folder / "output")
+    values["sweep"] = []
+    _write(sweep_configs(values, axes, base.output_name, folder, complete=True))
+    return folder
 
 
 def _json_default(value: Any) -> Any:
@@ -121,3 +169,20 @@ def ranked(runs: list[QueueRun]) -> list[QueueRun]:
     if not any(r.validation_loss is not None for r in runs):
         return list(runs)
     return sorted(runs, key=lambda r: (r.validation_loss is None, r.validation_loss or 0.0))
+
+
+def start_sweep(job: Any, base: TrainConfig, varies: list[str], outputs: str | os.PathLike,
+                host_provider: Callable[[], Any]) -> tuple[int, Path]:
+    """Write the sweep of ``base`` over ``varies`` (:func:`write_sweep_from`) and start it on
+    ``job`` (a :class:`pivotal.training.job.TrainingJob`) as one queue; (run id, sweep folder).
+    ConfigError (naming the setting) before anything is written; JobBusyError while a run is
+    going (checked first, so a refused sweep writes nothing)."""
+    from pivotal.training.job import JobBusyError
+
+    if job.running:
+        raise JobBusyError("a training run is going; start the sweep when it ends (or interrupt it)")
+    base.validate()
+    folder = write_sweep_from(base, varies, outputs)
+    run_id = job.start_queue(folder, queue_config, host_provider=host_provider, kind="sweep",
+                             name=folder.name, base=base)
+    return run_id, folder

@@ -21,12 +21,13 @@ generation has its memory back (reliability checklist 26; :mod:`pivotal.training
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import threading
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -90,6 +91,27 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def step_random_state(seed: int, step: int, device: torch.device, needed: bool) -> Iterator[None]:
+    """Give one training step its own global random state, seeded from (seed, step), when the
+    step draws from it (LoRA dropout does: nn.functional.dropout has no generator argument).
+
+    Why: the global generator belongs to the host (a webui seeds its own generations from it), and a
+    state that depends only on the step keeps an interrupted-then-resumed run equal to an
+    uninterrupted one. The host's state is restored on the way out (fork_rng)."""
+    if not needed:
+        yield
+        return
+    state = (seed * 1_000_003 + step) % 2**63  # one distinct stream per step of this run
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.random.default_generator.manual_seed(state)
+        if cuda:  # this device only: fork_rng restores only the devices it was given
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(state)
+        yield
 
 
 def run_taken_names(cfg: TrainConfig, host_taken: Mapping[str, str] | None,
@@ -263,7 +285,8 @@ class _Run:
                 lrs = apply_lrs(self.optimizer, cfg, self.step)
                 self.activity = f"at step {self.step + 1} of {cfg.steps}"
                 fault_point("step", self.step)
-                loss = runner.run(self.step, self.optimizer)
+                with step_random_state(cfg.seed, self.step, self.host.device, cfg.lora_dropout > 0):
+                    loss = runner.run(self.step, self.optimizer)
                 if loss is None:  # non-finite: no update was applied
                     bad_in_a_row += 1
                     msg = f"step {self.step + 1}: loss is NaN/inf; step skipped ({bad_in_a_row} in a row)"

@@ -26,7 +26,7 @@ from pivotal.training.config import EmbeddingSpec, TrainConfig
 from pivotal.training.job import TrainingJob
 from pivotal.ui.compat import enable_queue, launch_kwargs
 from pivotal.ui.generate_tab import build_generate_tab
-from pivotal.ui.train_tab import build_train_tab
+from pivotal.ui.train_tab import build_train_tab, standalone_sweep_grid
 
 HostProvider = Callable[[], Any]
 
@@ -58,7 +58,8 @@ def build_app(host_provider: HostProvider, out_dir: str, data_dir_default: str =
         gr.HTML(_header_html(host_label, demo, pretrained_demo))
         with gr.Tabs():
             with gr.Tab("Train", id="train", elem_id="pivotal-tab-train"):
-                train = build_train_tab(job, host_provider, data_dir=data_dir_default, out_dir=out_dir, base=base)
+                train = build_train_tab(job, host_provider, data_dir=data_dir_default, out_dir=out_dir, base=base,
+                                        sweep_grid=standalone_sweep_grid(job, host_provider, steps=generate_steps))
             with gr.Tab("Generate", id="generate", elem_id="pivotal-tab-generate"):
                 prompt = f"a photo of {names[0]}" if names else ""
                 contexts = None

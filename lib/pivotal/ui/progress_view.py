@@ -10,6 +10,8 @@ from __future__ import annotations
 import html
 from typing import Any, Mapping, Optional
 
+from pivotal.ui.queue_view import queue_line, queue_table_html
+
 _STATE_COLOUR = {"idle": "#6b7280", "running": "#2157c4", "finished": "#15803d", "failed": "#b91c1c"}
 
 
@@ -61,6 +63,8 @@ def progress_html(snap: Mapping[str, Any], notice: str = "", notice_kind: str = 
             line.append(f"smoothed {float(snap['smoothed_loss']):.4f}")
         if snap.get("validation_loss") is not None:
             line.append(f"validation {float(snap['validation_loss']):.4f}")
+        if snap.get("validation_drift") is not None:
+            line.append(f"drift {float(snap['validation_drift']):+.2f}%")
         if state == "running":
             line.append(f"ETA {format_duration(snap.get('eta_s'))}")
         line.append(f"elapsed {format_duration(snap.get('elapsed_s'))}")
@@ -69,7 +73,11 @@ def progress_html(snap: Mapping[str, Any], notice: str = "", notice_kind: str = 
     else:
         line.append("no run yet")
     parts.append('<div class="pivotal-progress-line">' + " &middot; ".join(line) + "</div>")
-    if state != "idle":
+    queue = snap.get("queue")
+    if queue:  # one bar for the whole queue; the line above is the run going
+        parts.insert(len(parts) - 1, queue_line(queue, state == "running"))
+        parts.append(_bar(int(queue.get("step", 0)), int(queue.get("total", 0)), colour))
+    elif state != "idle":
         parts.append(_bar(step, total, colour))
     if snap.get("message"):
         kind = "error" if state == "failed" else "info"
@@ -77,6 +85,8 @@ def progress_html(snap: Mapping[str, Any], notice: str = "", notice_kind: str = 
     if snap.get("bundle_path"):
         path = html.escape(str(snap["bundle_path"]))
         parts.append(f'<div>bundle: <code id="pivotal-bundle-path">{path}</code></div>')
+    if queue:
+        parts.append(queue_table_html(queue, rank=state != "running", elem_id="pivotal-queue-table"))
     warnings = list(snap.get("warnings") or [])
     if warnings:
         shown = warnings[-5:]

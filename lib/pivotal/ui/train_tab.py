@@ -24,6 +24,7 @@ from pivotal.ui.dataset_check import check_dataset
 from pivotal.ui.loss_chart import render_loss_chart
 from pivotal.ui.progress_view import message_html, progress_html, report_html
 from pivotal.ui.setting_widgets import setting_rows, setting_widget
+from pivotal.ui.sweep_section import VARY_ROWS, SweepGridFn, build_sweep_section, sweep_handlers
 from pivotal.ui.train_form import (
     FORM_SECTIONS,
     config_from_form,
@@ -61,16 +62,22 @@ class TrainTab:
     run_events: list[Any] = field(default_factory=list)
     #: generator that follows the current run (for ``Blocks.load``, so a reloaded page catches up)
     follow_current: Optional[Callable[[], Iterator[tuple]]] = None
-    #: the event handlers by name ("start", "follow", "interrupt", "check"), callable directly
+    #: the event handlers by name ("start", "follow", "interrupt", "check", "sweep", "sweep_grid"),
+    #: callable directly
     handlers: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    #: the Sweep section's components (:func:`pivotal.ui.sweep_section.build_sweep_section`)
+    sweep: dict[str, Any] = field(default_factory=dict)
 
 
 def build_train_tab(job: TrainingJob, host_provider: HostProvider, data_dir: str = "", out_dir: str = "output",
-                    base: Optional[TrainConfig] = None, elem_prefix: str = "pivotal") -> TrainTab:
+                    base: Optional[TrainConfig] = None, elem_prefix: str = "pivotal",
+                    sweep_grid: Optional[SweepGridFn] = None) -> TrainTab:
     """Add the Train tab's components to the current Blocks context and wire them to ``job``.
 
     ``host_provider``: returns the host (loading it on first use); called in the run's thread.
     ``base``: the settings the form starts from and that fill everything the form does not show.
+    ``sweep_grid(folder, prompt, seed)``: renders a finished sweep's variants x parts grid
+    (:mod:`pivotal.ui.sweep_section`; default: Pivotal's own render on the host).
     """
     cfg = base if base is not None else TrainConfig()
     cfg = TrainConfig.from_dict({**cfg.to_dict(), "data_dir": data_dir or cfg.data_dir, "out_dir": out_dir})
@@ -99,6 +106,7 @@ def build_train_tab(job: TrainingJob, host_provider: HostProvider, data_dir: str
                     if with_resume:
                         f["resume"] = gr.Textbox("", label="resume from (a *.resume.safetensors file, optional)",
                                                  elem_id=ids("resume"))
+            sweep = build_sweep_section(ids)
         with gr.Column(scale=2):
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id=ids("start"))
@@ -144,16 +152,26 @@ def build_train_tab(job: TrainingJob, host_provider: HostProvider, data_dir: str
         except PivotalError as e:  # DatasetError and friends: the report of what is wrong
             return message_html(str(e))
 
+    sweep_fns = sweep_handlers(job, host_provider, lambda form: config_from_form(cfg, dict(zip(names, form)))[0],
+                               _follow,
+                               lambda text: (message_html(text) + progress_html(job.status()),) + _unchanged(4),
+                               sweep_grid or standalone_sweep_grid(job, host_provider))
+    sweep_rows = [sweep[f"{part}{i}"] for i in range(VARY_ROWS) for part in ("name", "values")]
     run_events = [
         start.click(on_start, inputs=inputs, outputs=outputs, show_progress="hidden", **long_event_kwargs()),
         follow.click(on_follow, inputs=None, outputs=outputs, show_progress="hidden", **long_event_kwargs()),
+        sweep["start"].click(sweep_fns["sweep"], inputs=inputs + sweep_rows, outputs=outputs, show_progress="hidden",
+                             **long_event_kwargs()),
     ]
+    sweep["grid"].click(sweep_fns["sweep_grid"], inputs=[sweep["prompt"], sweep["seed"]],
+                        outputs=[sweep["image"], sweep["info"]])
     interrupt.click(on_interrupt, inputs=None, outputs=[progress, interrupt], **quick_event_kwargs())
     check.click(on_check, inputs=inputs, outputs=[report])
     return TrainTab(fields=f, start=start, interrupt=interrupt, follow=follow, check=check, progress=progress,
                     chart=chart, gallery=gallery, report=report, outputs=outputs, run_events=run_events,
                     follow_current=on_follow,
-                    handlers={"start": on_start, "follow": on_follow, "interrupt": on_interrupt, "check": on_check})
+                    handlers={"start": on_start, "follow": on_follow, "interrupt": on_interrupt, "check": on_check,
+                              **sweep_fns}, sweep=sweep)
 
 
 def _follow(job: TrainingJob, run_id: int, notice: str = "", poll_s: float = POLL_S) -> Iterator[tuple]:
@@ -185,6 +203,17 @@ def _follow(job: TrainingJob, run_id: int, notice: str = "", poll_s: float = POL
         if done:
             return
         time.sleep(poll_s)
+
+
+def standalone_sweep_grid(job: TrainingJob, host_provider: HostProvider, steps: int = 20) -> SweepGridFn:
+    """A sweep's grid by Pivotal's own render on the host (the app), while no run uses it."""
+    def render(folder: str, prompt: str, seed: int) -> tuple[Any, Any]:
+        from pivotal.inference.sweep_grid import render_sweep_grid, standalone_renderer
+
+        with job.using_host():
+            return render_sweep_grid(folder, standalone_renderer(host_provider(), steps=steps), prompt, seed=seed)
+
+    return render
 
 
 def _unchanged(n: int) -> tuple:

@@ -5,16 +5,26 @@
   (:class:`pivotal.training.config.TrainConfig` fields; /docs show each, from the model
   :mod:`pivotal.webui.api_schema` generates); the preview keys pick how the webui renders
   previews. 409 while a run is going, 422 for a bad setting.
+* ``POST /pivotal/v1/sweep``: start a sweep: the train request plus ``"vary": ["te_lr=1e-6,1e-5"]``
+  (one or two settings); one run per combination under ``<outputs>/sweeps/``, one after another.
+  400 for a bad value (named), 409 while a run or sweep is going. Started again, the same sweep
+  skips its finished runs and resumes the interrupted one.
 * ``GET /pivotal/v1/status``: the run's snapshot (progress, loss history, messages, bundle path,
-  ``webui_task``: the running run's id in the webui's ``/internal/progress``);
+  ``webui_task``: the running run's id in the webui's ``/internal/progress``; ``queue``: a sweep's
+  runs, which one is going (``index`` of ``count``) and its steps overall, else null);
   ``?preview=true`` adds the latest preview as base64 PNG.
-* ``POST /pivotal/v1/interrupt``: stop at the next step (saves per ``on_interrupt``).
+* ``POST /pivotal/v1/interrupt``: stop at the next step (saves per ``on_interrupt``); a sweep
+  stops with it.
 * ``GET /pivotal/v1/bundles``: the bundles in the Lora folder with their embedding names.
 * ``POST /pivotal/v1/grid``: an ablation grid of a bundle rendered by the webui's txt2img
   (:mod:`pivotal.webui.grid_api`): ``{"bundle", "prompts", "auto_prompts", "columns", "steps",
   "cfg_scale", "sampler_name", "width", "height", "seed", "negative_prompt"}`` -> ``{"png",
   "json", "record", "interrupted"}``; 400 for a bad field, 404 for an unknown bundle, 409 while
   a run is going.
+* ``POST /pivotal/v1/sweep/grid``: a sweep's variants x parts grid rendered by the webui's txt2img
+  (:mod:`pivotal.webui.sweep_grid_api`): ``{"sweep", "prompt", "seed", "columns", "steps", …}`` ->
+  ``{"png", "json", "record", "interrupted"}``, saved next to the sweep; 404 for an unknown sweep
+  or one with no finished run, 400 for a bad field, 409 while a run is going.
 * ``GET /pivotal/v1/host``: what the loaded model looks like now (weights fingerprint, flags,
   attention optimization, registered embeddings): shows that a run left the host as it found it.
 """
@@ -77,6 +87,19 @@ def preview_options(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def sweep_varies(body: dict[str, Any]) -> list[str]:
+    """The request's ``vary``: a list of ``NAME=V1,V2`` strings (one string is taken as a list of
+    one). ConfigError for anything else, and for ``resume`` (a sweep resumes by itself)."""
+    vary = body.get("vary")
+    if isinstance(vary, str):
+        vary = [vary]
+    if not isinstance(vary, list) or not vary or not all(isinstance(v, str) for v in vary):
+        raise ConfigError('the sweep needs "vary": a list of NAME=V1,V2,... (e.g. ["te_lr=1e-6,1e-5,1e-4"])')
+    if body.get("resume"):
+        raise ConfigError("resume: a sweep resumes by itself; start the same sweep again to continue it")
+    return vary
+
+
 def add_routes(app: Any, job: TrainingJob, host_provider: Callable[[], Any], paths: Callable[[], dict[str, str]],
                webui_provider: Optional[Callable[[], Any]] = None) -> None:
     """Register the routes on ``app`` (a FastAPI app)."""
@@ -100,6 +123,27 @@ def add_routes(app: Any, job: TrainingJob, host_provider: Callable[[], Any], pat
     # body without pydantic); FastAPI reads the body's type from the annotation
     start.__annotations__["body"] = train_request_model() or dict
     app.post(f"{PREFIX}/train", tags=TAGS, summary="Start a Pivotal training run")(start)
+
+    def sweep(body: Any = Body(...)) -> dict:
+        from pivotal.training.sweep import start_sweep
+
+        body = request_dict(body)
+        try:
+            varies = sweep_varies(body)
+            config = config_from_request(body, paths()["outputs"])
+            previews = preview_options(body)
+            run_id, folder = start_sweep(job, config, varies, paths()["outputs"],
+                                         functools.partial(host_provider, **previews))
+        except JobBusyError as e:
+            raise HTTPException(status_code=409, detail=str(e)) from e
+        except PivotalError as e:
+            raise HTTPException(status_code=400, detail=str(e)) from e
+        runs = [r["name"] for r in (job.status().get("queue") or {}).get("runs", [])]
+        return {"run_id": run_id, "folder": str(folder), "runs": runs}
+
+    sweep.__annotations__["body"] = train_request_model(sweep=True) or dict
+    app.post(f"{PREFIX}/sweep", tags=TAGS, summary="Start a sweep: one run per combination of one or two varied "
+             "settings, one after another (started again, it skips its finished runs)")(sweep)
 
     @app.get(f"{PREFIX}/status", tags=TAGS, summary="Progress, loss history and result of the current/last run")
     def status(preview: bool = False) -> Any:
@@ -134,6 +178,26 @@ def add_routes(app: Any, job: TrainingJob, host_provider: Callable[[], Any], pat
         grid.__annotations__["body"] = grid_request_model() or dict
         app.post(f"{PREFIX}/grid", tags=TAGS, summary="Render an ablation grid of a bundle (full / UNet / TE / "
                  "embeddings / base) through the webui's txt2img")(grid)
+
+        def sweep_grid(body: Any = Body(...)) -> Any:
+            from pivotal.webui.sweep_grid_api import render_sweep_grid_in_webui, sweep_folder
+
+            body = request_dict(body)
+            try:
+                last = (job.status().get("queue") or {}) if hasattr(job, "status") else {}
+                folder = sweep_folder(body, paths()["outputs"], last.get("folder", "") if last.get("kind") == "sweep"
+                                      else "")
+                out = render_sweep_grid_in_webui(folder, body, webui_provider(), lambda: job.running)
+            except JobBusyError as e:
+                raise HTTPException(status_code=409, detail=str(e)) from e
+            except NotFoundError as e:
+                raise HTTPException(status_code=404, detail=str(e)) from e
+            except PivotalError as e:
+                raise HTTPException(status_code=400, detail=str(e)) from e
+            return JSONResponse(json.loads(json.dumps(out, default=str)))
+
+        app.post(f"{PREFIX}/sweep/grid", tags=TAGS, summary="Render a sweep's variants x parts grid through the "
+                 "webui's txt2img")(sweep_grid)
 
         @app.get(f"{PREFIX}/host", tags=TAGS, summary="The loaded model's state (weights fingerprint, flags)")
         def host() -> dict:

@@ -19,6 +19,7 @@ from pivotal.training.settings import declared
 
 CONFIG_MODEL = "PivotalTrainConfig"
 REQUEST_MODEL = "PivotalTrainRequest"
+SWEEP_MODEL = "PivotalSweepRequest"
 
 
 def _pydantic() -> Any:
@@ -58,8 +59,9 @@ def _model(pydantic: Any, name: str, fields: dict[str, Any], doc: str) -> Any:
     return model
 
 
-def train_request_model() -> Optional[type]:
-    """The request-body model (a pydantic class), or None when pydantic is not installed."""
+def train_request_model(sweep: bool = False) -> Optional[type]:
+    """The request-body model (a pydantic class), or None when pydantic is not installed;
+    ``sweep``: ``POST /pivotal/v1/sweep``'s (the same plus ``vary``, without ``resume``)."""
     pydantic = _pydantic()
     if pydantic is None:
         return None
@@ -77,6 +79,13 @@ def train_request_model() -> Optional[type]:
                                                            "the scheduler of the previews (e.g. Karras)"})),
         "preview_cfg": (Any, _field(pydantic, None, {"type": "number", "description": "CFG scale of the previews"})),
     }
+    if sweep:
+        del request["resume"]  # a sweep resumes by itself: started again, it skips its finished runs
+        request["vary"] = (Any, _field(pydantic, [], {"type": "array", "items": {"type": "string"}, "description":
+                                                      "one or two settings to vary, NAME=V1,V2,... (e.g. "
+                                                      "te_lr=1e-6,1e-5,1e-4); one run per combination"}))
+        return _model(pydantic, SWEEP_MODEL, request, "Start a Pivotal sweep: one run per combination of the "
+                      "varied values, one after another.")
     return _model(pydantic, REQUEST_MODEL, request, "Start a Pivotal training run.")
 
 

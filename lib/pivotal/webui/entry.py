@@ -1,7 +1,8 @@
 """What ``scripts/sd_webui_pivotal.py`` hands off to: the webui callbacks Pivotal registers.
 
 * ``on_app_started``: the HTTP API (:mod:`pivotal.webui.api`);
-* ``on_ui_tabs``: the "Pivotal" tab, the standalone app's Train tab on the webui's model, and the
+* ``on_ui_tabs``: the "Pivotal" tab, the standalone app's Train tab on the webui's model (its Sweep
+  section's grid rendered by the webui's txt2img, :mod:`pivotal.webui.sweep_grid_api`), and the
   "Ablation grid" section (:mod:`pivotal.webui.grid_tab`);
 * ``on_ui_settings``: the bundle-embeddings option (:mod:`pivotal.webui.bundle_script`, whose
   always-on script the entry file exposes to the webui's script loader);
@@ -47,6 +48,7 @@ def _on_ui_tabs() -> list[tuple[Any, str, str]]:
     from pivotal.ui.train_tab import build_train_tab
     from pivotal.webui.grid_tab import build_grid_section
     from pivotal.webui.runner import webui_job, webui_paths
+    from pivotal.webui.sweep_grid_api import tab_sweep_grid
 
     with gr.Blocks(analytics_enabled=False) as tab:
         gr.HTML('<div id="pivotal-webui-header">Pivotal trains a LoRA and its trigger-word embeddings together on '
@@ -55,7 +57,9 @@ def _on_ui_tabs() -> list[tuple[Any, str, str]]:
         # Where javascript/pivotal.js shows the webui's own progress bar and live preview of a run.
         gr.HTML('<div id="pivotal-webui-live"><div id="pivotal-webui-progressbar"></div>'
                 '<div id="pivotal-webui-preview"></div></div>')
-        build_train_tab(webui_job(), host_provider, out_dir=webui_paths()["outputs"], elem_prefix="pivotal")
+        job = webui_job()
+        build_train_tab(job, host_provider, out_dir=webui_paths()["outputs"], elem_prefix="pivotal",
+                        sweep_grid=tab_sweep_grid(load_webui, lambda: job.running))
         build_grid_section(webui_job(), webui_paths, load_webui, elem_prefix="pivotal")
     return [(tab, "Pivotal", "pivotal")]
 

@@ -27,7 +27,7 @@ import shutil
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from pivotal.errors import ConfigError, PivotalError
 from pivotal.hosts.a1111.webui import optional_webui_module, webui_paths  # noqa: F401 (webui_paths: glue API)
@@ -84,17 +84,19 @@ def taken_embedding_names(webui: Any) -> dict[str, str]:
     return taken
 
 
-def taken_names(webui: Any, config: TrainConfig, lora_dir: str) -> dict[str, str]:
+def taken_names(webui: Any, config: TrainConfig, lora_dir: str, variants: Sequence[str] = ()) -> dict[str, str]:
     """Every name a new embedding must not take in the webui (checklist 18): its embeddings (loaded or
     skipped, and the files of its embeddings folder) and the bundles and LoRA aliases of its Lora folder."""
     from pivotal.formats.name_registry import taken_names_for_run
 
     cmd_opts = getattr(getattr(webui, "shared", None), "cmd_opts", None)
     embeddings_dir = getattr(cmd_opts, "embeddings_dir", "") or ""
-    scanned, _ = taken_names_for_run(config.output_name, [lora_dir], [embeddings_dir] if embeddings_dir else [])
-    own = str(published_path(config, lora_dir))
-    # the webui keeps a bundle's embeddings registered after a generation: retraining it is no clash
-    known = {k: v for k, v in taken_embedding_names(webui).items() if own not in v}
+    scanned, _ = taken_names_for_run(config.output_name, [lora_dir], [embeddings_dir] if embeddings_dir else [],
+                                     variants=variants)
+    own = [str(Path(lora_dir) / f"{name}.safetensors") for name in (config.output_name, *variants)]
+    # the webui keeps a bundle's embeddings registered after a generation: retraining it (or a
+    # variant of the same sweep) is no clash
+    known = {k: v for k, v in taken_embedding_names(webui).items() if not any(o in v for o in own)}
     return {**scanned, **known}
 
 
@@ -142,8 +144,10 @@ def _progress_api() -> Any:
 def run_in_webui(config: TrainConfig, host: Any, on_event: Callable[[ProgressEvent], None],
                  stop: threading.Event, resume: Optional[str] = None,
                  train_fn: Optional[Callable[..., TrainResult]] = None,
-                 lora_dir: Optional[str] = None) -> TrainResult:
-    """The trainer, run through the webui's queue and progress state (see the module docstring)."""
+                 lora_dir: Optional[str] = None, variants: Sequence[str] = ()) -> TrainResult:
+    """The trainer, run through the webui's queue and progress state (see the module docstring).
+    ``variants``: the other runs of a sweep or queue, whose published bundles may share this
+    run's embedding names."""
     if train_fn is None:
         from pivotal.training.trainer import train as train_fn
     webui = host.webui
@@ -165,7 +169,8 @@ def run_in_webui(config: TrainConfig, host: Any, on_event: Callable[[ProgressEve
             state.job_count = config.steps
             try:
                 result = train_fn(config, host, on_event=_StateBridge(state, on_event, stop, config.steps),
-                                  stop=stop, resume=resume, taken_names=taken_names(webui, config, lora_dir))
+                                  stop=stop, resume=resume, taken_names=taken_names(webui, config, lora_dir, variants),
+                                  variants=variants)
                 result = _published(result, lora_dir, on_event)
                 notify = getattr(host, "published", None)  # Forge: a rewritten LoRA must be re-read
                 if result.bundle_path and callable(notify):

@@ -46,6 +46,11 @@ class DiffusionSettings:
     coarse_noise: tuple[float, ...] = (0.2,)
     ema_decay: float = 0.998
     seed: int = 2
+    #: learning-rate multiplier of the UNet's cross-attention (``attn2``) weights, see :func:`_groups`
+    cross_attention_lr_scale: float = 1.0
+    #: timesteps are drawn with density proportional to ``t ** (timestep_power - 1)``: above 1,
+    #: the noisy timesteps, where a picture's layout is decided, are drawn more often
+    timestep_power: float = 1.0
 
 
 def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
@@ -93,11 +98,29 @@ def epsilon_losses(unet: nn.Module, te: nn.Module, latents: torch.Tensor, ids: t
     return (pred.float() - noise).square().mean(dim=(1, 2, 3))
 
 
+def draw_timesteps(count: int, steps: int, power: float, generator: torch.Generator) -> torch.Tensor:
+    """(count,) int64 timesteps in ``0 .. steps-1`` with density proportional to ``t ** (power - 1)``
+    (``power`` 1: uniform, SD's choice; 2: linearly more of the noisy ones)."""
+    if power == 1.0:
+        return torch.randint(0, steps, (count,), generator=generator)
+    u = torch.rand(count, generator=generator, dtype=torch.float64)
+    return (u.pow(1.0 / power) * steps).long().clamp_(0, steps - 1)
+
+
 def _groups(unet: nn.Module, te: nn.Module, settings: DiffusionSettings) -> list[dict]:
+    """Parameter groups: the UNet's cross-attention (``lr_scale``), the rest of the UNet and the
+    text encoder, and the token embedding (no weight decay: see the module docstring)."""
     token = te.get_input_embeddings().weight
-    rest = [p for p in te.parameters() if p is not token]
-    return [{"params": list(unet.parameters()) + rest, "weight_decay": settings.weight_decay},
-            {"params": [token], "weight_decay": 0.0}]
+    # Without a scale the groups are v1's, in its order (the gradient norm sums in that order).
+    cross = [p for n, p in unet.named_parameters() if ".attn2." in n] if settings.cross_attention_lr_scale != 1 else []
+    taken = {id(p) for p in cross}
+    rest = [p for p in unet.parameters() if id(p) not in taken] + [p for p in te.parameters() if p is not token]
+    groups = [{"params": rest, "weight_decay": settings.weight_decay, "lr_scale": 1.0},
+              {"params": [token], "weight_decay": 0.0, "lr_scale": 1.0}]
+    if cross:
+        groups.append({"params": cross, "weight_decay": settings.weight_decay,
+                       "lr_scale": settings.cross_attention_lr_scale})
+    return groups
 
 
 def train_diffusion(unet: nn.Module, te: nn.Module, mean: torch.Tensor, std: torch.Tensor, ids: torch.Tensor,
@@ -121,11 +144,12 @@ def train_diffusion(unet: nn.Module, te: nn.Module, mean: torch.Tensor, std: tor
     window: list[float] = []
     n, b = mean.shape[0], settings.batch_size
     for step in range(settings.steps):
+        lr = lr_at(step, settings.steps, settings.lr, settings.warmup)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, settings.steps, settings.lr, settings.warmup)
+            group["lr"] = lr * group["lr_scale"]
         index = torch.randint(0, n, (b,), generator=gen)
         latents = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=gen)) * scale
-        timesteps = torch.randint(0, alphas_cumprod.shape[0], (b,), generator=gen)
+        timesteps = draw_timesteps(b, alphas_cumprod.shape[0], settings.timestep_power, gen)
         noise = layout_noise(latents.shape, settings.coarse_noise, gen)
         drop = torch.rand(b, generator=gen) < settings.caption_dropout
         batch_ids = torch.where(drop[:, None], empty_ids[None, :], ids[index])

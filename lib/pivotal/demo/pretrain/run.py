@@ -35,6 +35,11 @@ from pivotal.formats.safetensors_io import atomic_save
 Log = Callable[[str], None]
 
 
+#: Settings fields added after the first shipped file, with the value that reproduces how files
+#: without them were trained: group -> {field: value}.
+ADDED_FIELDS: dict[str, dict[str, Any]] = {"diffusion": {"cross_attention_lr_scale": 1.0, "timestep_power": 1.0}}
+
+
 @dataclass(frozen=True)
 class PretrainSettings:
     """Everything that decides the weights. World seeds differ per stage so the VAE and the
@@ -51,8 +56,15 @@ class PretrainSettings:
     diffusion: DiffusionSettings = field(default_factory=DiffusionSettings)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON values (tuples as lists), as the weight file's metadata records them."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """Plain JSON values (tuples as lists), as the weight file's metadata records them. A field
+        of :data:`ADDED_FIELDS` at its old behaviour's value is left out, so a file trained the old
+        way records (and is, byte for byte) what it was before the field existed."""
+        out = json.loads(json.dumps(dataclasses.asdict(self)))
+        for group, fields in ADDED_FIELDS.items():
+            for name, value in fields.items():
+                if out[group].get(name) == value:
+                    del out[group][name]
+        return out
 
 
 #: A few steps on a few pictures: for tests of the pipeline itself (the model learns nothing).

@@ -1,0 +1,182 @@
+"""LoHa, LoKr and DoRA bundles trained in a real A1111 webui and drawn by the webui's *built-in* Lora
+extension (opt-in: the tiny-world checkpoint, PIVOTAL_WEBUI_TINY_WORLD_CHECKPOINT, as in
+test_webui_tiny_world.py).
+
+The comparison that says "as Pivotal's own render predicts": Pivotal computes each module's ΔW from
+the bundle (:meth:`pivotal.adapters.lora_layers.LoraModule.delta_weights`, DoRA's decomposition
+on the tiny-world weights included) and writes it as a *plain* kohya LoRA whose up·down product
+is ΔW exactly (one factor is an identity matrix of rank min(out, in·k·k), alpha = rank, so the
+webui's scale is 1.0 and its matrix product adds only zeros). The webui then draws the same prompt
+and seed twice through its own Lora extension: once from the LoHa/LoKr/DoRA keys (the webui's
+``network_hada`` / ``network_lokr`` / ``dora_scale`` math) and once from Pivotal's ΔW. Both merge
+into the same weights up to float rounding, so the two pictures agree to a pixel level or two,
+while the bundle changes the picture by far more than that. A key the webui skipped, a
+transposed factor or another DoRA norm would show as a large difference.
+
+Then the character itself: with each algorithm the webui draws the held-out character on
+backgrounds none of the training pictures had (read back with :mod:`pivotal.demo.world_read`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from webui_server import Webui
+
+from conftest import checkpoint
+
+CHECKPOINT = os.environ.get("PIVOTAL_WEBUI_TINY_WORLD_CHECKPOINT", "")
+pytestmark = pytest.mark.skipif(not CHECKPOINT, reason="set PIVOTAL_WEBUI_TINY_WORLD_CHECKPOINT to the exported "
+                                "tiny-world checkpoint the webui lists (pivotal export-checkpoint --demo sd1)")
+SEEDS = (1, 2, 3, 4)
+STEPS = 12
+ALGORITHMS = {"loha": {"unet_algorithm": "loha", "te_algorithm": "loha"},
+              "lokr": {"unet_algorithm": "lokr", "te_algorithm": "lokr"},
+              "dora": {"unet_algorithm": "lora", "te_algorithm": "lora", "dora": True}}
+#: the webui's picture from the algorithm's keys against the one from Pivotal's ΔW: pixel levels (0..255)
+AGREE_MAX, AGREE_MEAN = 3, 0.05
+
+
+@pytest.fixture(scope="module")
+def tiny_world(webui: Webui) -> Any:
+    with checkpoint(webui, CHECKPOINT):
+        yield webui
+
+
+def _character_data(folder: Path, name: str) -> Path:
+    """The held-out character's pictures, captions naming embedding ``name``: one name per
+    algorithm, because a generation with a bundle's tag leaves its embeddings in the webui's
+    database until the next generation (A1111's Lora extension registers them and unregisters them
+    in its next ``load_networks``), and a run refuses a name the webui has."""
+    from pivotal.demo.data import make_demo_dataset
+    from pivotal.demo.world import EXAMPLE_CHARACTER
+
+    make_demo_dataset(folder, [name], count=8, size=64, seed=0, character=EXAMPLE_CHARACTER)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def demo_targets() -> list:
+    """Every LoRA-able module of the tiny-world model (the demo host the checkpoint was exported from)."""
+    from pivotal.demo.host import build_demo_host
+    from pivotal.inference.generate import WIDEST_PRESET
+
+    host = build_demo_host("sd1", device="cpu")
+    return host.lora_targets("unet", WIDEST_PRESET) + host.lora_targets("te", WIDEST_PRESET)
+
+
+def _plain_lora(module: str, delta: Any) -> dict[str, Any]:
+    """kohya LoRA tensors of ``module`` whose ``up @ down`` (as the webuis multiply them) is exactly
+    ``delta`` (out, in) or (out, in, k, k): one factor is an identity, alpha = rank (scale 1)."""
+    import torch
+
+    out = delta.shape[0]
+    flat = delta.reshape(out, -1).float()
+    n = flat.shape[1]
+    conv = delta.dim() == 4
+    if out <= n:  # up = I (out x out), down = delta
+        rank, up, down = out, torch.eye(out), delta.float()
+    else:         # up = delta (out x n), down = I (n x n), shaped as a k x k conv for a conv
+        rank, up, down = n, flat, torch.eye(n).reshape(n, *delta.shape[1:]) if conv else torch.eye(n)
+    if conv:
+        up = up.reshape(out, rank, 1, 1)
+    return {f"{module}.lora_up.weight": up.contiguous(), f"{module}.lora_down.weight": down.contiguous(),
+            f"{module}.alpha": torch.tensor(float(rank))}
+
+
+def _pivotal_delta_as_lora(bundle_path: str, targets: list, dst: Path) -> Path:
+    """The bundle's ΔW as Pivotal computes it, written as plain LoRA with the same embeddings."""
+    from pivotal.adapters.network import LoraNetwork
+    from pivotal.formats.bundle import read_bundle, write_bundle
+    from pivotal.formats.bundle_metadata import TrainingInfo
+
+    bundle = read_bundle(bundle_path)
+    net, report = LoraNetwork.from_kohya_state_dict(targets, bundle.lora)
+    assert not report.unmatched, report.unmatched[:5]
+    tensors: dict[str, Any] = {}
+    for module in net.modules_of():
+        for name, delta in module.delta_weights().items():
+            tensors.update(_plain_lora(name, delta.detach()))
+    write_bundle(dst, "sd1", tensors, list(bundle.embeddings.values()), TrainingInfo(dst.stem))
+    return dst
+
+
+def _array(png: bytes) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_the_webui_lora_extension_draws_the_bundle_as_pivotal_computes_it(
+        algorithm: str, tiny_world: Webui, tmp_path: Path, demo_targets: list) -> None:
+    from pivotal.demo.world import COLOURS, EXAMPLE_CHARACTER
+    from pivotal.demo.world_read import read_picture
+    from pivotal.formats.bundle import read_bundle
+
+    before_host = tiny_world.request("GET", "/pivotal/v1/host")
+    name = f"pvt{algorithm}{uuid.uuid4().hex[:6]}"
+    emb = f"pvtalgo{algorithm}"
+    character_data = _character_data(tmp_path, emb)
+    config = {"data_dir": str(character_data), "output_name": name, "steps": 150, "resolution": 64,
+              "bucket_step": 16, "unet_lr": 2e-3, "embedding_lr": 1e-2, "lora_preset": "attn-mlp-conv",
+              "te_lora": True, "preview_every": 0, "embeddings": [{"name": emb, "vectors": 2, "init_text": "person"}],
+              **ALGORITHMS[algorithm]}
+    code, body = tiny_world.status_of("POST", "/pivotal/v1/train", {"config": config})
+    assert code == 200, body
+    snap = tiny_world.wait_run()
+    assert snap["result_status"] == "completed", snap["message"]
+    assert tiny_world.request("GET", "/pivotal/v1/host") == before_host
+    bundle_path = snap["bundle_path"]
+    keys = set(read_bundle(bundle_path).lora)
+    marker = {"loha": ".hada_w1_a", "lokr": ".lokr_w1", "dora": ".dora_scale"}[algorithm]
+    assert any(marker in k and k.startswith("lora_unet_") for k in keys), sorted(keys)[:8]
+    assert any(marker in k and k.startswith("lora_te_") for k in keys), sorted(keys)[:8]
+
+    reference = _pivotal_delta_as_lora(bundle_path, demo_targets,
+                                       Path(bundle_path).with_name(f"{name}-delta.safetensors"))
+    try:
+        tiny_world.request("POST", "/sdapi/v1/refresh-loras")
+        words = " ".join(p.read_text(encoding="utf-8") for p in character_data.glob("*.txt"))
+        unseen = [c for c in COLOURS if f"{c} background" not in words
+                  and c not in (EXAMPLE_CHARACTER.colour, EXAMPLE_CHARACTER.accent)]
+        prompts = [f"{emb} on a {unseen[s % 2]} background, {('top left', 'bottom right')[s // 2 % 2]}"
+                   for s in SEEDS]
+        # the webui's Lora extension from the algorithm's keys, against Pivotal's ΔW and the base
+        seed, prompt = SEEDS[0], prompts[0]
+        drawn, info = tiny_world.txt2img(f"{prompt} <lora:{name}:1>", seed=seed, steps=STEPS)
+        assert f'Lora hashes: "{name}: ' in info, info
+        predicted, _ = tiny_world.txt2img(f"{prompt} <lora:{reference.stem}:1>", seed=seed, steps=STEPS)
+        a, p = _array(drawn), _array(predicted)
+        agree = abs(a - p)
+        print(f"{algorithm}: |webui - pivotal| max {agree.max()} mean {agree.mean():.4f}")
+        assert agree.max() <= AGREE_MAX and agree.mean() <= AGREE_MEAN, (
+            f"the webui's {algorithm} differs from Pivotal's ΔW: max {agree.max()}, mean {agree.mean():.3f}")
+        # the character, on backgrounds none of the training pictures had
+        readings = [read_picture(_image(drawn))] + [
+            read_picture(_image(tiny_world.txt2img(f"{text} <lora:{name}:1>", seed=s, steps=STEPS)[0]))
+            for s, text in zip(SEEDS[1:], prompts[1:])]
+        colours = (EXAMPLE_CHARACTER.colour, EXAMPLE_CHARACTER.accent)
+        hits = sum(r.colour in colours for r in readings)
+        assert hits >= len(SEEDS) - 1, [(r.background, r.colour) for r in readings]
+        # last, a generation without the tag: the webui un-merges a LoRA at its next generation, so
+        # after it the weights (and the embedding database) must be as before the run
+        base, _ = tiny_world.txt2img(prompt, seed=seed, steps=STEPS)
+        change = abs(a - _array(base))
+        print(f"{algorithm}: |webui - base| mean {change.mean():.2f}")
+        assert change.mean() > max(2.0, 10 * agree.mean()), "the bundle did not change the picture"
+    finally:
+        reference.unlink(missing_ok=True)
+    assert tiny_world.request("GET", "/pivotal/v1/host") == before_host
+
+
+def _image(png: bytes) -> Any:
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png))
