@@ -147,7 +147,11 @@ class TrainingHost(Protocol):
 
     def generate(self, prompt: str, negative: str, embeddings: EmbeddingSet, steps: int, seed: int,
                  width: int, height: int, guidance: float) -> Any:
-        """A preview image (PIL) with the current LoRA (attached by the caller) and embeddings."""
+        """An image (PIL) of ``prompt`` with the current LoRA (attached by the caller) and
+        ``embeddings``: a training preview, and before training prior preservation's class images
+        (no LoRA attached, an empty embedding set; :mod:`pivotal.training.prior`), so it must work
+        outside :meth:`training_session` too, and leave the host as it found it. A picture of one
+        colour means "could not draw" (a webui interrupted or still loading a checkpoint)."""
         ...
 
 

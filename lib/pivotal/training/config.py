@@ -272,14 +272,14 @@ class TrainConfig:
     dreamartist: bool = setting(False, "DreamArtist++: each embedding gets a negative partner (NAME-neg) trained "
                                 "with it; the loss sees the classifier-free-guided prediction uncond(caption with "
                                 "NAME-neg) + dreamartist_cfg x (cond(caption) - uncond). Use NAME-neg in the "
-                                "negative prompt", group="dreamartist", label="DreamArtist++ (negative embeddings)")
+                                "negative prompt", group="dreamartist_pp", label="DreamArtist++ (negative embeddings)")
     # HCP-Diffusion's DreamArtist++ example: cfg_scale 3.0
-    dreamartist_cfg: float = setting(3.0, "the guidance scale inside the training loss", group="dreamartist",
+    dreamartist_cfg: float = setting(3.0, "the guidance scale inside the training loss", group="dreamartist_pp",
                                      limits=Limits(low=1, low_open=True), label="DreamArtist++ CFG scale")
     dreamartist_suffix: str = setting("-neg", "the negative embedding's name is the positive's plus this",
-                                      group="dreamartist", form=FORM_ADVANCED, label="negative name suffix")
+                                      group="dreamartist_pp", form=FORM_ADVANCED, label="negative name suffix")
     dreamartist_vectors: int = setting(0, "vectors of each negative embedding (0 = as many as its positive)",
-                                       group="dreamartist", limits=NON_NEGATIVE, form=FORM_ADVANCED,
+                                       group="dreamartist_pp", limits=NON_NEGATIVE, form=FORM_ADVANCED,
                                        label="negative vectors (0 = as the positive)")
 
     # -- held-out validation (pivotal.training.validation); none of it changes what trains but

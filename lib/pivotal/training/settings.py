@@ -98,7 +98,7 @@ GROUPS = (
     Group("optimizer", "Optimizer and precision"),
     Group("data", "Dataset and captions"),
     Group("prior", "DreamBooth prior preservation"),
-    Group("dreamartist", "DreamArtist++ (negative embeddings)"),
+    Group("dreamartist_pp", "DreamArtist++ (negative embeddings)"),
     Group("saving", "Saving and previews"),
     Group("validation", "Validation"),
     Group("textcraftor", "Reward fine-tuning (TextCraftor)"),
