@@ -44,6 +44,8 @@ class TrainingInfo:
     #: The last held-out validation loss and the step it was measured at (None: no validation set).
     validation_loss: float | None = None
     validation_step: int = 0
+    #: the drift in % measured with it (None: not measured; see pivotal.training.validation)
+    validation_drift: float | None = None
     #: {setting: value as written} that a sweep varied for this run (empty: not a sweep's run)
     sweep: dict[str, str] = field(default_factory=dict)
     #: prior preservation's class images (pivotal.training.prior's report + the weight; empty: off)
@@ -144,6 +146,8 @@ def build_metadata(base_model: str, lora: dict[str, torch.Tensor], embeddings: l
         meta["pivotal.noise_schedule"] = "zero_terminal_snr" if info.zero_terminal_snr else "model"
     if info.dataset:
         meta["pivotal.dataset"] = json.dumps(info.dataset, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    if info.validation_drift is not None:
+        meta["pivotal.validation_drift"] = repr(float(info.validation_drift))
     if info.sweep:
         meta["pivotal.sweep"] = json.dumps(info.sweep, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
     for key, record in (("pivotal.prior", info.prior), ("pivotal.dreamartist", info.dreamartist)):

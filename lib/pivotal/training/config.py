@@ -296,6 +296,10 @@ class TrainConfig:
     validation_timesteps: int = setting(4, "fixed timesteps, spread over the schedule, each validation image is "
                                         "noised at", group="validation", limits=POSITIVE, form=FORM_ADVANCED,
                                         label="validation timesteps")
+    validation_drift: bool = setting(False, "also measure drift: the validation loss on the captions without the "
+                                     "embedding names, of the trained model against the base model (LoRA off), "
+                                     "in % (positive: the bundle changed what the model already drew)",
+                                     group="validation", label="measure drift (plain prompts vs the base model)")
 
     # -- the textcraftor mode (pivotal.training.textcraftor): TextCraftor's defaults (25 DDIM steps,
     # gradient through the last 5, guidance 7.5)
@@ -437,7 +441,7 @@ class TrainConfig:
         for k in ("data_dir", "mask_dir", "out_dir", "save_every", "on_interrupt", "preview_every", "preview_prompts",
                   "preview_steps", "preview_size", "latent_cache", "save_precision", "output_name",
                   "max_bad_steps", "sweep", "validation_dir", "validation_every", "validation_timesteps",
-                  "class_dir"):
+                  "class_dir", "validation_drift"):
             d.pop(k)
         if not d["validation_count"]:  # resume files from before validation existed stay usable
             d.pop("validation_count")

@@ -65,16 +65,24 @@ class TrainResult:
     message: str = ""
     #: (step, validation loss) of each evaluation of this session (none without a validation set)
     validation_losses: list[tuple[int, float]] = field(default_factory=list)
+    #: (step, drift in %) of each evaluation with ``validation_drift`` on
+    validation_drifts: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def validation_loss(self) -> float | None:
         """The last validation loss (None without a validation set)."""
         return self.validation_losses[-1][1] if self.validation_losses else None
 
+    @property
+    def validation_drift(self) -> float | None:
+        """The last drift in % (None when not measured)."""
+        return self.validation_drifts[-1][1] if self.validation_drifts else None
+
     def summary(self) -> dict[str, Any]:
         return {"status": self.status, "steps": self.steps_done, "total": self.total_steps,
                 "bundle": self.bundle_path, "first_smoothed_loss": self.first_smoothed_loss,
                 "last_smoothed_loss": self.last_smoothed_loss, "validation_loss": self.validation_loss,
+                "validation_drift": self.validation_drift,
                 "warnings": self.warnings, "message": self.message}
 
 

@@ -151,6 +151,7 @@ class _Run:
         self.specs = [] if self.reward_mode else list(config.embeddings) + negative_specs(config)
         self.class_report: ClassImagesReport | None = None
         self.class_batches: Batches | None = None
+        self.validation_drifts: list[tuple[int, float]] = []
 
     # -- 1-3: set up -----------------------------------------------------------------------
     def execute(self, resume: str | None, taken_names: Mapping[str, str] | None,
@@ -362,7 +363,7 @@ class _Run:
             bundle = self._save(cfg.output_name if status == "completed" else f"{cfg.output_name}-step{self.step:06d}")
         first, last = window_means(self.losses)
         result = TrainResult(status, self.step, cfg.steps, bundle, first, last, list(self.losses),
-                             list(self.warnings), message, list(self.validation_losses))
+                             list(self.warnings), message, list(self.validation_losses), list(self.validation_drifts))
         self.emit(ProgressEvent("done", step=self.step, total=cfg.steps, path=bundle, message=message or status,
                                 data=result.summary()))
         return result
@@ -398,6 +399,8 @@ class _Run:
                                      "missing": len(report.masks_missing), "unmasked_weight": cfg.unmasked_weight}
         if self.validation_losses:
             info.validation_step, info.validation_loss = self.validation_losses[-1]
+            drift = dict(self.validation_drifts).get(info.validation_step)
+            info.validation_drift = drift
         write_bundle(path, self.host.base_model, self.net.kohya_state_dict(SAVE_DTYPES[cfg.save_precision]),
                      embs, info)
         save_state(self.out_dir / f"{stem}.resume.safetensors",
@@ -413,9 +416,12 @@ class _Run:
             return
         self.activity = f"while measuring the validation loss after step {self.step}"
         self.net.eval()  # no LoRA dropout: the same weights give the same number
+        drift = math.nan
         try:
             fault_point("validation", self.step)
             loss = self.validator.evaluate()
+            if self.config.validation_drift:
+                drift = self.validator.evaluate_drift()
         finally:
             self.net.train()
         if not math.isfinite(loss):
@@ -424,8 +430,11 @@ class _Run:
             self.emit(ProgressEvent("warning", step=self.step, total=self.config.steps, message=msg))
             return
         self.validation_losses.append((self.step, loss))
-        self.emit(ProgressEvent("validation", step=self.step, total=self.config.steps,
-                                message=f"validation loss {loss:.4f}", data={"validation_loss": loss}))
+        data, message = {"validation_loss": loss}, f"validation loss {loss:.4f}"
+        if math.isfinite(drift):
+            self.validation_drifts.append((self.step, drift))
+            data["validation_drift"], message = drift, f"{message}, drift {drift:+.2f}%"
+        self.emit(ProgressEvent("validation", step=self.step, total=self.config.steps, message=message, data=data))
 
     def _preview(self) -> None:
         cfg = self.config

@@ -16,6 +16,7 @@ MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 58, 14, 26, 30
 RAW_COLOUR = (176, 190, 214)        # single-step losses: light, they are mostly timestep noise
 SMOOTH_COLOUR = (33, 87, 196)       # the trend a user should read
 VALIDATION_COLOUR = (214, 96, 32)   # held-out loss: the number that says whether it generalises
+DRIFT_COLOUR = (46, 150, 84)        # drift in %: on its own scale (the legend gives its range)
 GRID_COLOUR = (226, 230, 236)
 TEXT_COLOUR = (60, 64, 72)
 #: points drawn per series at most (a long run is thinned to about one point per pixel)
@@ -24,12 +25,14 @@ MAX_POINTS = WIDTH - MARGIN_L - MARGIN_R
 
 def render_loss_chart(losses: Sequence[float], smoothed: Sequence[float], total_steps: int = 0,
                       first_step: int = 1, title: str = "loss",
-                      validation: Sequence[Sequence[float]] = ()) -> Image.Image:
+                      validation: Sequence[Sequence[float]] = (),
+                      drift: Sequence[Sequence[float]] = ()) -> Image.Image:
     """Raw and smoothed loss against the step number, as an RGB image.
 
     ``first_step``: the step of ``losses[0]`` (a resumed run starts part-way). ``total_steps``
     fixes the x axis to the whole run so the line grows from left to right. ``validation``:
-    (step, held-out validation loss) pairs, drawn as a marked line on the same axes.
+    (step, held-out validation loss) pairs, drawn as a marked line on the same axes. ``drift``:
+    (step, drift in %) pairs, a marked line on a scale of its own (its range is in the legend).
     """
     img = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(img)
@@ -65,6 +68,18 @@ def render_loss_chart(losses: Sequence[float], smoothed: Sequence[float], total_
         draw.line(val_pts, fill=VALIDATION_COLOUR, width=2)
     for x, y in val_pts:
         draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=VALIDATION_COLOUR)
+    drift_pts = [(int(st), float(v)) for st, v in drift if _finite(v) and int(st) >= first_step]
+    if drift_pts:
+        d_lo, d_hi = _y_range([v for _, v in drift_pts])
+        pts = [(xy(st - first_step, lo)[0], plot[3] - (plot[3] - plot[1]) * (v - d_lo) / (d_hi - d_lo))
+               for st, v in drift_pts]
+        if len(pts) > 1:
+            draw.line(pts, fill=DRIFT_COLOUR, width=2)
+        for x, y in pts:
+            draw.rectangle((x - 2, y - 2, x + 2, y + 2), fill=DRIFT_COLOUR)
+        lo_v, hi_v = min(v for _, v in drift_pts), max(v for _, v in drift_pts)
+        draw.line((MARGIN_L + 290, 12, MARGIN_L + 306, 12), fill=DRIFT_COLOUR, width=2)
+        draw.text((MARGIN_L + 310, 6), f"drift % ({lo_v:+.2f} .. {hi_v:+.2f})", fill=TEXT_COLOUR, font=font)
     # legend beside the title, on the left: gradio puts its image buttons over the top right corner
     legend_x = MARGIN_L + 50
     draw.line((legend_x, 12, legend_x + 16, 12), fill=RAW_COLOUR, width=2)

@@ -187,11 +187,11 @@ def _follow(job: TrainingJob, run_id: int, notice: str = "", poll_s: float = POL
         chart: Any = gr.update()
         gallery: Any = gr.update()
         losses = snap["losses"]
-        points = len(losses) + len(snap["validation_losses"])
+        points = len(losses) + len(snap["validation_losses"]) + len(snap["validation_drifts"])
         if points != chart_len and (done or time.monotonic() - chart_at >= CHART_EVERY_S):
             first = max(1, int(snap["step"]) - len(losses) + 1)
             chart = render_loss_chart(losses, snap["smoothed_losses"], snap["total"], first_step=first,
-                                      validation=snap["validation_losses"])
+                                      validation=snap["validation_losses"], drift=snap["validation_drifts"])
             chart_len, chart_at = points, time.monotonic()
         if snap["preview_count"] != previews_seen:
             gallery = [(p.image, f"step {p.step}: {p.caption}") for p in job.previews()]
