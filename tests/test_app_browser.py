@@ -285,3 +285,92 @@ def test_second_tab_follows_the_run_and_interrupts_it(app_server: dict[str, Any]
     assert len(saved) == 1, saved
     assert saved[0].name in text  # the progress names the bundle it saved
     _wait(d, "Start to be enabled again", lambda d: _by_id(d, "pivotal-start").is_enabled(), 30)
+
+
+def _train_short(d: Any, out: Path, steps: int = 10) -> None:
+    """A short run from the Train tab when no bundle is there yet (a test run on its own)."""
+    from selenium.webdriver.common.by import By
+
+    if (out / "pivotal.safetensors").is_file():
+        return
+    _type(d, "pivotal-steps", str(steps))
+    _by_id(d, "pivotal-start").click()
+    _wait(d, "the run to end", lambda d: d.find_elements(By.ID, "pivotal-progress-state")
+          and _progress(d)[0] in ("finished", "failed") and f"step {steps}/{steps}" in _progress(d)[2], RUN_S)
+    assert (out / "pivotal.safetensors").is_file(), _progress(d)[2]
+
+
+def test_the_ablation_grid_button_in_the_browser(app_server: dict[str, Any], browser: Any, shots: Path) -> None:
+    """The Generate tab's "Ablation grid of this bundle": the chosen bundle's five columns for the
+    prompt and a row in a new context, rendered by Pivotal's own sampler, shown and saved."""
+    import json
+
+    from selenium.webdriver.common.by import By
+
+    d, out = browser, app_server["out"]
+    d.get(app_server["url"])
+    _wait(d, "the Start button", lambda d: d.find_elements(By.ID, "pivotal-start"), 60)
+    _train_short(d, out)
+    _open_tab(d, "Generate")
+    _by_id(d, "pivotal-gen-refresh").click()
+    _pick(d, "pivotal-gen-bundle", "pivotal.safetensors")
+    _type(d, "pivotal-gen-prompt", "mychar on a green background, top left")
+    before = set((out / "grids").glob("*.png")) if (out / "grids").is_dir() else set()
+    _by_id(d, "pivotal-gen-grid").click()
+    _wait(d, "the grid", lambda d: d.find_elements(By.ID, "pivotal-gen-grid-done")
+          or d.find_elements(By.CSS_SELECTOR, "#pivotal-gen-info .pivotal-message"), 300,
+          lambda: f"info: {_by_id(d, 'pivotal-gen-info').text}")
+    assert d.find_elements(By.ID, "pivotal-gen-grid-done"), _by_id(d, "pivotal-gen-info").text
+    d.save_screenshot(str(shots / "08-grid.png"))
+    (png,) = set((out / "grids").glob("*.png")) - before
+    record = json.loads(png.with_suffix(".json").read_text(encoding="utf-8"))
+    assert record["columns"] == ["full", "unet", "te", "emb", "base"] and record["complete"]
+    assert record["rows"][0] == "mychar on a green background, top left" and len(record["rows"]) == 3
+    assert str(png) in _by_id(d, "pivotal-gen-info").text
+    imgs = _wait(d, "the sheet", lambda d: [i for i in d.find_elements(By.CSS_SELECTOR, "#pivotal-gen-image img")
+                                            if i.get_attribute("src")], 30)
+    sheet = _image_of(imgs[0].get_attribute("src"))
+    from PIL import Image
+
+    with Image.open(png) as saved:
+        assert sheet.size == saved.size  # the page shows the saved sheet
+
+
+def test_a_sweep_and_its_grid_in_the_browser(app_server: dict[str, Any], browser: Any, shots: Path) -> None:
+    """The Train tab's Sweep section: two embedding LRs from the form's settings, one bar for the
+    queue and the runs' table, then the variants x parts grid saved next to the sweep."""
+    import json
+
+    from selenium.webdriver.common.by import By
+
+    d, out = browser, app_server["out"]
+    d.get(app_server["url"])
+    _wait(d, "the Start button", lambda d: d.find_elements(By.ID, "pivotal-start"), 60)
+    _type(d, "pivotal-steps", "10")
+    _type(d, "pivotal-output-name", "swept")
+    d.find_element(By.CSS_SELECTOR, "#pivotal-sweep .label-wrap, #pivotal-sweep > button").click()
+    _wait(d, "the sweep section", lambda d: _by_id(d, "pivotal-sweep-values0").is_displayed(), 10)
+    _pick(d, "pivotal-sweep-name0", "embedding_lr")
+    _type(d, "pivotal-sweep-values0", "1e-3, 1e-2")
+    _by_id(d, "pivotal-sweep-start").click()
+    _wait(d, "the queue line", lambda d: d.find_elements(By.CSS_SELECTOR, ".pivotal-queue-line"), 60)
+    d.save_screenshot(str(shots / "09-sweep-running.png"))
+    _wait(d, "the sweep to end", lambda d: _progress(d)[0] in ("finished", "failed")
+          and d.find_elements(By.CSS_SELECTOR, ".pivotal-queue-line"), 2 * RUN_S)
+    state, result, text = _progress(d)
+    assert (state, result) == ("finished", "completed"), text
+    assert "step 20/20 overall" in text and "2 runs" in text
+    rows = d.find_elements(By.CSS_SELECTOR, "#pivotal-queue-table tr[data-run]")
+    assert sorted(r.get_attribute("data-run") for r in rows) == ["swept-embedding_lr0p001", "swept-embedding_lr0p01"]
+    assert {r.get_attribute("data-state") for r in rows} == {"completed"}
+    d.save_screenshot(str(shots / "10-sweep-finished.png"))
+    _type(d, "pivotal-sweep-prompt", "mychar on a green background, top left")
+    _by_id(d, "pivotal-sweep-grid").click()
+    _wait(d, "the sweep grid", lambda d: d.find_elements(By.ID, "pivotal-sweep-grid-done")
+          or d.find_elements(By.CSS_SELECTOR, "#pivotal-sweep-info .pivotal-message"), 300)
+    assert d.find_elements(By.ID, "pivotal-sweep-grid-done"), _by_id(d, "pivotal-sweep-info").text
+    d.save_screenshot(str(shots / "11-sweep-grid.png"))
+    (record_path,) = (out / "sweeps").glob("swept-embedding_lr-*/sweep-grid.json")
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    assert sorted(record["row_bundles"]) == ["swept-embedding_lr0p001", "swept-embedding_lr0p01"]
+    assert record["complete"] and len(record["cells"]) == 10

@@ -106,11 +106,16 @@ def test_resume_with_validation_equals_the_uninterrupted_run(host, data_dir: Pat
     part = train(config(data_dir, tmp_path / "part", **kw), host, stop_after_3, stop)
     assert part.status == "interrupted" and part.validation_losses[-1][0] == 3  # measured for the save
     assert float(read_header(part.bundle_path).metadata["pivotal.validation_loss"]) == part.validation_loss
-    rest = train(config(data_dir, tmp_path / "part", **kw), host,
+    events: list[ProgressEvent] = []
+    rest = train(config(data_dir, tmp_path / "part", **kw), host, events.append,
                  resume=str(tmp_path / "part" / "v-step000003.resume.safetensors"))
     assert rest.losses == full.losses
     assert part.validation_losses[0] == full.validation_losses[0]
-    assert rest.validation_losses == [(4, full.validation_losses[1][1])]
+    # the resumed run keeps the earlier points (its history goes on) and adds its own
+    assert rest.validation_losses == [*part.validation_losses, (4, full.validation_losses[1][1])]
+    start = next(e for e in events if e.kind == "start")
+    assert start.data["history"]["validation_losses"] == [list(v) for v in part.validation_losses]
+    assert start.data["history"]["losses"] == part.losses
 
 
 def test_validation_loss_in_events_summary_and_bundle(host, data_dir: Path, tmp_path: Path) -> None:

@@ -313,6 +313,8 @@ class TrainingJob:
                     run.validation_drifts.append([ev.step, float(ev.data["validation_drift"])])
             elif ev.kind == "preflight":
                 run.preflight = dict(ev.data)
+            elif ev.kind == "start" and ev.data.get("history"):
+                run.resume_history(ev.data["history"])
             elif ev.kind == "save" and ev.path:
                 run.bundle_path = ev.path
                 run.saved_paths.append(ev.path)

@@ -63,6 +63,17 @@ class RunState:
     #: the queue or sweep this job trains (None: a single run)
     queue: Optional[QueueProgress] = None
 
+    def resume_history(self, history: dict[str, Any]) -> None:
+        """A resumed run's earlier steps and evaluations (the trainer's "start" event): the chart
+        goes on from them instead of restarting."""
+        from pivotal.training.progress import LossSmoother
+
+        smoother = LossSmoother()
+        self.losses = [float(v) for v in history.get("losses", [])]
+        self.smoothed_losses = [smoother.update(v) for v in self.losses]
+        self.validation_losses = [[int(s), float(v)] for s, v in history.get("validation_losses", [])]
+        self.validation_drifts = [[int(s), float(v)] for s, v in history.get("validation_drifts", [])]
+
     def reset_for_next_run(self) -> None:
         """A queue's next run begins: its chart, losses and previews start empty."""
         self.step, self.total, self.loss, self.smoothed_loss, self.eta_s = 0, 0, None, None, None

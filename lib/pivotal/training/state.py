@@ -33,6 +33,10 @@ class RunState:
     model: str
     smoother: dict[str, float] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
+    #: [step, validation loss] and [step, drift %] of the evaluations so far (a resumed run keeps
+    #: them, so its history and chart go on instead of restarting; empty in older files)
+    validation: list[list[float]] = field(default_factory=list)
+    drifts: list[list[float]] = field(default_factory=list)
 
 
 def model_fingerprint(base_model: str, targets: Sequence[tuple[str, nn.Module]]) -> str:
@@ -72,6 +76,8 @@ def save_state(path: str | os.PathLike, state: RunState, params: Sequence[tuple[
     tensors["rng.noise"] = generator.get_state()
     record = {"format": FORMAT, "step": state.step, "config": state.config, "model": state.model,
               "smoother": state.smoother, "losses": state.losses,
+              "validation": [[int(s), float(v)] for s, v in state.validation],
+              "drifts": [[int(s), float(v)] for s, v in state.drifts],
               "params": [n for n, _ in params], "opt_scalars": scalars,
               "opt_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]}
     atomic_save(path, tensors, {META_KEY: json.dumps(record, default=float)})
@@ -128,4 +134,5 @@ def load_state(path: str | os.PathLike, expect_config: dict[str, Any], expect_mo
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     generator.set_state(tensors["rng.noise"])
     return RunState(step=int(rec["step"]), config=rec["config"], model=rec["model"], smoother=rec["smoother"],
-                    losses=list(rec["losses"]))
+                    losses=list(rec["losses"]), validation=list(rec.get("validation", [])),
+                    drifts=list(rec.get("drifts", [])))

@@ -284,6 +284,8 @@ class _Run:
             raise TrainingError(f"{path}: the run already reached step {state.step} of {self.config.steps}")
         self.step = state.step
         self.losses = state.losses
+        self.validation_losses = [(int(s), float(v)) for s, v in state.validation if int(s) <= state.step]
+        self.validation_drifts = [(int(s), float(v)) for s, v in state.drifts if int(s) <= state.step]
         if state.smoother:
             self.smoother.load_state(state.smoother)
 
@@ -304,7 +306,11 @@ class _Run:
         bad_in_a_row = 0
         last_phase = ""
         step_time: float | None = None
-        self.emit(ProgressEvent("start", step=self.step, total=cfg.steps, message=self.host.label))
+        # a resumed run hands on its history (losses, validation points), so charts go on from it
+        history = {"history": {"losses": list(self.losses), "validation_losses": [list(v) for v in
+                                                                                  self.validation_losses],
+                               "validation_drifts": [list(v) for v in self.validation_drifts]}} if self.step else {}
+        self.emit(ProgressEvent("start", step=self.step, total=cfg.steps, message=self.host.label, data=history))
         with self.host.training_session(cfg.gradient_checkpointing), self.net.attached():
             self.net.train()
             while self.step < cfg.steps:
@@ -404,7 +410,8 @@ class _Run:
         write_bundle(path, self.host.base_model, self.net.kohya_state_dict(SAVE_DTYPES[cfg.save_precision]),
                      embs, info)
         save_state(self.out_dir / f"{stem}.resume.safetensors",
-                   RunState(self.step, cfg.fingerprint(), self.fingerprint, self.smoother.state(), self.losses),
+                   RunState(self.step, cfg.fingerprint(), self.fingerprint, self.smoother.state(), self.losses,
+                            [list(v) for v in self.validation_losses], [list(v) for v in self.validation_drifts]),
                    self.params, self.optimizer, self.generator)
         self.saved.append(str(path))
         self.emit(ProgressEvent("save", step=self.step, total=cfg.steps, path=str(path)))
