@@ -114,7 +114,7 @@ class TrainingJob:
             self._run = run
             self._stop = threading.Event()
             thread = threading.Thread(target=self._queue_worker, name=f"pivotal-{kind}-{run.run_id}", daemon=True,
-                                      args=(run, trainer, Path(folder), build, host_provider, self._stop))
+                                      args=(run, queue, trainer, Path(folder), build, host_provider, self._stop))
             self._thread = thread
             thread.start()
         return run.run_id
@@ -245,17 +245,16 @@ class TrainingJob:
             return
         self._finish_result(run, result)
 
-    def _queue_worker(self, run: RunState, trainer: TrainFn, folder: Path, build: Callable[[Path], TrainConfig],
-                      host_provider: HostProvider, stop: threading.Event) -> None:
+    def _queue_worker(self, run: RunState, queue: QueueProgress, trainer: TrainFn, folder: Path,
+                      build: Callable[[Path], TrainConfig], host_provider: HostProvider, stop: threading.Event) -> None:
         from pivotal.training.queue import run_queue
 
-        queue = run.queue
-        assert queue is not None  # start_queue sets it
         try:
             host = host_provider()
             self._update(run, phase="starting", message="model loaded")
-            runs = run_queue(folder, host, build, on_event=lambda config, ev: self._on_queue_event(run, config, ev),
-                             stop=stop, on_run=lambda r: self._on_queue_run(run, r), train_fn=trainer)
+            runs = run_queue(folder, host, build, stop=stop, train_fn=trainer,
+                             on_event=lambda config, ev: self._on_queue_event(run, queue, config, ev),
+                             on_run=lambda r: self._on_queue_run(queue, r))
         except PivotalError as e:
             with self._lock:
                 queue.stopped()
@@ -272,10 +271,8 @@ class TrainingJob:
         message = f"{queue.kind} {result}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         self._finish(run, FAILED if state == FAILED else FINISHED, result, message)
 
-    def _on_queue_event(self, run: RunState, config: str, ev: ProgressEvent) -> None:
+    def _on_queue_event(self, run: RunState, queue: QueueProgress, config: str, ev: ProgressEvent) -> None:
         with self._lock:
-            queue = run.queue
-            assert queue is not None
             if queue.begin(config):
                 run.reset_for_next_run()
             if ev.kind == "step":
@@ -284,10 +281,9 @@ class TrainingJob:
                 queue.validation(config, ev.data)
         self._on_event(run, ev)
 
-    def _on_queue_run(self, run: RunState, queue_run: Any) -> None:
+    def _on_queue_run(self, queue: QueueProgress, queue_run: Any) -> None:
         with self._lock:
-            assert run.queue is not None
-            run.queue.finished(queue_run)
+            queue.finished(queue_run)
 
     def _on_event(self, run: RunState, ev: ProgressEvent) -> None:
         with self._lock:
