@@ -180,7 +180,10 @@ class TrainingJob:
         ``lrs``, ``grad_norm`` (the last step's, before clipping; None with max_grad_norm 0), ``eta_s``,
         ``elapsed_s``, ``phase``, ``message``, ``warnings``, ``bundle_path`` (the latest save),
         ``saved_paths``, ``preflight`` (the dataset report), ``preview_count``, ``preview_path``,
-        ``stop_requested``, ``settings`` (the run's config). The same keys when idle.
+        ``stop_requested``, ``settings`` (the run's config), ``validation_drift`` /
+        ``validation_drifts`` (drift in %, with ``validation_drift`` on), ``queue`` (a queue's or
+        sweep's progress and runs, :mod:`pivotal.training.queue_job`; None for a single run). The
+        same keys when idle.
 
         ``preview_png``: also give the latest preview as base64 PNG (``preview_png_base64``); the
         image itself is :meth:`latest_preview`.
