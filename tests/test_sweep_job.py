@@ -82,6 +82,19 @@ def test_a_sweep_runs_its_variants_as_one_job_with_one_bar(tmp_path: Path) -> No
     assert snap["losses"] == pytest.approx([1.0 / s for s in range(1, STEPS + 1)])
 
 
+def test_a_relative_dataset_folder_stays_the_one_the_form_meant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    from pivotal.training.queue import find_configs, queue_config
+    from pivotal.training.sweep import write_sweep_from
+
+    monkeypatch.chdir(tmp_path)
+    folder = write_sweep_from(base(data_dir="data", validation_dir="val"), ["unet_rank=2"], tmp_path / "outputs")
+    (config,) = find_configs(folder)
+    cfg = queue_config(config)
+    assert (cfg.data_dir, cfg.validation_dir) == (str(tmp_path / "data"), str(tmp_path / "val"))
+    assert cfg.out_dir == str(folder / "output")
+
+
 def test_interrupt_stops_the_sweep_and_starting_it_again_resumes(tmp_path: Path) -> None:
     fake = FakeTrainer(hold_run=2, hold_at=3)
     job = TrainingJob(trainer=fake)

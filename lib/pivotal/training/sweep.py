@@ -153,6 +153,9 @@ def write_sweep_from(base: TrainConfig, varies: list[str], outputs: str | os.Pat
     axes = check_varies(varies)
     folder = sweep_folder(outputs, base, varies)
     values = base.to_dict()
+    for key in ("data_dir", "validation_dir"):  # as the run would read them now, not from the sweep folder
+        if values.get(key):
+            values[key] = str(Path(str(values[key])).expanduser().resolve())
     values["out_dir"] = str(folder / "output")
     values["sweep"] = []
     _write(sweep_configs(values, axes, base.output_name, folder, complete=True))
