@@ -15,6 +15,9 @@ the UNet predict the noise (epsilon) from the noisy latent and the caption's tex
 * the token embedding gets no weight decay: AdamW then leaves every row of a token that never
   occurs exactly as initialised (zero gradient, zero moments, zero update), which is what lets
   the weight file keep only the trained rows (:mod:`pivotal.demo.tiny_world`);
+* two knobs for teaching place (issue 17), off in v1: a learning-rate multiple for the UNet's
+  cross-attention and timesteps drawn leaning toward the noisy end, where the epsilon loss weighs a
+  picture's layout least (its x0 error counts ``SNR`` times);
 * an exponential moving average of the weights (``lerp``, so unchanged rows stay bit-exact) is
   what is kept: it samples visibly cleaner than the last step's weights after a short run.
 """
