@@ -84,13 +84,22 @@ def test_webui_runner_names_lora_folder_embeddings_folder_and_database(tmp_path:
     own = types.SimpleNamespace(filename=str(loras / "newrun.safetensors") + "/mychar")
     loaded = types.SimpleNamespace(filename="/x/dbchar.pt")
     lent = types.SimpleNamespace(filename="/y/Lora/lent.safetensors/lentchar")  # a webui loader's bundle embedding
-    db = types.SimpleNamespace(word_embeddings={"mychar": own, "dbchar": loaded, "lentchar": lent},
-                               skipped_embeddings={})
+
+    class BundledTIHash(str):  # as A1111 1.10.1's built-in Lora marks a bundle's embeddings
+        def __init__(self, hash_str: str) -> None:
+            self.hash = hash_str
+
+    # ... which it registers with no filename (create_embedding_from_data ignores ``filename=``)
+    builtin = types.SimpleNamespace(filename=None, shorthash=BundledTIHash("lentagain"))
+    db = types.SimpleNamespace(word_embeddings={"mychar": own, "dbchar": loaded, "lentchar": lent,
+                                                "builtinchar": builtin}, skipped_embeddings={})
     webui = types.SimpleNamespace(embedding_db=db, shared=types.SimpleNamespace(
         cmd_opts=types.SimpleNamespace(embeddings_dir=str(embs))))
     taken = runner.taken_names(webui, _config(tmp_path, "mychar"), str(loras))
-    assert set(taken) == {"otherbundle", "theirchar", "folderchar", "dbchar", "lentchar"}  # retraining mychar: fine
+    assert set(taken) == {"otherbundle", "theirchar", "folderchar", "dbchar", "lentchar", "builtinchar"}  # mychar: fine
     # other bundles' names are shared with a warning, not refused
     assert (taken["theirchar"], taken["lentchar"]) == (f"the bundle {loras / 'otherbundle.safetensors'}",
                                                        "the bundle /y/Lora/lent.safetensors")
     assert taken["dbchar"] == "/x/dbchar.pt"
+    assert taken["builtinchar"] == "the bundle lentagain (loaded by the webui's Lora)"
+    assert check_new_names(["builtinchar"], taken)  # a warning, not a refusal

@@ -78,8 +78,14 @@ def taken_embedding_names(webui: Any) -> dict[str, str]:
         for name, emb in table.items():
             where = str(getattr(emb, "filename", "") or "the webui's embeddings")
             parent = os.path.dirname(where)
+            shorthash = getattr(emb, "shorthash", None)
             if parent.lower().endswith(".safetensors"):
                 where = f"{BUNDLE_SOURCE}{parent}"
+            elif not getattr(emb, "filename", "") and type(shorthash).__name__ == "BundledTIHash":
+                # A1111's built-in Lora registers a bundle's embeddings without a filename (it passes
+                # ``filename=``, which create_embedding_from_data does not keep); its BundledTIHash
+                # carries the LoRA's name, and the entry stays after the tagged generation.
+                where = f"{BUNDLE_SOURCE}{getattr(shorthash, 'hash', '') or shorthash} (loaded by the webui's Lora)"
             taken.setdefault(str(name).lower(), where)
     return taken
 
