@@ -100,6 +100,23 @@ def sweep_varies(body: dict[str, Any]) -> list[str]:
     return vary
 
 
+def _rendered(render: Callable[[], Any]) -> Any:
+    """A grid route's answer: ``render()``'s record as JSON; 409 while a run goes, 404 for an
+    unknown bundle or sweep, 400 for any other refusal (its message names the field)."""
+    from fastapi import HTTPException
+    from fastapi.responses import JSONResponse
+
+    try:
+        out = render()
+    except JobBusyError as e:
+        raise HTTPException(status_code=409, detail=str(e)) from e
+    except NotFoundError as e:
+        raise HTTPException(status_code=404, detail=str(e)) from e
+    except PivotalError as e:
+        raise HTTPException(status_code=400, detail=str(e)) from e
+    return JSONResponse(json.loads(json.dumps(out, default=str)))
+
+
 def add_routes(app: Any, job: TrainingJob, host_provider: Callable[[], Any], paths: Callable[[], dict[str, str]],
                webui_provider: Optional[Callable[[], Any]] = None) -> None:
     """Register the routes on ``app`` (a FastAPI app)."""
@@ -165,15 +182,7 @@ def add_routes(app: Any, job: TrainingJob, host_provider: Callable[[], Any], pat
         def grid(body: Any = Body(...)) -> Any:
             from pivotal.webui.grid_api import make_grid
 
-            try:
-                out = make_grid(request_dict(body), webui_provider(), paths(), lambda: job.running)
-            except JobBusyError as e:
-                raise HTTPException(status_code=409, detail=str(e)) from e
-            except NotFoundError as e:
-                raise HTTPException(status_code=404, detail=str(e)) from e
-            except PivotalError as e:
-                raise HTTPException(status_code=400, detail=str(e)) from e
-            return JSONResponse(json.loads(json.dumps(out, default=str)))
+            return _rendered(lambda: make_grid(request_dict(body), webui_provider(), paths(), lambda: job.running))
 
         grid.__annotations__["body"] = grid_request_model() or dict
         app.post(f"{PREFIX}/grid", tags=TAGS, summary="Render an ablation grid of a bundle (full / UNet / TE / "
@@ -182,19 +191,15 @@ def add_routes(app: Any, job: TrainingJob, host_provider: Callable[[], Any], pat
         def sweep_grid(body: Any = Body(...)) -> Any:
             from pivotal.webui.sweep_grid_api import render_sweep_grid_in_webui, sweep_folder
 
-            body = request_dict(body)
-            try:
+            request = request_dict(body)
+
+            def render() -> Any:
                 last = (job.status().get("queue") or {}) if hasattr(job, "status") else {}
-                folder = sweep_folder(body, paths()["outputs"], last.get("folder", "") if last.get("kind") == "sweep"
-                                      else "")
-                out = render_sweep_grid_in_webui(folder, body, webui_provider(), lambda: job.running)
-            except JobBusyError as e:
-                raise HTTPException(status_code=409, detail=str(e)) from e
-            except NotFoundError as e:
-                raise HTTPException(status_code=404, detail=str(e)) from e
-            except PivotalError as e:
-                raise HTTPException(status_code=400, detail=str(e)) from e
-            return JSONResponse(json.loads(json.dumps(out, default=str)))
+                folder = sweep_folder(request, paths()["outputs"],
+                                      last.get("folder", "") if last.get("kind") == "sweep" else "")
+                return render_sweep_grid_in_webui(folder, request, webui_provider(), lambda: job.running)
+
+            return _rendered(render)
 
         app.post(f"{PREFIX}/sweep/grid", tags=TAGS, summary="Render a sweep's variants x parts grid through the "
                  "webui's txt2img")(sweep_grid)
