@@ -18,6 +18,8 @@ trains with Pivotal's own trainer at the same step budget, batch, data and seed:
   guided prediction's, as a generation at CFG 3 would use it.
 * ``pivotal_noclip``: ``pivotal`` without gradient clipping (``max_grad_norm`` 0; the default clips
   at 1.0);
+* ``pivotal_loha`` / ``pivotal_lokr`` / ``pivotal_dora``: ``pivotal`` with the UNet adapter LoHa,
+  LoKr, or LoRA + DoRA (same rank, alpha and LR);
 * ``pivotal_masked``: ``pivotal`` with the masked loss, each picture's mask its concept's region
   (``_efficacy_data.object_mask``; ``unmasked_weight`` 0: the background is not trained).
 
@@ -93,6 +95,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "dreamartist": dict(phase_plan="together", freeze_embeddings_at=0.5, dreamartist=True, dreamartist_cfg=3.0),
     "pivotal_noclip": dict(phase_plan="together", freeze_embeddings_at=0.5, max_grad_norm=0.0),
     "pivotal_masked": dict(phase_plan="together", freeze_embeddings_at=0.5, masked_loss=True),
+    # the LyCORIS algorithms in place of LoRA (UNet; same rank, alpha and LR as ``pivotal``)
+    "pivotal_loha": dict(phase_plan="together", freeze_embeddings_at=0.5, unet_algorithm="loha"),
+    "pivotal_lokr": dict(phase_plan="together", freeze_embeddings_at=0.5, unet_algorithm="lokr"),
+    "pivotal_dora": dict(phase_plan="together", freeze_embeddings_at=0.5, dora=True),
 }
 #: prior: class images per concept, and the class prompt (the class the concept belongs to, as the
 #: base world words it: its init word, or a square for the texture)
