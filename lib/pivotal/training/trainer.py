@@ -171,10 +171,9 @@ class _Run:
                     + ", ".join(held[:10]) + (" ..." if len(held) > 10 else "")) if held else ""
             extra: dict = {}
             if cfg.class_prompt:
-                self._prepare_class_images()
-                assert self.class_report is not None
-                note += "\n" + self.class_report.format()
-                extra["class_images"] = self.class_report.to_dict()
+                report = self._prepare_class_images()
+                note += "\n" + report.format()
+                extra["class_images"] = report.to_dict()
             self.emit(ProgressEvent("preflight", total=cfg.steps, message=self.batches.report.format() + note,
                                     data={**self.batches.report.to_dict(), "validation_images": held, **extra}))
             self.warnings += list(self.batches.warnings)
@@ -192,7 +191,7 @@ class _Run:
             self._clean_stray_temps()
         return self._loop()
 
-    def _prepare_class_images(self) -> None:
+    def _prepare_class_images(self) -> ClassImagesReport:
         """Prior preservation: find the class images, generate the missing ones through the host's
         txt2img (no LoRA exists yet, no embedding is passed), and batch them
         (:mod:`pivotal.training.prior`)."""
@@ -203,15 +202,16 @@ class _Run:
             self.emit(ProgressEvent("phase", total=cfg.steps, phase="class images",
                                     message=f"generated class image {done} of {total}"))
 
-        self.class_report, images = ensure_class_images(cfg, self.host, self.stop, progress)
-        if self.class_report.missing:
-            msg = (f"{self.class_report.missing} class image(s) not generated (interrupted); training with "
-                   f"{self.class_report.used}")
+        report, images = ensure_class_images(cfg, self.host, self.stop, progress)
+        self.class_report = report
+        if report.missing:
+            msg = f"{report.missing} class image(s) not generated (interrupted); training with {report.used}"
             self.warnings.append(msg)
             self.emit(ProgressEvent("warning", total=cfg.steps, message=msg))
         if images:
             dataset = class_dataset(cfg, images, self.host.tokenizer("clip_l"))
             self.class_batches = Batches(dataset, self.host, self.batches.cache if self.batches else None)
+        return report
 
     def _reward_preflight(self) -> None:
         """The textcraftor mode's checks before anything trains: the prompts, the rewards (their
