@@ -10,6 +10,7 @@ message as ``detail``). Works with pydantic 1.10 (A1111, reForge) and 2.x (Forge
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 from pivotal.inference.grid import COLUMNS
@@ -59,16 +60,24 @@ def _model(pydantic: Any, name: str, fields: dict[str, Any], doc: str) -> Any:
     return model
 
 
+@functools.lru_cache(maxsize=None)
+def _config_model() -> Any:
+    """The training settings' model, built once: the run and the sweep requests share this one class
+    (FastAPI 0.94 with pydantic 1, A1111's pins, fails on two distinct classes of one name)."""
+    pydantic = _pydantic()
+    settings = {s.name: (Any, _field(pydantic, s.default, setting_schema(s))) for s in declared(TrainConfig)}
+    return _model(pydantic, CONFIG_MODEL, settings,
+                  "The training settings: the same keys as a pivotal train --config file. A run needs data_dir "
+                  "and at least one embedding; out_dir defaults to the webui's Pivotal outputs/<output_name>.")
+
+
 def train_request_model(sweep: bool = False) -> Optional[type]:
     """The request-body model (a pydantic class), or None when pydantic is not installed;
     ``sweep``: ``POST /pivotal/v1/sweep``'s (the same plus ``vary``, without ``resume``)."""
     pydantic = _pydantic()
     if pydantic is None:
         return None
-    settings = {s.name: (Any, _field(pydantic, s.default, setting_schema(s))) for s in declared(TrainConfig)}
-    config = _model(pydantic, CONFIG_MODEL, settings,
-                    "The training settings: the same keys as a pivotal train --config file. A run needs data_dir "
-                    "and at least one embedding; out_dir defaults to the webui's Pivotal outputs/<output_name>.")
+    config = _config_model()
     request = {
         "config": (Optional[config], _field(pydantic, None, {"description": "the training settings (required)"})),
         "resume": (Any, _field(pydantic, None, {"type": "string", "description":
