@@ -66,7 +66,9 @@ def sweep_from_tab(tmp_path: Path, values: str) -> tuple[TrainingJob, Any, Bundl
 
 def test_a_sweep_from_the_tab_shows_one_bar_and_a_ranked_table_and_resumes(tmp_path: Path) -> None:
     job, tab, trainer, form = sweep_from_tab(tmp_path, "1e-6, 1e-5, 1e-4")
-    assert tab.sweep["name0"].value == "te_lr" and ("te_lr", "te_lr") in tab.sweep["name0"].choices
+    # gradio 4+ lists (label, value) pairs, gradio 3.41 (A1111) the values
+    assert tab.sweep["name0"].value == "te_lr" and any(c in (("te_lr", "te_lr"), "te_lr")
+                                                       for c in tab.sweep["name0"].choices)
     from pivotal.ui.progress_view import progress_html
 
     progress = progress_html(job.status())
