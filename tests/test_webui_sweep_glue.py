@@ -33,6 +33,8 @@ def write_sweep(tmp_path: Path) -> Path:
             QueueRun("hero-te_lr1e-06.json", status="completed", values=["te_lr=1e-06"], validation_loss=0.2,
                      bundle=str(_bundle(lora, "hero-te_lr1e-06")))]
     write_summary(folder, runs, "sd1")
+    for run in runs:  # the configs the sweep wrote (the grid reads their training size)
+        (folder / run.config).write_text(json.dumps({"resolution": 96}), encoding="utf-8")
     return folder
 
 
@@ -77,6 +79,8 @@ def test_the_tab_renderer_and_the_route(tmp_path: Path) -> None:
     webui = _webui()
     png, record = tab_sweep_grid(lambda: webui, lambda: False, runner=RUNNER)(str(folder), "pvtchar", 2)
     assert png == str(folder / "sweep-grid.png") and len(webui.processing.made) == 10
+    # the tab gives no size: the cells are drawn at the variants' training resolution, not 512 px
+    assert {(p.kw["width"], p.kw["height"]) for p in webui.processing.made} == {(96, 96)}
     fastapi = pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 

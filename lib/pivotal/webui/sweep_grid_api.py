@@ -60,8 +60,15 @@ def render_sweep_grid_in_webui(folder: Path, body: Mapping[str, Any], webui: Any
     prompt = body.get("prompt") or ""
     if not isinstance(prompt, str) or "<lora:" in prompt.lower():
         raise ConfigError("prompt must be text without a <lora:…> tag (the columns add each variant's) (field: prompt)")
-    plan_args, settings = parse_request({k: body[k] for k in SETTING_FIELDS if k in body})
     runs = finished_variants(folder)
+    given = {k: body[k] for k in SETTING_FIELDS if k in body}
+    if "width" not in given and "height" not in given:
+        # the variants' own training size, not the ablation grid's 512 px default: the tab's button
+        # gives no size, and 15 cells at 512 px of a small model on a CPU take many minutes
+        size = _training_resolution(folder, runs[0].config)
+        if size:
+            given["width"] = given["height"] = size
+    plan_args, settings = parse_request(given)
     plan = sweep_grid_plan(runs, prompt, plan_args["columns"], plan_args["seed"], plan_args["negative"],
                            plan_args["strength"])
     if busy():
@@ -85,3 +92,15 @@ def tab_sweep_grid(webui_provider: Callable[[], Any], busy: Callable[[], bool],
         return out["png"], out["json"]
 
     return render
+
+
+def _training_resolution(folder: Path, config_name: str) -> int:
+    """The ``resolution`` a sweep run's config file trained at (0 when it cannot be read)."""
+    import json
+
+    try:
+        value = json.loads((Path(folder) / config_name).read_text(encoding="utf-8")).get("resolution", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return int(value) if isinstance(value, int) and value > 0 else 0
+
