@@ -17,11 +17,12 @@ import pytest
 gr = pytest.importorskip("gradio")
 pytest.importorskip("torch")
 
+from pivotal.errors import ConfigError  # noqa: E402
 from pivotal.training.config import TrainConfig  # noqa: E402
 from pivotal.training.job import TrainingJob  # noqa: E402
 from pivotal.training.progress import ProgressEvent, TrainResult  # noqa: E402
 from pivotal.ui.queue_view import ranked_rows  # noqa: E402
-from pivotal.ui.sweep_section import sweepable_settings, varies_from_form  # noqa: E402
+from pivotal.ui.sweep_section import grid_numbers, sweepable_settings, varies_from_form  # noqa: E402
 from pivotal.ui.train_tab import build_train_tab  # noqa: E402
 from test_generate import FakeHost, write_test_bundle  # noqa: E402
 from test_ui_build import base_config, form_values  # noqa: E402
@@ -86,13 +87,13 @@ def test_a_sweep_from_the_tab_shows_one_bar_and_a_ranked_table_and_resumes(tmp_p
 @pytest.mark.slow
 def test_the_sweep_grid_from_the_tab(tmp_path: Path) -> None:
     job, tab, trainer, form = sweep_from_tab(tmp_path, "1e-6, 1e-5")
-    image, info = tab.handlers["sweep_grid"]("mychar on the moon", 4)
+    image, info = tab.handlers["sweep_grid"]("mychar on the moon", 4, 2, 96)
     assert "sweep-grid-done" in info, info
     (png,) = (tmp_path / "sweeps").glob("*/sweep-grid.png")
     record = json.loads(png.with_suffix(".json").read_text())
     assert record["row_bundles"] == ["pivotal-te_lr1e-06", "pivotal-te_lr1e-05"]
     assert len(record["cells"]) == 10 and {c["seed"] for c in record["cells"]} == {4}
-    assert image.size[1] > 2 * 64
+    assert image.size[1] > 2 * 64 and {tuple(c["size"]) for c in record["cells"]} == {(96, 96)}
     # the grid record next to the configs is no config: the sweep, started again, still skips all
     list(tab.handlers["sweep"](*form))
     assert job.wait(10) and len(trainer.names) == 2
@@ -109,6 +110,11 @@ def test_bad_sweep_values_name_the_setting(tmp_path: Path) -> None:
     assert not (tmp_path / "sweeps").exists() and job.status()["state"] == "idle"
     _, info = tab.handlers["sweep_grid"]("", 0)
     assert "no sweep yet" in info
+    assert grid_numbers("4", 0) == (4, 0) and grid_numbers(None, 96.0) == (20, 96)
+    for steps, size, named in ((0, 0, "grid steps"), (2.5, 0, "grid steps"), (4, 60, "grid size"),
+                               (4, 100, "grid size"), ("many", 0, "whole numbers")):
+        with pytest.raises(ConfigError, match=named):
+            grid_numbers(steps, size)
 
 
 def test_the_section_offers_numbers_switches_and_choices_only() -> None:

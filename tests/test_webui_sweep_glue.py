@@ -77,10 +77,14 @@ def test_refusals_name_the_field(tmp_path: Path) -> None:
 def test_the_tab_renderer_and_the_route(tmp_path: Path) -> None:
     folder = write_sweep(tmp_path)
     webui = _webui()
-    png, record = tab_sweep_grid(lambda: webui, lambda: False, runner=RUNNER)(str(folder), "pvtchar", 2)
+    png, record = tab_sweep_grid(lambda: webui, lambda: False, runner=RUNNER)(str(folder), "pvtchar", 2, 6, 0)
     assert png == str(folder / "sweep-grid.png") and len(webui.processing.made) == 10
-    # the tab gives no size: the cells are drawn at the variants' training resolution, not 512 px
-    assert {(p.kw["width"], p.kw["height"]) for p in webui.processing.made} == {(96, 96)}
+    # size 0: the cells are drawn at the variants' training resolution, not the grid's 512 px;
+    # the section's steps reach the webui
+    assert {(p.kw["width"], p.kw["height"], p.kw["steps"]) for p in webui.processing.made} == {(96, 96, 6)}
+    webui = _webui()
+    tab_sweep_grid(lambda: webui, lambda: False, runner=RUNNER)(str(folder), "pvtchar", 2, 3, 128)
+    assert {(p.kw["width"], p.kw["height"], p.kw["steps"]) for p in webui.processing.made} == {(128, 128, 3)}
     fastapi = pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 

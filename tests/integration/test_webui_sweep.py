@@ -27,6 +27,8 @@ from conftest import EMBEDDING
 
 TE_LRS = "1e-6, 1e-5, 1e-4"
 STEPS = 8
+#: the grid's sampling steps: 15 cells through txt2img on a CPU
+GRID_STEPS = 4
 TRAIN = {"resolution": 64, "bucket_step": 16, "unet_lr": 5e-4, "embedding_lr": 5e-3, "seed": 3, "steps": STEPS,
          "te_lora": True, "validation_count": 1, "validation_timesteps": 2, "preview_every": 0}
 
@@ -91,6 +93,7 @@ def test_a_three_value_te_lr_sweep_from_the_tab_gives_its_table_and_grid(webui: 
         best_first = sorted(runs, key=lambda r: r["validation_loss"])
         assert order == [r["name"] for r in best_first] and "ranked by validation loss" in table
         _type(d, "pivotal-sweep-prompt", f"a photo of {EMBEDDING}")
+        _type(d, "pivotal-sweep-steps", str(GRID_STEPS))  # size stays 0: the variants' 64 px
         d.find_element(By.ID, "pivotal-sweep-grid").click()
         _wait(d, "the sweep grid", lambda d: d.find_elements(By.ID, "pivotal-sweep-grid-done"), 600)
         d.save_screenshot(str(shots / "sweep-03-grid.png"))
@@ -100,6 +103,7 @@ def test_a_three_value_te_lr_sweep_from_the_tab_gives_its_table_and_grid(webui: 
     assert record["row_bundles"] == [r["name"] for r in best_first]
     assert record["columns"] == ["full", "unet", "te", "emb", "base"] and len(record["cells"]) == 15
     assert all(f"Lora hashes: \"{c['bundle']}: " in c["infotext"] for c in record["cells"] if c["column"] == "full")
+    assert all(c["size"] == [64, 64] and f"Steps: {GRID_STEPS}," in c["infotext"] for c in record["cells"])
     assert webui.request("GET", "/pivotal/v1/host") == before_host
     print(f"screenshots: {shots}")
 

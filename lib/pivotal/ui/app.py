@@ -59,7 +59,8 @@ def build_app(host_provider: HostProvider, out_dir: str, data_dir_default: str =
         with gr.Tabs():
             with gr.Tab("Train", id="train", elem_id="pivotal-tab-train"):
                 train = build_train_tab(job, host_provider, data_dir=data_dir_default, out_dir=out_dir, base=base,
-                                        sweep_grid=standalone_sweep_grid(job, host_provider, steps=generate_steps))
+                                        sweep_grid=standalone_sweep_grid(job, host_provider),
+                                        grid_steps=generate_steps)
             with gr.Tab("Generate", id="generate", elem_id="pivotal-tab-generate"):
                 prompt = f"a photo of {names[0]}" if names else ""
                 contexts = None

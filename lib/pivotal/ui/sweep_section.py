@@ -25,8 +25,11 @@ VARY_ROWS = 2
 #: settings a sweep may not vary (as pivotal.training.sweep.NOT_VARIED, kept here so the UI imports no torch)
 NOT_VARIED = ("output_name", "out_dir", "data_dir", "validation_dir", "sweep")
 
-#: (sweep folder, prompt, seed) -> (sheet PNG path, record JSON path)
-SweepGridFn = Callable[[str, str, int], "tuple[Any, Any]"]
+#: (sweep folder, prompt, seed, sampling steps, size in px or 0 = the variants' training size)
+#: -> (sheet PNG path, record JSON path)
+SweepGridFn = Callable[[str, str, int, int, int], "tuple[Any, Any]"]
+#: the grid's sampling steps in the section until the user changes them
+GRID_STEPS = 20
 
 
 def sweepable_settings() -> list[str]:
@@ -51,8 +54,9 @@ def varies_from_form(rows: list[tuple[Any, Any]]) -> list[str]:
     return varies
 
 
-def build_sweep_section(ids: Callable[[str], str]) -> dict[str, Any]:
-    """Add the section's components to the current Blocks context; returns them by name."""
+def build_sweep_section(ids: Callable[[str], str], grid_steps: int = GRID_STEPS) -> dict[str, Any]:
+    """Add the section's components to the current Blocks context; returns them by name.
+    ``grid_steps``: the grid's sampling steps the section starts with."""
     import gradio as gr
 
     choices = [""] + sweepable_settings()
@@ -72,6 +76,10 @@ def build_sweep_section(ids: Callable[[str], str]) -> dict[str, Any]:
             c["prompt"] = gr.Textbox("", label="grid prompt (empty: the embedding names)", scale=3,
                                      elem_id=ids("sweep-prompt"))
             c["seed"] = gr.Number(1, label="grid seed", precision=0, scale=1, elem_id=ids("sweep-seed"))
+            c["steps"] = gr.Number(grid_steps, label="grid steps", precision=0, scale=1, elem_id=ids("sweep-steps"))
+            # 0: the variants' training resolution (a grid of 15 cells at 512 px is slow on small hardware)
+            c["size"] = gr.Number(0, label="grid size (px, 0: the training resolution)", precision=0, scale=1,
+                                  elem_id=ids("sweep-size"))
         c["grid"] = gr.Button("Sweep grid (variants x parts)", elem_id=ids("sweep-grid"))
         c["image"] = gr.Image(None, type="pil", label="sweep grid", interactive=False, elem_id=ids("sweep-image"))
         c["info"] = gr.HTML("", elem_id=ids("sweep-info"))
@@ -103,7 +111,7 @@ def sweep_handlers(job: Any, host_provider: Callable[[], Any], form_config: Call
             return
         yield from follow(job, run_id)
 
-    def on_grid(prompt: str, seed: Any) -> tuple[Any, str]:
+    def on_grid(prompt: str, seed: Any, steps: Any = GRID_STEPS, size: Any = 0) -> tuple[Any, str]:
         queue = job.status().get("queue") or {}
         if queue.get("kind") != "sweep":
             return None, _error("no sweep yet: start one above, then render its grid")
@@ -112,7 +120,8 @@ def sweep_handlers(job: Any, host_provider: Callable[[], Any], form_config: Call
         if render_grid is None:
             return None, _error("this host renders no grid")
         try:
-            png, record = render_grid(str(queue["folder"]), str(prompt or ""), int(seed or 0))
+            steps_i, size_i = grid_numbers(steps, size)
+            png, record = render_grid(str(queue["folder"]), str(prompt or ""), int(seed or 0), steps_i, size_i)
         except PivotalError as e:
             return None, _error(str(e))
         from PIL import Image
@@ -123,6 +132,21 @@ def sweep_handlers(job: Any, host_provider: Callable[[], Any], form_config: Call
                        f"record: <code>{html.escape(str(record))}</code></div>")
 
     return {"sweep": on_start, "sweep_grid": on_grid}
+
+
+def grid_numbers(steps: Any, size: Any) -> tuple[int, int]:
+    """The section's grid steps and size as whole numbers; ConfigError naming the field otherwise
+    (steps >= 1; size 0, or a multiple of 8 from 64)."""
+    try:
+        steps_f, size_f = float(steps if steps not in (None, "") else GRID_STEPS), float(size or 0)
+    except (TypeError, ValueError):
+        raise ConfigError(f"grid steps {steps!r} / grid size {size!r}: enter whole numbers") from None
+    if steps_f != int(steps_f) or steps_f < 1:
+        raise ConfigError(f"grid steps {steps!r}: enter a whole number of sampling steps, 1 or more")
+    if size_f != int(size_f) or (size_f and (size_f < 64 or int(size_f) % 8)):
+        raise ConfigError(f"grid size {size!r}: enter 0 (the variants' training resolution) or a multiple of 8 "
+                          "from 64")
+    return int(steps_f), int(size_f)
 
 
 def _error(text: str) -> str:

@@ -24,7 +24,7 @@ from pivotal.ui.dataset_check import check_dataset
 from pivotal.ui.loss_chart import render_loss_chart
 from pivotal.ui.progress_view import message_html, progress_html, report_html
 from pivotal.ui.setting_widgets import setting_rows, setting_widget
-from pivotal.ui.sweep_section import VARY_ROWS, SweepGridFn, build_sweep_section, sweep_handlers
+from pivotal.ui.sweep_section import GRID_STEPS, VARY_ROWS, SweepGridFn, build_sweep_section, sweep_handlers
 from pivotal.ui.train_form import (
     FORM_SECTIONS,
     config_from_form,
@@ -71,13 +71,14 @@ class TrainTab:
 
 def build_train_tab(job: TrainingJob, host_provider: HostProvider, data_dir: str = "", out_dir: str = "output",
                     base: Optional[TrainConfig] = None, elem_prefix: str = "pivotal",
-                    sweep_grid: Optional[SweepGridFn] = None) -> TrainTab:
+                    sweep_grid: Optional[SweepGridFn] = None, grid_steps: int = GRID_STEPS) -> TrainTab:
     """Add the Train tab's components to the current Blocks context and wire them to ``job``.
 
     ``host_provider``: returns the host (loading it on first use); called in the run's thread.
     ``base``: the settings the form starts from and that fill everything the form does not show.
-    ``sweep_grid(folder, prompt, seed)``: renders a finished sweep's variants x parts grid
-    (:mod:`pivotal.ui.sweep_section`; default: Pivotal's own render on the host).
+    ``sweep_grid(folder, prompt, seed, steps, size)``: renders a finished sweep's variants x parts
+    grid (:mod:`pivotal.ui.sweep_section`; default: Pivotal's own render on the host);
+    ``grid_steps``: the sampling steps its section starts with.
     """
     cfg = base if base is not None else TrainConfig()
     cfg = TrainConfig.from_dict({**cfg.to_dict(), "data_dir": data_dir or cfg.data_dir, "out_dir": out_dir})
@@ -106,7 +107,7 @@ def build_train_tab(job: TrainingJob, host_provider: HostProvider, data_dir: str
                     if with_resume:
                         f["resume"] = gr.Textbox("", label="resume from (a *.resume.safetensors file, optional)",
                                                  elem_id=ids("resume"))
-            sweep = build_sweep_section(ids)
+            sweep = build_sweep_section(ids, grid_steps)
         with gr.Column(scale=2):
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id=ids("start"))
@@ -163,7 +164,7 @@ def build_train_tab(job: TrainingJob, host_provider: HostProvider, data_dir: str
         sweep["start"].click(sweep_fns["sweep"], inputs=inputs + sweep_rows, outputs=outputs, show_progress="hidden",
                              **long_event_kwargs()),
     ]
-    sweep["grid"].click(sweep_fns["sweep_grid"], inputs=[sweep["prompt"], sweep["seed"]],
+    sweep["grid"].click(sweep_fns["sweep_grid"], inputs=[sweep["prompt"], sweep["seed"], sweep["steps"], sweep["size"]],
                         outputs=[sweep["image"], sweep["info"]])
     interrupt.click(on_interrupt, inputs=None, outputs=[progress, interrupt], **quick_event_kwargs())
     check.click(on_check, inputs=inputs, outputs=[report])
@@ -205,13 +206,15 @@ def _follow(job: TrainingJob, run_id: int, notice: str = "", poll_s: float = POL
         time.sleep(poll_s)
 
 
-def standalone_sweep_grid(job: TrainingJob, host_provider: HostProvider, steps: int = 20) -> SweepGridFn:
-    """A sweep's grid by Pivotal's own render on the host (the app), while no run uses it."""
-    def render(folder: str, prompt: str, seed: int) -> tuple[Any, Any]:
+def standalone_sweep_grid(job: TrainingJob, host_provider: HostProvider) -> SweepGridFn:
+    """A sweep's grid by Pivotal's own render on the host (the app), while no run uses it; size 0:
+    the renderer's default size."""
+    def render(folder: str, prompt: str, seed: int, steps: int, size: int) -> tuple[Any, Any]:
         from pivotal.inference.sweep_grid import render_sweep_grid, standalone_renderer
 
         with job.using_host():
-            return render_sweep_grid(folder, standalone_renderer(host_provider(), steps=steps), prompt, seed=seed)
+            renderer = standalone_renderer(host_provider(), steps=steps, width=size or None, height=size or None)
+            return render_sweep_grid(folder, renderer, prompt, seed=seed)
 
     return render
 

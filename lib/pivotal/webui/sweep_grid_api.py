@@ -82,11 +82,14 @@ def render_sweep_grid_in_webui(folder: Path, body: Mapping[str, Any], webui: Any
 
 
 def tab_sweep_grid(webui_provider: Callable[[], Any], busy: Callable[[], bool],
-                   runner: Optional[Any] = None) -> Callable[[str, str, int], tuple[str, str]]:
-    """The Train tab's sweep-grid renderer in the webui: (folder, prompt, seed) -> (png, json)."""
-    def render(folder: str, prompt: str, seed: int) -> tuple[str, str]:
-        out = render_sweep_grid_in_webui(Path(folder), {"prompt": prompt, "seed": seed}, webui_provider(), busy,
-                                         runner=runner)
+                   runner: Optional[Any] = None) -> Callable[[str, str, int, int, int], tuple[str, str]]:
+    """The Train tab's sweep-grid renderer in the webui: (folder, prompt, seed, steps, size) ->
+    (png, json); size 0: the variants' training resolution."""
+    def render(folder: str, prompt: str, seed: int, steps: int, size: int) -> tuple[str, str]:
+        body: dict[str, Any] = {"prompt": prompt, "seed": seed, "steps": steps}
+        if size:
+            body["width"] = body["height"] = size
+        out = render_sweep_grid_in_webui(Path(folder), body, webui_provider(), busy, runner=runner)
         if not out["png"]:
             raise ConfigError("the sweep grid was interrupted before its first cell")
         return out["png"], out["json"]
