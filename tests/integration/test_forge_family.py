@@ -18,7 +18,8 @@ the image without the LoRA equal to the one before; ``/pivotal/v1/host`` identic
 run (also after a generation that merged a LoRA); the ablation grid and the X/Y/Z plot's Pivotal
 axis rendering through the webui's txt2img; the webui's Interrupt and queue; a bundle with 13
 embeddings applying its LoRA (Forge skips a LoRA with more than 12 keys it does not know); two
-bundles defining one name resolved by the prompt's tags; and no traceback in the webui's log.
+bundles defining one name resolved by the prompt's tags; LoHa, LoKr and DoRA bundles drawn by the
+webui's loader as Pivotal's ΔW predicts; and no traceback in the webui's log.
 """
 
 from __future__ import annotations
@@ -301,6 +302,75 @@ def test_the_grid_and_the_xyz_part_axis_render_through_the_webui(fwebui: FamilyW
     assert by_part["full"] == grid_full, "the X/Y/Z full cell is not the grid's"
     assert w.txt2img(PROMPT)[0] == trained["before_image"]
     assert _without_cache_stats(w.request("GET", "/pivotal/v1/host")) == before
+
+
+#: LyCORIS algorithms and DoRA, as the A1111 lab's test_webui_algorithms.py trains them
+ALGORITHMS = {"loha": {"unet_algorithm": "loha", "te_algorithm": "loha"},
+              "lokr": {"unet_algorithm": "lokr", "te_algorithm": "lokr"},
+              "dora": {"dora": True}}
+
+
+@pytest.fixture(scope="module")
+def model_targets(fwebui: FamilyWebui) -> list:
+    """The LoRA targets of the webui's loaded SD1 checkpoint, loaded by Pivotal's standalone host
+    from the same file (host-independent keys): the model weights Pivotal's DoRA math needs."""
+    from pivotal.hosts.diffusers.single_file import load_single_file
+    from pivotal.inference.generate import WIDEST_PRESET
+
+    options = fwebui.server.request("GET", "/sdapi/v1/options")
+    title = options["sd_model_checkpoint"]
+    stem = title.split(" [")[0]  # "name.safetensors [hash]"
+    found = [m for m in fwebui.server.request("GET", "/sdapi/v1/sd-models")
+             if title == m["title"] or stem in (m["title"].split(" [")[0], m["model_name"], Path(m["filename"]).name)]
+    assert found, f"the loaded checkpoint {title!r} is not in /sdapi/v1/sd-models"
+    host = load_single_file(found[0]["filename"], device="cpu")
+    return host.lora_targets("unet", WIDEST_PRESET) + host.lora_targets("te", WIDEST_PRESET)
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_the_webui_draws_each_algorithm_as_pivotal_computes_it(algorithm: str, fwebui: FamilyWebui, dataset: Path,
+                                                               model_targets: list) -> None:
+    """LoHa, LoKr and DoRA bundles (UNet and text encoder) trained in the webui, drawn by its
+    built-in loader from their own keys and from Pivotal's ΔW as plain LoRA (:mod:`lora_delta`):
+    the two pictures agree far more closely than either agrees with the base picture, and the
+    loader skipped nothing."""
+    from lora_delta import pivotal_delta_as_lora, png_array
+
+    from pivotal.formats.bundle import read_bundle
+
+    w = fwebui.server
+    before_image, _ = w.txt2img(PROMPT)
+    before_host = _without_cache_stats(w.request("GET", "/pivotal/v1/host"))
+    name = _unique(f"pvt{algorithm}")
+    # attention only: DoRA's ΔW is full rank, and its prediction file holds it whole
+    snap = _train(fwebui, dataset, name, 8, te_lora=True, lora_preset="attn", **ALGORITHMS[algorithm])
+    assert _without_cache_stats(w.request("GET", "/pivotal/v1/host")) == before_host
+    keys = set(read_bundle(snap["bundle_path"]).lora)
+    marker = {"loha": ".hada_w1_a", "lokr": ".lokr_w1", "dora": ".dora_scale"}[algorithm]
+    for part in ("lora_unet_", "lora_te_"):
+        assert any(marker in k and k.startswith(part) for k in keys), (part, sorted(keys)[:8])
+    import torch
+
+    reference = pivotal_delta_as_lora(snap["bundle_path"], model_targets,
+                                      Path(snap["bundle_path"]).with_name(f"{name}-delta.safetensors"),
+                                      full_dtype=torch.float16)  # DoRA's full-rank ΔW: ~300 MB, not 600
+    log_before = len(fwebui.log_text() or "")
+    try:
+        w.request("POST", "/sdapi/v1/refresh-loras")
+        drawn, info = w.txt2img(f"{PROMPT} <lora:{name}:1>")
+        predicted, _ = w.txt2img(f"{PROMPT} <lora:{reference.stem}:1>")
+    finally:
+        reference.unlink(missing_ok=True)
+    a, p, base = png_array(drawn), png_array(predicted), png_array(before_image)
+    agree, change = abs(a - p).mean(), abs(a - base).mean()
+    print(f"{fwebui.kind} {algorithm}: |webui - pivotal| mean {agree:.3f} max {abs(a - p).max()}; "
+          f"|webui - base| mean {change:.2f}")
+    assert change > 1.0, f"the {algorithm} bundle did not change the picture"
+    assert agree < 0.1 * change, f"the webui's {algorithm} differs from Pivotal's ΔW: {agree:.2f} vs {change:.2f}"
+    log = (fwebui.log_text() or "")[log_before:]
+    assert SKIPPED_LORA not in log and "not loaded" not in log.lower(), log[-2000:]
+    assert w.txt2img(PROMPT)[0] == before_image
+    assert _without_cache_stats(w.request("GET", "/pivotal/v1/host")) == before_host
 
 
 def test_the_tab_trains_and_its_bundle_works(fwebui: FamilyWebui, dataset: Path, tmp_path: Path) -> None:

@@ -3,10 +3,8 @@ extension (opt-in: the tiny-world checkpoint, PIVOTAL_WEBUI_TINY_WORLD_CHECKPOIN
 test_webui_tiny_world.py).
 
 The comparison that says "as Pivotal's own render predicts": Pivotal computes each module's ΔW from
-the bundle (:meth:`pivotal.adapters.lora_layers.LoraModule.delta_weights`, DoRA's decomposition
-on the tiny-world weights included) and writes it as a *plain* kohya LoRA whose up·down product
-is ΔW exactly (one factor is an identity matrix of rank min(out, in·k·k), alpha = rank, so the
-webui's scale is 1.0 and its matrix product adds only zeros). The webui then draws the same prompt
+the bundle (DoRA's decomposition on the tiny-world weights included) and writes it as a *plain*
+kohya LoRA whose up·down product is ΔW (:mod:`lora_delta`). The webui then draws the same prompt
 and seed twice through its own Lora extension: once from the LoHa/LoKr/DoRA keys (the webui's
 ``network_hada`` / ``network_lokr`` / ``dora_scale`` math) and once from Pivotal's ΔW. Both merge
 into the same weights up to float rounding, so the two pictures agree to a pixel level or two,
@@ -26,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lora_delta import pivotal_delta_as_lora, png_array
 from webui_server import Webui
 
 from conftest import checkpoint
@@ -73,49 +72,6 @@ def demo_targets() -> list:
     return host.lora_targets("unet", WIDEST_PRESET) + host.lora_targets("te", WIDEST_PRESET)
 
 
-def _plain_lora(module: str, delta: Any) -> dict[str, Any]:
-    """kohya LoRA tensors of ``module`` whose ``up @ down`` (as the webuis multiply them) is exactly
-    ``delta`` (out, in) or (out, in, k, k): one factor is an identity, alpha = rank (scale 1)."""
-    import torch
-
-    out = delta.shape[0]
-    flat = delta.reshape(out, -1).float()
-    n = flat.shape[1]
-    conv = delta.dim() == 4
-    if out <= n:  # up = I (out x out), down = delta
-        rank, up, down = out, torch.eye(out), delta.float()
-    else:         # up = delta (out x n), down = I (n x n), shaped as a k x k conv for a conv
-        rank, up, down = n, flat, torch.eye(n).reshape(n, *delta.shape[1:]) if conv else torch.eye(n)
-    if conv:
-        up = up.reshape(out, rank, 1, 1)
-    return {f"{module}.lora_up.weight": up.contiguous(), f"{module}.lora_down.weight": down.contiguous(),
-            f"{module}.alpha": torch.tensor(float(rank))}
-
-
-def _pivotal_delta_as_lora(bundle_path: str, targets: list, dst: Path) -> Path:
-    """The bundle's ΔW as Pivotal computes it, written as plain LoRA with the same embeddings."""
-    from pivotal.adapters.network import LoraNetwork
-    from pivotal.formats.bundle import read_bundle, write_bundle
-    from pivotal.formats.bundle_metadata import TrainingInfo
-
-    bundle = read_bundle(bundle_path)
-    net, report = LoraNetwork.from_kohya_state_dict(targets, bundle.lora)
-    assert not report.unmatched, report.unmatched[:5]
-    tensors: dict[str, Any] = {}
-    for module in net.modules_of():
-        for name, delta in module.delta_weights().items():
-            tensors.update(_plain_lora(name, delta.detach()))
-    write_bundle(dst, "sd1", tensors, list(bundle.embeddings.values()), TrainingInfo(dst.stem))
-    return dst
-
-
-def _array(png: bytes) -> Any:
-    import numpy as np
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
-
-
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_the_webui_lora_extension_draws_the_bundle_as_pivotal_computes_it(
         algorithm: str, tiny_world: Webui, tmp_path: Path, demo_targets: list) -> None:
@@ -145,7 +101,7 @@ def test_the_webui_lora_extension_draws_the_bundle_as_pivotal_computes_it(
     assert any(marker in k and k.startswith("lora_unet_") for k in keys), sorted(keys)[:8]
     assert any(marker in k and k.startswith("lora_te_") for k in keys), sorted(keys)[:8]
 
-    reference = _pivotal_delta_as_lora(bundle_path, demo_targets,
+    reference = pivotal_delta_as_lora(bundle_path, demo_targets,
                                        Path(bundle_path).with_name(f"{name}-delta.safetensors"))
     try:
         tiny_world.request("POST", "/sdapi/v1/refresh-loras")
@@ -159,7 +115,7 @@ def test_the_webui_lora_extension_draws_the_bundle_as_pivotal_computes_it(
         drawn, info = tiny_world.txt2img(f"{prompt} <lora:{name}:1>", seed=seed, steps=STEPS)
         assert f'Lora hashes: "{name}: ' in info, info
         predicted, _ = tiny_world.txt2img(f"{prompt} <lora:{reference.stem}:1>", seed=seed, steps=STEPS)
-        a, p = _array(drawn), _array(predicted)
+        a, p = png_array(drawn), png_array(predicted)
         agree = abs(a - p)
         print(f"{algorithm}: |webui - pivotal| max {agree.max()} mean {agree.mean():.4f}")
         assert agree.max() <= AGREE_MAX and agree.mean() <= AGREE_MEAN, (
@@ -174,7 +130,7 @@ def test_the_webui_lora_extension_draws_the_bundle_as_pivotal_computes_it(
         # last, a generation without the tag: the webui un-merges a LoRA at its next generation, so
         # after it the weights (and the embedding database) must be as before the run
         base, _ = tiny_world.txt2img(prompt, seed=seed, steps=STEPS)
-        change = abs(a - _array(base))
+        change = abs(a - png_array(base))
         print(f"{algorithm}: |webui - base| mean {change.mean():.2f}")
         assert change.mean() > max(2.0, 10 * agree.mean()), "the bundle did not change the picture"
     finally:
@@ -186,3 +142,68 @@ def _image(png: bytes) -> Any:
     from PIL import Image
 
     return Image.open(io.BytesIO(png))
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_the_tab_trains_each_algorithm(algorithm: str, tiny_world: Webui, tmp_path: Path) -> None:
+    """A person picks the algorithm in the Pivotal tab's LoRA section (headless Chromium: the UNet
+    and TE algorithm dropdowns, the text-encoder LoRA and DoRA checkboxes), presses Start, and the
+    bundle holds that algorithm's keys for the UNet and the text encoder and changes the picture
+    through the webui's built-in Lora extension; the loaded model is as before."""
+    import test_webui_tab as tab
+    from selenium.webdriver.common.by import By
+    from test_webui_tiny_world import _choose
+
+    from pivotal.formats.bundle import read_bundle
+
+    missing = tab._browser_missing()
+    if missing:
+        pytest.skip(missing)
+    tiny_world.txt2img("a red circle on a blue background", seed=1, steps=1)  # un-merge an earlier tag
+    before_host = tiny_world.request("GET", "/pivotal/v1/host")
+    name = f"pvttab{algorithm}{uuid.uuid4().hex[:6]}"
+    emb = f"pvttab{algorithm}"
+    data = _character_data(tmp_path / "data", emb)
+    chosen = ALGORITHMS[algorithm]
+    shots = Path(os.environ.get("PIVOTAL_SCREENSHOTS") or tmp_path) / f"tab-{algorithm}"
+    shots.mkdir(parents=True, exist_ok=True)
+    with tab.chromium() as d:
+        d.get(tiny_world.url + "/")
+        pivotal_tab = "//div[contains(@class,'tab-nav')]//button[normalize-space()='Pivotal']"
+        tab._wait(d, "the Pivotal tab button", lambda d: d.find_elements(By.XPATH, pivotal_tab), 120)[0].click()
+        tab._wait(d, "the Start button", lambda d: d.find_element(By.ID, "pivotal-start").is_displayed(), 30)
+        for elem_id, value in (("pivotal-data-dir", str(data)), ("pivotal-output-name", name),
+                               ("pivotal-emb0-name", emb), ("pivotal-emb0-init", "person"),
+                               ("pivotal-steps", "30"), ("pivotal-resolution", "64")):
+            tab._type(d, elem_id, value)
+        d.find_element(By.CSS_SELECTOR, "#pivotal-lora .label-wrap, #pivotal-lora > button").click()
+        tab._wait(d, "the LoRA section", lambda d: d.find_element(By.ID, "pivotal-te-lora").is_displayed(), 10)
+        d.find_element(By.ID, "pivotal-te-lora").find_element(By.CSS_SELECTOR, "input").click()
+        tab._type(d, "pivotal-unet-lr", str(chosen.get("unet_lr", 2e-3)))
+        _choose(d, "pivotal-unet-algorithm", chosen["unet_algorithm"])
+        _choose(d, "pivotal-te-algorithm", chosen["te_algorithm"])
+        if chosen.get("dora"):
+            d.find_element(By.ID, "pivotal-dora").find_element(By.CSS_SELECTOR, "input").click()
+        d.save_screenshot(str(shots / "01-filled.png"))
+        d.find_element(By.ID, "pivotal-start").click()
+        tab._wait(d, "the run to show as running", lambda d: tab._state(d) in ("running", "finished", "failed"), 120)
+        tab._wait(d, "the run to end", lambda d: tab._state(d) in ("finished", "failed"), 900)
+        d.save_screenshot(str(shots / "02-finished.png"))
+    snap = tiny_world.request("GET", "/pivotal/v1/status")
+    assert snap["result_status"] == "completed" and snap["step"] == 30, snap["message"]
+    assert tiny_world.request("GET", "/pivotal/v1/host") == before_host
+    keys = set(read_bundle(snap["bundle_path"]).lora)
+    marker = {"loha": ".hada_w1_a", "lokr": ".lokr_w1", "dora": ".dora_scale"}[algorithm]
+    for part in ("lora_unet_", "lora_te_"):
+        assert any(marker in k and k.startswith(part) for k in keys), (part, sorted(keys)[:8])
+    if algorithm != "dora":  # and nothing of the other kinds
+        assert not any(".dora_scale" in k or ".lora_down" in k for k in keys), sorted(keys)[:8]
+    tiny_world.request("POST", "/sdapi/v1/refresh-loras")
+    prompt = f"{emb} on a blue background, top left"
+    drawn, info = tiny_world.txt2img(f"{prompt} <lora:{name}:1>", seed=SEEDS[0], steps=STEPS)
+    assert f'Lora hashes: "{name}: ' in info, info
+    base, _ = tiny_world.txt2img(prompt, seed=SEEDS[0], steps=STEPS)
+    change = abs(png_array(drawn) - png_array(base)).mean()
+    print(f"{algorithm} from the tab: |bundle - base| mean {change:.2f}")
+    assert change > 2.0, "the bundle trained from the tab did not change the picture"
+    assert tiny_world.request("GET", "/pivotal/v1/host") == before_host
