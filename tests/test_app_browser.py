@@ -131,10 +131,11 @@ def _wait(driver: Any, what: str, cond: Callable[[Any], Any], timeout: float, ex
         pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{extra()}")
 
 
-def _by_id(driver: Any, elem_id: str) -> Any:
+def _by_id(driver: Any, elem_id: str, timeout: float = 30) -> Any:
+    """The element ``elem_id``, waiting for it (a loaded page may still be building its blocks)."""
     from selenium.webdriver.common.by import By
 
-    return driver.find_element(By.ID, elem_id)
+    return _wait(driver, f"#{elem_id}", lambda d: d.find_elements(By.ID, elem_id), timeout)[0]
 
 
 def _open_tab(driver: Any, label: str) -> None:
@@ -337,8 +338,9 @@ def test_the_ablation_grid_button_in_the_browser(app_server: dict[str, Any], bro
 
 
 def test_a_sweep_and_its_grid_in_the_browser(app_server: dict[str, Any], browser: Any, shots: Path) -> None:
-    """The Train tab's Sweep section: two embedding LRs from the form's settings, one bar for the
-    queue and the runs' table, then the variants x parts grid saved next to the sweep."""
+    """The Train tab's Sweep section: two embedding LRs from the form's settings with one image held
+    out for validation, one bar for the queue and the runs' table ranked by validation loss, the
+    validation loss in the loss chart, then the variants x parts grid saved next to the sweep."""
     import json
 
     from selenium.webdriver.common.by import By
@@ -348,6 +350,9 @@ def test_a_sweep_and_its_grid_in_the_browser(app_server: dict[str, Any], browser
     _wait(d, "the Start button", lambda d: d.find_elements(By.ID, "pivotal-start"), 60)
     _type(d, "pivotal-steps", "10")
     _type(d, "pivotal-output-name", "swept")
+    d.find_element(By.CSS_SELECTOR, "#pivotal-validation .label-wrap, #pivotal-validation > button").click()
+    _wait(d, "the validation section", lambda d: _by_id(d, "pivotal-validation-count").is_displayed(), 10)
+    _type(d, "pivotal-validation-count", "1")
     d.find_element(By.CSS_SELECTOR, "#pivotal-sweep .label-wrap, #pivotal-sweep > button").click()
     _wait(d, "the sweep section", lambda d: _by_id(d, "pivotal-sweep-values0").is_displayed(), 10)
     _pick(d, "pivotal-sweep-name0", "embedding_lr")
@@ -363,7 +368,19 @@ def test_a_sweep_and_its_grid_in_the_browser(app_server: dict[str, Any], browser
     rows = d.find_elements(By.CSS_SELECTOR, "#pivotal-queue-table tr[data-run]")
     assert sorted(r.get_attribute("data-run") for r in rows) == ["swept-embedding_lr0p001", "swept-embedding_lr0p01"]
     assert {r.get_attribute("data-state") for r in rows} == {"completed"}
+    assert "ranked by validation loss" in _by_id(d, "pivotal-queue-table").get_attribute("outerHTML")
     d.save_screenshot(str(shots / "10-sweep-finished.png"))
+    # the loss chart plots the held-out validation loss: its colour in the plot area and the legend
+    from pivotal.ui.loss_chart import MARGIN_T, VALIDATION_COLOUR
+
+    srcs = [i.get_attribute("src") for i in d.find_elements(By.CSS_SELECTOR, "#pivotal-chart img")]
+    assert srcs and srcs[0], "no loss chart"
+    chart = _image_of(srcs[0]).convert("RGB")
+    chart.save(shots / "10-sweep-chart.png")
+    # near the colour, not equal: gradio 4+ sends the image as WebP (lossy)
+    rows_hit = [i // chart.size[0] for i, p in enumerate(chart.getdata())
+                if max(abs(a - b) for a, b in zip(p, VALIDATION_COLOUR)) <= 40]
+    assert sum(y >= MARGIN_T for y in rows_hit) >= 9 and sum(y < MARGIN_T for y in rows_hit) >= 16, rows_hit[:20]
     _type(d, "pivotal-sweep-prompt", "mychar on a green background, top left")
     _by_id(d, "pivotal-sweep-grid").click()
     _wait(d, "the sweep grid", lambda d: d.find_elements(By.ID, "pivotal-sweep-grid-done")

@@ -39,10 +39,14 @@ def plain_lora(module: str, delta: Any, full_dtype: Any = None) -> dict[str, Any
 
 def pivotal_delta_as_lora(bundle_path: str, targets: list, dst: Path, full_dtype: Any = None) -> Path:
     """The bundle's ΔW as Pivotal computes it on ``targets`` (the host's LoRA targets: the model's
-    own weights), written to ``dst`` as plain LoRA with the bundle's embeddings."""
+    own weights), written to ``dst`` with the bundle's own ``bundle_emb.*`` tensors (copied as
+    they are: the prompt's embedding names mean the same vectors) — by safetensors, not by
+    Pivotal's writer, which writes no ``.diff`` key."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     from pivotal.adapters.network import LoraNetwork
-    from pivotal.formats.bundle import read_bundle, write_bundle
-    from pivotal.formats.bundle_metadata import TrainingInfo
+    from pivotal.formats.bundle import read_bundle
 
     bundle = read_bundle(bundle_path)
     net, report = LoraNetwork.from_kohya_state_dict(targets, bundle.lora)
@@ -51,7 +55,11 @@ def pivotal_delta_as_lora(bundle_path: str, targets: list, dst: Path, full_dtype
     for module in net.modules_of():
         for name, delta in module.delta_weights().items():
             tensors.update(plain_lora(name, delta, full_dtype))
-    write_bundle(dst, "sd1", tensors, list(bundle.embeddings.values()), TrainingInfo(dst.stem))
+    with safe_open(bundle_path, "pt") as f:
+        tensors.update({k: f.get_tensor(k) for k in f.keys() if k.startswith("bundle_emb.")})
+        kept = ("ss_base_model_version", "modelspec.architecture")
+        metadata = {k: v for k, v in (f.metadata() or {}).items() if k in kept}
+    save_file(tensors, str(dst), metadata=metadata)
     return dst
 
 

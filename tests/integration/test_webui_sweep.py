@@ -2,7 +2,8 @@
 
 * From the tab, in headless Chromium, as a person would: fill in the form, open "Sweep", vary
   te_lr over three values, Start sweep; the progress block shows one bar for the queue and the
-  runs' table; at the end the table is ranked by validation loss, "Sweep grid" renders the variants
+  runs' table; at the end the table is ranked by validation loss and the loss chart shows the
+  validation loss (its colour in the plot and the legend), "Sweep grid" renders the variants
   x parts grid through the webui's own txt2img and saves it next to the sweep; every variant's
   bundle is in the Lora folder and records its value (``pivotal.sweep``); the loaded model is as
   it was (``/pivotal/v1/host``). Needs Debian's chromium + chromium-driver and pip's selenium.
@@ -85,6 +86,10 @@ def test_a_three_value_te_lr_sweep_from_the_tab_gives_its_table_and_grid(webui: 
         d.save_screenshot(str(shots / "sweep-01-running.png"))
         _wait(d, "the sweep to end", lambda d: _state(d) in ("finished", "failed"), 1800)
         d.save_screenshot(str(shots / "sweep-02-finished.png"))
+        chart = [i.get_attribute("src") for i in d.find_elements(By.CSS_SELECTOR, "#pivotal-chart img")]
+        assert chart and chart[0], "no loss chart in the tab"
+        in_plot, in_legend = validation_pixels(_image_of(webui.url, chart[0]))
+        assert in_plot >= 9 and in_legend >= 16, f"no validation loss in the chart ({in_plot}, {in_legend} px)"
         snap = webui.request("GET", "/pivotal/v1/status")
         assert snap["result_status"] == "completed", snap["message"]
         runs = _check_sweep(webui, snap, 3)
@@ -106,6 +111,34 @@ def test_a_three_value_te_lr_sweep_from_the_tab_gives_its_table_and_grid(webui: 
     assert all(c["size"] == [64, 64] and f"Steps: {GRID_STEPS}," in c["infotext"] for c in record["cells"])
     assert webui.request("GET", "/pivotal/v1/host") == before_host
     print(f"screenshots: {shots}")
+
+
+def _image_of(base: str, src: str) -> Any:
+    """The picture an ``<img src>`` shows: a data: URL (gradio 3) or a file URL of the webui."""
+    import base64
+    import io
+    import urllib.parse
+    import urllib.request
+
+    from PIL import Image
+
+    if src.startswith("data:"):
+        return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(urllib.parse.urljoin(base + "/", src), timeout=30) as resp:
+        return Image.open(io.BytesIO(resp.read()))
+
+
+def validation_pixels(chart: Any) -> tuple[int, int]:
+    """Pixels of the loss chart's validation colour in its plot area and in its legend."""
+    from pivotal.ui.loss_chart import MARGIN_T, VALIDATION_COLOUR
+
+    rgb = chart.convert("RGB")
+    pixels = list(rgb.getdata())
+    width = rgb.size[0]
+    # near the colour, not equal: a gradio 4+ webui sends the image as WebP (lossy)
+    hits = [i // width for i, p in enumerate(pixels) if max(abs(a - b) for a, b in zip(p, VALIDATION_COLOUR)) <= 40]
+    return sum(y >= MARGIN_T for y in hits), sum(y < MARGIN_T for y in hits)
 
 
 def test_the_sweep_api_refuses_interrupts_resumes_and_renders_its_grid(webui: Webui, dataset: Path) -> None:
