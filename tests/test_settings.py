@@ -14,7 +14,8 @@ import pytest
 from pivotal.cli.main import build_parser
 from pivotal.cli.train import build_config, flag_values
 from pivotal.errors import ConfigError, EmbeddingNameError
-from pivotal.training.config import EmbeddingSpec, TrainConfig, load_config_file
+from pivotal.training.config import EmbeddingSpec, TrainConfig
+from pivotal.training.config_file import load_config_file
 from pivotal.training.schema import config_schema
 from pivotal.training.settings import FORM_NONE, POSITIVE, Limits, declared, setting
 from pivotal.ui.train_form import config_from_form, embedding_field_names, form_field_names, form_values_from_config

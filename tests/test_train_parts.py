@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from pivotal.errors import ConfigError, TrainingError
-from pivotal.training.config import EmbeddingSpec, TrainConfig, load_config_file
+from pivotal.training.config import EmbeddingSpec, TrainConfig
+from pivotal.training.config_file import load_config_file
 from pivotal.training.losses import add_noise, min_snr_weights, training_target
 from pivotal.training.optim import GroupSpec, apply_lrs, build_optimizer, phase_of, pull_norms, schedule_factor
 from pivotal.training.state import RunState, load_state, model_fingerprint, save_state

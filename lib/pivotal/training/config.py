@@ -1,5 +1,6 @@
-"""Training settings: one dataclass, its defaults (with the reason for each), validation, and
-conversion from the JSON / TOML the CLI, the app and the webui API share.
+"""Training settings: one dataclass, its defaults (with the reason for each), and conversion from
+the JSON / TOML the CLI, the app and the webui API share (the checks across settings:
+:mod:`pivotal.training.config_checks`; reading a settings file: :mod:`pivotal.training.config_file`).
 
 Each field is declared once, with :func:`~pivotal.training.settings.setting`: its help, group,
 limits or choices and how it shows (flag name, form widget, advanced-only). A new setting is one
@@ -10,14 +11,13 @@ ConfigError naming the setting and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
-from pivotal.adapters.algorithms import AlgorithmSpec, algorithm_class, algorithm_names
-from pivotal.errors import ConfigError, EmbeddingNameError
+from pivotal.adapters.algorithms import AlgorithmSpec, algorithm_names
+from pivotal.errors import ConfigError
 from pivotal.text.names import validate_embedding_name
+from pivotal.training.config_checks import check_config, check_field_type
 from pivotal.training.rewards import parse_reward_entries
 from pivotal.training.settings import (
     BELOW_ONE,
@@ -27,7 +27,6 @@ from pivotal.training.settings import (
     NON_NEGATIVE,
     POSITIVE,
     Limits,
-    check_declared,
     setting,
 )
 
@@ -334,85 +333,10 @@ class TrainConfig:
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
-        """Check every value; return self. Raises ConfigError naming the setting."""
-        reward_mode = self.mode == "textcraftor"
-        if not self.embeddings and not reward_mode:
-            raise ConfigError("embeddings: at least one embedding is needed (e.g. --embedding mychar:2:woman)")
-        seen = set()
-        for e in self.embeddings:
-            validate_embedding_name(e.name)
-            if e.name.lower() in seen:
-                raise ConfigError(f"embeddings: {e.name!r} is listed twice (names are case-insensitive)")
-            seen.add(e.name.lower())
-            if not 1 <= e.vectors <= 16:
-                raise ConfigError(f"embeddings: {e.name!r} has {e.vectors} vectors; use 1 to 16")
-        check_declared(self)  # limits, choices and per-value checks, as each setting declares them
-        if self.resolution % self.bucket_step:
-            raise ConfigError(f"resolution: {self.resolution} is not a multiple of bucket_step {self.bucket_step}")
-        if self.phase_plan == "embeddings_first" and self.embedding_steps >= self.steps:
-            raise ConfigError(f"embedding_steps: {self.embedding_steps} leaves no LoRA steps out of "
-                              f"steps={self.steps}")
-        self._validate_algorithms()
-        if self.zero_terminal_snr and self.prediction_type == "epsilon":
-            raise ConfigError("zero_terminal_snr: needs prediction_type v_prediction (at SNR 0 the noisy latent is "
-                              "pure noise, so predicting the noise teaches nothing); set prediction_type to "
-                              "v_prediction or zero_terminal_snr to false")
-        if self.mask_dir and not self.masked_loss:
-            raise ConfigError(f"mask_dir: {self.mask_dir!r} is set but masked_loss is off; set masked_loss to true "
-                              "or mask_dir to empty")
-        if self.validation_dir and self.validation_count:
-            raise ConfigError(f"validation_dir and validation_count: both are set ({self.validation_dir!r}, "
-                              f"{self.validation_count}); use a validation folder or held-back images, not both "
-                              "(set validation_count to 0 or validation_dir to empty)")
-        if reward_mode:
-            self._validate_textcraftor()
-        elif not self.data_dir:
-            raise ConfigError("data_dir: the folder of training images is not set (--data)")
-        self._validate_prior_and_dreamartist()
+        """Check every value; return self. Raises ConfigError naming the setting
+        (:func:`pivotal.training.config_checks.check_config`)."""
+        check_config(self)
         return self
-
-    def _validate_prior_and_dreamartist(self) -> None:
-        if not self.class_prompt.strip() and (self.class_dir or self.class_count):
-            which = "class_dir" if self.class_dir else "class_count"
-            raise ConfigError(f"class_prompt: {which} is set but class_prompt is empty; give the class text "
-                              "(e.g. 'a photo of a woman') or clear class_dir and class_count")
-        if self.class_prompt.strip() and not self.class_dir and not self.class_count:
-            raise ConfigError("class_count: prior preservation (class_prompt is set) needs class images: set "
-                              "class_count (they are generated) or class_dir (a folder of class images)")
-        if self.dreamartist:
-            if self.dreamartist_vectors > 16:
-                raise ConfigError(f"dreamartist_vectors: {self.dreamartist_vectors}; use 0 (as the positive) to 16")
-            positives = {e.name.lower() for e in self.embeddings}
-            for e in self.embeddings:
-                neg = e.name + self.dreamartist_suffix
-                try:
-                    validate_embedding_name(neg)
-                except EmbeddingNameError as err:
-                    raise ConfigError(f"dreamartist_suffix: {err}") from None
-                if not self.dreamartist_suffix or neg.lower() in positives:
-                    raise ConfigError(f"dreamartist_suffix: {self.dreamartist_suffix!r} makes the negative of "
-                                      f"{e.name!r} a name already taken ({neg!r}); use e.g. '-neg'")
-
-    def _validate_textcraftor(self) -> None:
-        if not self.reward:
-            raise ConfigError("reward: the textcraftor mode needs a reward (e.g. --reward clip)")
-        if not self.reward_prompts and not self.reward_prompts_file:
-            raise ConfigError("reward_prompts: the textcraftor mode needs training prompts (--reward-prompt, or "
-                              "reward_prompts_file)")
-        if self.textcraftor_grad_steps > self.textcraftor_sample_steps:
-            raise ConfigError(f"textcraftor_grad_steps: {self.textcraftor_grad_steps} is more than "
-                              f"textcraftor_sample_steps ({self.textcraftor_sample_steps})")
-
-    def _validate_algorithms(self) -> None:
-        if self.lokr_factor == 0 or self.lokr_factor < -1:
-            raise ConfigError(f"lokr_factor: {self.lokr_factor} is not -1 (automatic) or a positive size")
-        if self.lora_dropout:
-            used = [self.unet_algorithm] + ([self.te_algorithm] if self.te_lora else [])
-            no_dropout = [a for a in used if not algorithm_class(a).supports_dropout]
-            if no_dropout or self.dora:
-                which = "dora" if self.dora else f"the {no_dropout[0]} algorithm"
-                raise ConfigError(f"lora_dropout: {which} has no activation dropout (it works on the weight); "
-                                  "set lora_dropout to 0")
 
     def algorithm_spec(self, part: str) -> AlgorithmSpec:
         """The algorithm to train on ``part`` ("unet" or "te"), with its options."""
@@ -478,58 +402,13 @@ class TrainConfig:
         values["embeddings"] = parsed
         cfg = cls(**values)
         for f in dataclasses.fields(cls):
-            _check_type(f, getattr(cfg, f.name))
+            check_field_type(f, getattr(cfg, f.name))
         return cfg
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a ``.toml`` or ``.json`` settings file into a dict (ConfigError naming the file)."""
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read config {p}: {e.strerror or e}") from e
-    try:
-        if p.suffix.lower() == ".json":
-            data = json.loads(raw.decode("utf-8-sig"))
-        else:
-            try:
-                import tomllib  # Python 3.11+
-            except ModuleNotFoundError:  # Python 3.10 (the webui's): the tomli backport
-                try:
-                    import tomli as tomllib  # type: ignore[no-redef]
-                except ModuleNotFoundError:
-                    raise ConfigError(f"reading {p} needs Python 3.11 or the 'tomli' package; "
-                                      "use a .json config instead") from None
-            data = tomllib.loads(raw.decode("utf-8-sig"))
-    except ConfigError:
-        raise
-    except Exception as e:  # json/toml decode errors of either module
-        raise ConfigError(f"config {p} is not valid {p.suffix.lstrip('.') or 'TOML'}: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {p} must hold a table of settings")
-    return data
-
-
-# -- small validators ------------------------------------------------------------------------
 def _check_sweep_entries(entries: list[str]) -> None:
+    """The ``sweep`` setting's entries: NAME=VALUE with NAME a setting."""
     for entry in entries:
         name, sep, _ = entry.partition("=")
         if not sep or name not in {f.name for f in dataclasses.fields(TrainConfig)}:
             raise ConfigError(f"sweep: {entry!r} is not NAME=VALUE with NAME a setting (pivotal sweep writes these)")
-
-
-_TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
-
-
-def _check_type(f: dataclasses.Field, value: Any) -> None:
-    if str(f.type) == "list[str]":
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{f.name}: expected a list of strings, got {value!r}")
-        return
-    t = {"int": int, "float": float, "bool": bool, "str": str}.get(str(f.type))
-    if t is None:
-        return
-    ok = isinstance(value, _TYPES[t]) and not (t in (int, float) and isinstance(value, bool))
-    if not ok:
-        raise ConfigError(f"{f.name}: expected {t.__name__}, got {value!r}")

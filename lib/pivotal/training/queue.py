@@ -32,7 +32,8 @@ from typing import Any, Callable, Sequence
 from pivotal.errors import ConfigError, PivotalError
 from pivotal.formats.png import write_json
 from pivotal.host_api import TrainingHost
-from pivotal.training.config import TrainConfig, load_config_file
+from pivotal.training.config import TrainConfig
+from pivotal.training.config_file import load_config_file
 from pivotal.training.progress import EventSink, ProgressEvent, TrainResult
 from pivotal.training.trainer import train
 

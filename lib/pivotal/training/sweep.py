@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pivotal.errors import ConfigError
-from pivotal.training.config import TrainConfig, load_config_file
+from pivotal.training.config import TrainConfig
+from pivotal.training.config_file import load_config_file
 from pivotal.training.queue import QueueRun, queue_config
 from pivotal.training.settings import DeclaredSetting, declared
 
