@@ -18,7 +18,7 @@ from torch import nn
 
 from pivotal.adapters.network import LoraNetwork
 from pivotal.adapters.unet_targets import unet_lora_targets
-from pivotal.hosts.forge.frozen_weights import InferenceWeightsMode, RecastConv2d, RecastLinear
+from pivotal.hosts.forge.frozen_weights import InferenceWeightsMode, RecastConv2d, RecastLinear, linear_rows
 from tiny_text import hf_text_model
 from tiny_unets import ldm_unet, run_ldm, sample_inputs
 
@@ -159,6 +159,36 @@ def test_in_place_residual_after_a_norm_with_cast_weights() -> None:
     reference = x.detach().clone().requires_grad_(True)
     (reference + block.proj(block.norm(reference))).pow(2).sum().backward()
     torch.testing.assert_close(x.grad, reference.grad)
+
+
+def test_an_unwrapped_layers_output_may_be_added_to_in_place() -> None:
+    """Forge's transformer block adds to ``proj_in``'s output in place (``x += attn1(norm1(x))``);
+    with ``proj_in`` not wrapped (LoRA preset "attn"), that output comes from the frozen linear on a
+    (batch, tokens, channels) input and must accept the add; the gradient is the ordinary one.
+    (A Function returning F.linear's 3-D view was refused: "Output 0 of FrozenLinear is a view
+    and is being modified inplace".)"""
+    torch.manual_seed(2)
+    proj = nn.Linear(8, 8)
+    frozen = as_inference_weights(copy.deepcopy(proj))
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    with InferenceWeightsMode():
+        h = frozen(x)
+        h += torch.tanh(h)  # in place, as Forge's block does
+    h.pow(2).sum().backward()
+    reference = x.detach().clone().requires_grad_(True)
+    r = proj(reference)
+    (r + torch.tanh(r)).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad)
+    # the per-call-cast layers take the same way
+    layer = CastingLinear(8, 0)
+    y = x.detach().clone().requires_grad_(True)
+    out = linear_rows(RecastLinear, y, layer, _fetch)
+    out += 1.0
+    out.pow(2).sum().backward()
+    z = x.detach().clone().requires_grad_(True)
+    (layer(z) + 1.0).pow(2).sum().backward()
+    assert out.shape == (2, 5, 8)
+    torch.testing.assert_close(y.grad, z.grad)
 
 
 class CastingLinear(nn.Module):

@@ -317,8 +317,9 @@ def model_targets(fwebui: FamilyWebui) -> list:
     from pivotal.hosts.diffusers.single_file import load_single_file
     from pivotal.inference.generate import WIDEST_PRESET
 
-    options = fwebui.server.request("GET", "/sdapi/v1/options")
-    title = options["sd_model_checkpoint"]
+    # reForge's options may hold no sd_model_checkpoint: the loaded model's own title, from Pivotal's host state
+    title = (fwebui.server.request("GET", "/pivotal/v1/host").get("checkpoint")
+             or fwebui.server.request("GET", "/sdapi/v1/options").get("sd_model_checkpoint") or "")
     stem = title.split(" [")[0]  # "name.safetensors [hash]"
     found = [m for m in fwebui.server.request("GET", "/sdapi/v1/sd-models")
              if title == m["title"] or stem in (m["title"].split(" [")[0], m["model_name"], Path(m["filename"]).name)]

@@ -39,7 +39,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 
 class FrozenLinear(torch.autograd.Function):
-    """``F.linear(x, w, b)`` whose backward gives x its gradient only; ``w`` is held by reference."""
+    """``F.linear(x, w, b)`` whose backward gives x its gradient only; ``w`` is held by reference.
+    ``x`` is (N, in): call it through :func:`linear_rows`."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -72,10 +73,25 @@ def _clone_inference(value: Any) -> Any:
     return value.clone() if isinstance(value, torch.Tensor) and value.is_inference() else value
 
 
+def linear_rows(function: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
+    """``function.apply(x, *args)`` (a linear :class:`torch.autograd.Function`) on ``x`` (..., in)
+    flattened to rows (N, in), the result shaped back to (..., out) outside the Function.
+
+    ``F.linear`` of a 3-D input returns a view of its 2-D product; returned from a Function's
+    forward, such a view may not be changed in place ("Output 0 of FrozenLinear is a view and is
+    being modified inplace"), and Forge's blocks do exactly that to an unwrapped layer's output
+    (``x += attn1(norm1(x))`` after ``proj_in``). A reshape outside the Function is an ordinary
+    view that autograd lets the caller change in place; nothing is copied."""
+    if x.dim() <= 2:
+        return function.apply(x, *args)
+    out = function.apply(x.reshape(-1, x.shape[-1]), *args)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return F.linear(*tree_map(_clone_inference, (x, weight, bias)))
-    return FrozenLinear.apply(x, weight, bias)
+    return linear_rows(FrozenLinear, x, weight, bias)
 
 
 def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: Any = 1,
@@ -155,7 +171,8 @@ Fetch = Callable[[Any, torch.Tensor], tuple[torch.Tensor, Optional[torch.Tensor]
 
 class RecastLinear(torch.autograd.Function):
     """A linear layer whose weight ``fetch`` makes per call: fetched again in backward instead of
-    kept (``layer`` and ``fetch`` are plain arguments, not tensors)."""
+    kept (``layer`` and ``fetch`` are plain arguments, not tensors). ``x`` is (N, in): call it
+    through :func:`linear_rows`."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, layer: Any, fetch: Fetch) -> torch.Tensor:

@@ -33,7 +33,7 @@ from torch import nn
 
 from pivotal.errors import ModelLayoutError
 from pivotal.hosts.a1111.session import block_checkpointing, builtin_checkpointing_off, clear_cond_cache
-from pivotal.hosts.forge.frozen_weights import InferenceWeightsMode, RecastConv2d, RecastLinear
+from pivotal.hosts.forge.frozen_weights import InferenceWeightsMode, RecastConv2d, RecastLinear, linear_rows
 from pivotal.hosts.module_state import restore_instance_forwards, set_instance_forward
 
 #: the ForgeObjects fields a generation swaps (LoRA clones vs originals)
@@ -249,18 +249,19 @@ def recast_forwards(roots: Iterable[nn.Module], operations: Any) -> Iterator[int
     fetches the weight again in backward instead of keeping the cast copy (see
     :class:`~pivotal.hosts.forge.frozen_weights.RecastLinear`); otherwise Forge's own forward.
     Removed again on exit; yields how many layers got one."""
-    kinds = {getattr(operations.ForgeOperations, "Linear", None): RecastLinear,
-             getattr(operations.ForgeOperations, "Conv2d", None): RecastConv2d}
+    kinds: dict[Any, Callable[..., torch.Tensor]] = {
+        getattr(operations.ForgeOperations, "Linear", None): lambda x, *a: linear_rows(RecastLinear, x, *a),
+        getattr(operations.ForgeOperations, "Conv2d", None): RecastConv2d.apply}
     fetch = _forge_fetch(operations)
     saved: list[tuple[nn.Module, Any]] = []
 
-    def make(layer: nn.Module, function: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    def make(layer: nn.Module, function: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         own = type(layer).forward
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             if (getattr(layer, "parameters_manual_cast", False) and torch.is_grad_enabled() and x.requires_grad
                     and getattr(layer, "padding_mode", "zeros") == "zeros"):
-                return function.apply(x, layer, fetch)
+                return function(x, layer, fetch)
             return own(layer, x)
         return forward
 
