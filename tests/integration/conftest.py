@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 from webui_server import Webui, configuration_problem, start_or_reach, start_webui
@@ -14,6 +14,18 @@ EMBEDDING = "pvtchar"
 #: an SDXL checkpoint the webui lists (e.g. a tiny random one); the SDXL tests switch to it and back
 SDXL_CHECKPOINT = os.environ.get("PIVOTAL_WEBUI_SDXL_CHECKPOINT", "")
 SDXL_MISSING = "set PIVOTAL_WEBUI_SDXL_CHECKPOINT to an SDXL checkpoint the webui lists (e.g. tiny-sdxl.safetensors)"
+
+
+def train_bundle(webui: Webui, dataset: Path, name: str, **settings: Any) -> dict[str, Any]:
+    """Train bundle ``name`` on ``dataset`` through ``POST /pivotal/v1/train`` (embedding
+    EMBEDDING, 2 vectors) and wait for it; the run's final status."""
+    body = {"config": {"data_dir": str(dataset), "output_name": name,
+                       "embeddings": [{"name": EMBEDDING, "vectors": 2, "init_text": "person"}], **settings}}
+    code, started = webui.status_of("POST", "/pivotal/v1/train", body)
+    assert code == 200, started
+    snap = webui.wait_run()
+    assert snap["result_status"] == "completed", snap["message"]
+    return snap
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from webui_server import Webui
 
-from conftest import EMBEDDING
+from conftest import EMBEDDING, train_bundle
 
 SEED, STEPS, SIZE = 11, 4, 64
 TRAIN = {"resolution": 64, "bucket_step": 16, "unet_lr": 5e-4, "embedding_lr": 5e-3, "preview_steps": 4,
@@ -43,12 +43,7 @@ def _pixels(image: Any) -> bytes:
 @pytest.fixture(scope="module")
 def bundle(webui: Webui, dataset: Path) -> str:
     name = f"pvtgrid{uuid.uuid4().hex[:6]}"
-    body = {"config": {"data_dir": str(dataset), "output_name": name,
-                       "embeddings": [{"name": EMBEDDING, "vectors": 2, "init_text": "person"}], **TRAIN}}
-    code, started = webui.status_of("POST", "/pivotal/v1/train", body)
-    assert code == 200, started
-    snap = webui.wait_run()
-    assert snap["result_status"] == "completed", snap["message"]
+    train_bundle(webui, dataset, name, **TRAIN)
     return name
 
 

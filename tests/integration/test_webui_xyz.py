@@ -18,7 +18,7 @@ import pytest
 from webui_server import Webui
 from xyz_plot import xyz_txt2img
 
-from conftest import EMBEDDING
+from conftest import EMBEDDING, train_bundle
 
 SEED, STEPS, SIZE = 5, 4, 64
 TRAIN = {"resolution": 64, "bucket_step": 16, "unet_lr": 5e-4, "embedding_lr": 5e-3, "seed": 3, "steps": 6}
@@ -40,13 +40,7 @@ def _doubled_copy(src: str, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def bundles(webui: Webui, dataset: Path) -> Iterator[list[str]]:
     name = f"pvtxyz{uuid.uuid4().hex[:6]}"
-    body = {"config": {"data_dir": str(dataset), "output_name": name,
-                       "embeddings": [{"name": EMBEDDING, "vectors": 2, "init_text": "person"}], **TRAIN}}
-    code, started = webui.status_of("POST", "/pivotal/v1/train", body)
-    assert code == 200, started
-    snap = webui.wait_run()
-    assert snap["result_status"] == "completed", snap["message"]
-    src = Path(snap["bundle_path"])
+    src = Path(train_bundle(webui, dataset, name, **TRAIN)["bundle_path"])
     copy = _doubled_copy(str(src), src.with_name(f"{name}x2.safetensors"))
     webui.request("POST", "/sdapi/v1/refresh-loras")
     try:
