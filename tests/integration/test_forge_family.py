@@ -366,7 +366,9 @@ def test_the_webui_draws_each_algorithm_as_pivotal_computes_it(algorithm: str, f
     agree, change = abs(a - p).mean(), abs(a - base).mean()
     print(f"{fwebui.kind} {algorithm}: |webui - pivotal| mean {agree:.3f} max {abs(a - p).max()}; "
           f"|webui - base| mean {change:.2f}")
-    assert change > 1.0, f"the {algorithm} bundle did not change the picture"
+    # LoKr moves least in 8 steps (Forge lab: LoHa 10.9, DoRA 4.0, LoKr 0.74 levels, each drawn as
+    # predicted to 0.001): a skipped LoRA would show as 0 here and as a large |webui - pivotal|
+    assert change > 0.25, f"the {algorithm} bundle did not change the picture"
     assert agree < 0.1 * change, f"the webui's {algorithm} differs from Pivotal's ΔW: {agree:.2f} vs {change:.2f}"
     log = (fwebui.log_text() or "")[log_before:]
     assert SKIPPED_LORA not in log and "not loaded" not in log.lower(), log[-2000:]
