@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json")
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1")
     ap.add_argument("--sweep-seeds", type=int, default=1, help="seeds of the defaults sweep (time: ~20 s a run)")
     ap.add_argument("--steps", type=int, default=COMMON["steps"])
     ap.add_argument("--unet-lr", type=float, default=COMMON["unet_lr"],
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     DIRECT["dreambooth"]["lr"] = args.dreambooth_lr
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="pivotal-efficacy-"))
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
 
     host = DiffusersHost(tiny_world.load_parts(args.base), label="tiny-world sd1")
     FIRST_UNET[:] = [host.unet]
