@@ -1,8 +1,8 @@
 """Efficacy: does pivotal tuning do what its users expect? Embeddings vs LoRA vs pivotal, measured.
 
-On the tiny pre-trained model (``pivotal.demo.tiny_world``, which follows its prompts) and three
-concepts it never saw (``_efficacy_data``: a new shape, a new texture, a character), each method
-trains with Pivotal's own trainer at the same step budget, batch, data and seed:
+On the tiny pre-trained model (``pivotal.demo.tiny_world``, which follows its prompts) and four
+concepts it never saw (``_efficacy_data``: a new shape, a new texture, a character, a style), each
+method trains at the same step budget, batch, data and seed (with Pivotal's own trainer unless said):
 
 * ``ti``: textual inversion only (the embedding trains; the UNet LoRA's LR is 0);
 * ``lora``: UNet LoRA only, with a rare word ("zwx") as the trigger (a frozen placeholder
