@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from _direct_train import DirectSettings, image_latents, train_direct, unet_weights
@@ -51,8 +53,6 @@ def class_prompt(concept: Concept) -> str:
 def class_latents(host: DiffusersHost, concept: Concept, work: Path, count: int, steps: int) -> torch.Tensor:
     """(count, 4, h, w): class images the base model draws from the class prompt (image n: seed n),
     cached as PNGs in ``work``."""
-    from PIL import Image
-
     folder = work / f"db-classes-{concept.key}"
     folder.mkdir(parents=True, exist_ok=True)
     images = []
@@ -105,8 +105,6 @@ def applied(host: DiffusersHost, method: str, path: str, first_unet: torch.nn.Mo
     model is bit-identical afterwards. ``first_unet``: the UNet the file was trained on."""
     tensors = load_file(path)
     if method == "hypernetwork":
-        from safetensors import safe_open
-
         with safe_open(path, "pt") as f:
             meta = f.metadata()
         hyper = Hypernetwork(host.unet, meta["targets"], LAYER_STRUCTURE, meta["layer_norm"] == "True")

@@ -184,3 +184,4 @@ def test_dreambooth_transfer_adds_the_difference(host: DiffusersHost, tmp_path: 
         assert all(torch.equal(host.unet.state_dict()[k], tuned[k]) for k in tuned)
     assert all(torch.equal(v, own[k]) for k, v in other.unet.state_dict().items())
     assert all(torch.equal(v, base[k]) for k, v in host.unet.state_dict().items())
+    del direct._BASE_UNET[id(first)]
