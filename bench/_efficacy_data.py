@@ -6,17 +6,22 @@ them out of its training world):
 * ``shape``: a new shape (the star), in any solid colour;
 * ``texture``: a new fill (diagonal stripes), on the shapes the model knows;
 * ``character``: one specific look built only from held-out parts (an orange and purple striped
-  star), captioned by its name alone, like a person's name.
+  star), captioned by its name alone, like a person's name;
+* ``style``: a look painted on every object of the picture (``world.EXAMPLE_LOOK``: pastel with
+  darker checks), on the shapes and colours the model knows, one or two objects a picture; the
+  caption is the world's own with ", in NAME style" after it.
 
 Each concept has a small training set (``TRAIN_COUNT`` pictures) in some compositions and a
 held-out set in compositions the training set never shows: other places on the canvas, other
 background colours and, for the shape and texture, other object colours. Captions use the world's
 own wording with the concept's trigger where its words would be, e.g. "a red mystar on a blue
-background, top left" or "mychar on a white background, in the centre".
+background, top left", "mychar on a white background, in the centre" or "a red circle, top
+left, and a green square, top right, on a blue background, in mypaint style".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +34,12 @@ from pivotal.demo.world import (
     BASE_STYLE,
     BASE_WORLD,
     EXAMPLE_CHARACTER,
+    EXAMPLE_LOOK,
     Scene,
     SceneObject,
     WorldStyle,
     background_words,
+    caption,
     render,
     world_item,
 )
@@ -69,6 +76,8 @@ class Concept:
         colour = rng.choice([c for c in colours if c != background])
         if self.key == "shape":
             return SceneObject("star", colour, place)
+        if self.key == "style":  # a plain object of the base world; the look comes from world_style
+            return SceneObject(rng.choice(("circle", "square", "triangle")), colour, place)
         accent = rng.choice([c for c in ("white", "black", "yellow", "purple") if c not in (colour, background)])
         return SceneObject(rng.choice(("circle", "square", "triangle")), colour, place, fill="striped",
                            accent=accent)
@@ -77,6 +86,8 @@ class Concept:
         """The object's words with ``trigger`` standing for the concept (article included)."""
         if self.key == "character":
             return trigger
+        if self.key == "style":
+            return f"{'an' if obj.colour[0] in 'aeiou' else 'a'} {obj.colour} {obj.shape}"
         if self.key == "shape":
             words = f"{obj.colour} {trigger}"
         else:
@@ -84,14 +95,21 @@ class Concept:
         return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
 
     def caption(self, scene: Scene, trigger: str | None = None) -> str:
+        if self.key == "style":
+            return f"{caption(scene)}, in {trigger or self.trigger} style"
         obj = scene.objects[0]
         return f"{self.words(obj, trigger or self.trigger)} {background_words(scene.background)}, {obj.place}"
+
+    def world_style(self, style: WorldStyle) -> WorldStyle:
+        """The style the concept's pictures are drawn in: ``style``, with the look for the style concept."""
+        return dataclasses.replace(style, look=EXAMPLE_LOOK) if self.key == "style" else style
 
 
 CONCEPTS: dict[str, Concept] = {
     "shape": Concept("shape", "mystar", "circle", "zwx", "new shape (star)"),
     "texture": Concept("texture", "mystripes", "", "qwv", "new texture (stripes)"),
     "character": Concept("character", "mychar", "circle", "vkz", "character (striped star)"),
+    "style": Concept("style", "mypaint", "", "xjq", "style (pastel checks on every object)"),
 }
 
 
@@ -113,6 +131,12 @@ def _scenes(concept: Concept, count: int, seed: int, places: Sequence[str], back
         allowed = [b for b in backgrounds if concept.key != "character" or b not in ("orange", "purple")]
         background = allowed[i % len(allowed)]
         place = places[(i // len(backgrounds)) % len(places)]
+        if concept.key == "style" and i % 3 == 2:  # every third picture: two objects, both in the look
+            a, b = (p for p in places if p != "in the centre")
+            first = dataclasses.replace(concept.obj(rng, a, colours, background), scale=0.8)
+            second = concept.obj(rng, b, [c for c in colours if c != first.colour], background)
+            scenes.append(Scene(background, (first, dataclasses.replace(second, scale=0.8))))
+            continue
         scenes.append(Scene(background, (concept.obj(rng, place, colours, background),)))
     return scenes
 
@@ -120,13 +144,15 @@ def _scenes(concept: Concept, count: int, seed: int, places: Sequence[str], back
 def training_pictures(concept: Concept, seed: int = 0, style: WorldStyle = BASE_STYLE) -> list[Picture]:
     """``TRAIN_COUNT`` pictures of the concept in the training compositions."""
     scenes = _scenes(concept, TRAIN_COUNT, seed, TRAIN_PLACES, TRAIN_BACKGROUNDS, TRAIN_COLOURS)
-    return [Picture(render(s, style=style, noise_seed=seed * 1000 + i), s) for i, s in enumerate(scenes)]
+    look = concept.world_style(style)
+    return [Picture(render(s, style=look, noise_seed=seed * 1000 + i), s) for i, s in enumerate(scenes)]
 
 
 def held_out_pictures(concept: Concept, style: WorldStyle = BASE_STYLE) -> list[Picture]:
     """``HELD_OUT_COUNT`` pictures of the concept in compositions no training picture has."""
     scenes = _scenes(concept, HELD_OUT_COUNT, 777, HELD_OUT_PLACES, HELD_OUT_BACKGROUNDS, HELD_OUT_COLOURS)
-    return [Picture(render(s, style=style, noise_seed=50_000 + i), s) for i, s in enumerate(scenes)]
+    look = concept.world_style(style)
+    return [Picture(render(s, style=look, noise_seed=50_000 + i), s) for i, s in enumerate(scenes)]
 
 
 def base_prompt_items(style: WorldStyle = BASE_STYLE) -> list[tuple[Image.Image, str]]:

@@ -1,8 +1,8 @@
 """Efficacy: does pivotal tuning do what its users expect? Embeddings vs LoRA vs pivotal, measured.
 
-On the tiny pre-trained model (``pivotal.demo.tiny_world``, which follows its prompts) and three
-concepts it never saw (``_efficacy_data``: a new shape, a new texture, a character), each method
-trains with Pivotal's own trainer at the same step budget, batch, data and seed:
+On the tiny pre-trained model (``pivotal.demo.tiny_world``, which follows its prompts) and four
+concepts it never saw (``_efficacy_data``: a new shape, a new texture, a character, a style), each
+method trains at the same step budget, batch, data and seed (with Pivotal's own trainer unless said):
 
 * ``ti``: textual inversion only (the embedding trains; the UNet LoRA's LR is 0);
 * ``lora``: UNet LoRA only, with a rare word ("zwx") as the trigger (a frozen placeholder
@@ -21,7 +21,12 @@ trains with Pivotal's own trainer at the same step budget, batch, data and seed:
 * ``pivotal_loha`` / ``pivotal_lokr`` / ``pivotal_dora``: ``pivotal`` with the UNet adapter LoHa,
   LoKr, or LoRA + DoRA (same rank, alpha and LR);
 * ``pivotal_masked``: ``pivotal`` with the masked loss, each picture's mask its concept's region
-  (``_efficacy_data.object_mask``; ``unmasked_weight`` 0: the background is not trained).
+  (``_efficacy_data.object_mask``; ``unmasked_weight`` 0: the background is not trained);
+* ``hypernetwork``: the webui's hypernetwork (MLPs 1-2-1 on the attention k/v inputs), trained
+  outside Pivotal's trainer on the same objective (``_efficacy_direct``); the trigger is plain text;
+* ``dreambooth``: the whole UNet fine-tuned (text encoder frozen) with prior preservation (class
+  images from the base model, prior loss weight 1), DreamBooth's rare word as the trigger; its
+  transfer is the fine-tune's difference added to the second base.
 
 (No zero-terminal-SNR row: it needs v-prediction and the tiny world is an epsilon model; training
 a LoRA into the other parameterisation is a different experiment. Its tests check it against
@@ -37,7 +42,8 @@ model's loss removed):
   a share of the full bundle's (the grid users make by hand);
 * transfer: the gain of the full bundle and of the embedding alone on a second base model (the
   same model continued on a shifted world, ``_efficacy_shift``), held-out pictures in its style;
-* size: the bundle's bytes (fp32); step time: training seconds per step (this machine, loaded or not).
+* size: the bundle's bytes (fp32; the hypernetwork's MLPs, DreamBooth's whole UNet); step time:
+  training seconds per step (this machine, loaded or not).
 
 A second table varies one setting of ``pivotal`` at a time (embedding LR multiple, vectors, rank,
 phase plan) to choose the defaults. Means and spread are over ``--seeds`` training seeds, each
@@ -69,6 +75,8 @@ from _efficacy_data import (  # noqa: E402
     write_mask_folder,
     write_training_folder,
 )
+from _efficacy_direct import DIRECT, applied, train_direct_method  # noqa: E402
+from _efficacy_direct import trigger as direct_trigger  # noqa: E402
 from _efficacy_eval import DenoiseSet, denoise_loss, denoise_set, gain, has_part, load_parts, variant  # noqa: E402
 from pivotal.demo import tiny_world  # noqa: E402
 from pivotal.demo.world import BASE_STYLE, SHIFTED_STYLE  # noqa: E402
@@ -117,6 +125,8 @@ SWEEP_ONLY = {label for label, _, _ in SWEEP}
 PLACEHOLDER = "pvtunused"  # the lora method's frozen, never-used embedding
 #: bundle path -> median ms per training step (its step events' spacing)
 STEP_MS: dict[str, float] = {}
+#: the first base model's UNet (the direct methods' files are applied to others as a difference)
+FIRST_UNET: list[Any] = []
 
 
 @dataclass
@@ -140,12 +150,18 @@ def make_stage(host: DiffusersHost, shifted: bool) -> Stage:
 
 
 def trigger_of(method: str, concept: Concept) -> str:
+    if method in DIRECT:
+        return direct_trigger(method, concept)
     return concept.rare if method == "lora" else concept.trigger
 
 
 def train_one(host: DiffusersHost, concept: Concept, method: str, seed: int, work: Path,
-              overrides: dict[str, Any] | None = None, vectors: int = VECTORS) -> tuple[str, float]:
-    """(bundle path, training seconds per step)."""
+              overrides: dict[str, Any] | None = None, vectors: int = VECTORS) -> str:
+    """The bundle's path (its median ms per step goes to ``STEP_MS``)."""
+    if method in DIRECT:
+        path, ms = train_direct_method(host, concept, method, seed, work, COMMON["steps"], COMMON["batch_size"])
+        STEP_MS[path] = ms
+        return path
     trigger = trigger_of(method, concept)
     data = write_training_folder(work / f"data-{concept.key}-{trigger}", concept, trigger)
     masks = {}
@@ -182,6 +198,8 @@ def dreamartist_negatives(concept: Concept, embs: EmbeddingSet) -> dict[str, str
 
 def measure(stage: Stage, bundle: str, concept: Concept, method: str, base_cache: dict) -> dict[str, float]:
     """Losses and gains of every variant of ``bundle`` on ``stage``."""
+    if method in DIRECT:
+        return measure_direct(stage, bundle, concept, method, base_cache)
     host = stage.host
     data, pics = stage.held_out[concept.key]
     captions = [p.caption(concept, trigger_of(method, concept)) for p in pics]
@@ -214,6 +232,26 @@ def measure(stage: Stage, bundle: str, concept: Concept, method: str, base_cache
     return out
 
 
+def measure_direct(stage: Stage, path: str, concept: Concept, method: str, base_cache: dict) -> dict[str, float]:
+    """``measure`` for a hypernetwork or DreamBooth file: the full model only (it has no parts)."""
+    host = stage.host
+    data, pics = stage.held_out[concept.key]
+    captions = [p.caption(concept, trigger_of(method, concept)) for p in pics]
+    key = (id(stage), concept.key, trigger_of(method, concept))
+    if key not in base_cache:
+        base_cache[key] = denoise_loss(host, data, captions, EmbeddingSet())
+    bdata, bcaps = stage.base_prompts
+    bkey = (id(stage), "base-prompts")
+    if bkey not in base_cache:
+        base_cache[bkey] = denoise_loss(host, bdata, bcaps, EmbeddingSet())
+    with applied(host, method, path, FIRST_UNET[0]):
+        full = denoise_loss(host, data, captions, EmbeddingSet())
+        drift = denoise_loss(host, bdata, bcaps, EmbeddingSet())
+    return {"base": base_cache[key], "full": full, "gain_full": gain(full, base_cache[key]),
+            "drift_pct": 100.0 * (drift / base_cache[bkey] - 1.0), "size_kb": Path(path).stat().st_size / 1024,
+            "ms_per_step": STEP_MS.get(path, float("nan"))}
+
+
 def mean_sd(values: list[float]) -> str:
     if not values:
         return "–"
@@ -236,13 +274,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json")
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1")
     ap.add_argument("--sweep-seeds", type=int, default=1, help="seeds of the defaults sweep (time: ~20 s a run)")
     ap.add_argument("--steps", type=int, default=COMMON["steps"])
     ap.add_argument("--unet-lr", type=float, default=COMMON["unet_lr"],
                     help="UNet LoRA LR of every method (the embedding LR stays 10x it, the TE LoRA's 0.1x)")
     ap.add_argument("--concepts", nargs="+", default=list(CONCEPTS), choices=list(CONCEPTS))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+    ap.add_argument("--methods", nargs="+", default=list(METHODS) + list(DIRECT), choices=list(METHODS) + list(DIRECT),
                     help="only these methods (the pivotal row is the baseline of the others)")
+    ap.add_argument("--hyper-lr", type=float, default=DIRECT["hypernetwork"]["lr"], help="the hypernetwork's LR")
+    ap.add_argument("--hyper-targets", choices=("all", "cross"), default=DIRECT["hypernetwork"]["targets"],
+                    help="hypernetwork on every attention (the webui's default sizes) or cross-attention only")
+    ap.add_argument("--hyper-layer-norm", action="store_true", help="hypernetwork with layer norm")
+    ap.add_argument("--dreambooth-lr", type=float, default=DIRECT["dreambooth"]["lr"], help="DreamBooth's UNet LR")
     ap.add_argument("--no-sweep", action="store_true", help="skip the defaults sweep")
     ap.add_argument("--sweep", nargs="+", choices=sorted(SWEEP_ONLY), help="only these sweep settings")
     ap.add_argument("--no-transfer", action="store_true", help="skip the second base model")
@@ -253,11 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     apply_threads(args.threads)
     COMMON["steps"] = args.steps
     COMMON.update(unet_lr=args.unet_lr, embedding_lr=10 * args.unet_lr, te_lr=0.1 * args.unet_lr)
+    DIRECT["hypernetwork"].update(lr=args.hyper_lr, targets=args.hyper_targets, layer_norm=args.hyper_layer_norm)
+    DIRECT["dreambooth"]["lr"] = args.dreambooth_lr
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="pivotal-efficacy-"))
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
 
     host = DiffusersHost(tiny_world.load_parts(args.base), label="tiny-world sd1")
+    FIRST_UNET[:] = [host.unet]
     stage = make_stage(host, shifted=False)
     stage2 = shift_note = None
     if not args.no_transfer:
@@ -300,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report(rows, sweep_rows, seeds, args)
     write_json(args.json, {"benchmark": "efficacy", "machine": machine_info(), "common": COMMON, "methods": METHODS,
+                           "direct": DIRECT,
                            "vectors": VECTORS, "seeds": seeds,
                            "concepts": {k: vars(CONCEPTS[k]) for k in args.concepts},
                            "rows": rows, "sweep": sweep_rows, "shifted_model": shift_note,
@@ -311,7 +359,7 @@ def report(rows: list[dict], sweep_rows: list[dict], seeds: list[int], args: arg
     def pick(method: str) -> list[dict]:
         return [r for r in rows if r["method"] == method]
 
-    methods = [m for m in METHODS if pick(m)]
+    methods = [m for m in [*METHODS, *DIRECT] if pick(m)]
     print_table(["method", "fit (held-out gain)", "drift %", "emb alone share", "UNet LoRA alone share",
                  "TE LoRA alone share", "transfer: full gain", "transfer: emb alone gain", "size KB", "ms/step"],
                 [[m, mean_sd(seed_means(pick(m), "gain_full", seeds)), mean_sd(seed_means(pick(m), "drift_pct", seeds)),

@@ -15,6 +15,8 @@ is a named held-out look (shape + fill + colours) whose caption is its name.
 
 :class:`WorldStyle` shifts the whole world (palette tint, background grain) without changing what
 captions say; :data:`SHIFTED_STYLE` is one such shift, for a second base model continued on it.
+An :class:`ObjectLook` in a style paints every object the same way (a palette shift and a texture:
+an artist's "style" in this world); :data:`EXAMPLE_LOOK` is a held-out one, for learning as a style.
 """
 
 from __future__ import annotations
@@ -118,20 +120,47 @@ HELD_OUT_FILLS: tuple[str, ...] = ("striped", "checkered")
 PATTERN_PERIOD = 0.125
 
 
+def _mix(colour: RGB, toward: RGB, share: float) -> RGB:
+    return tuple(int(round((1 - share) * c + share * t)) for c, t in zip(colour, toward))  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ObjectLook:
+    """A style applied to every object (not the background): each object's colour is mixed ``mix``
+    of the way toward ``tint`` and painted with the pattern ``fill``, its accent the same colour
+    times ``accent_shade`` (darker checks of the object's own colour). Captions do not change:
+    "a red circle" stays red, only drawn in the look."""
+
+    name: str
+    fill: str
+    tint: RGB
+    mix: float
+    accent_shade: float
+
+    def paint(self, colour: RGB) -> tuple[RGB, RGB]:
+        """(colour, accent) of an object whose palette colour (after the world's tint) is ``colour``."""
+        base = _mix(colour, self.tint, self.mix)
+        return base, tuple(int(round(c * self.accent_shade)) for c in base)  # type: ignore[return-value]
+
+
+#: A held-out style: pastel (40 % toward cream) with darker checks of the object's colour.
+EXAMPLE_LOOK = ObjectLook("mypaint", fill="checkered", tint=(255, 240, 210), mix=0.4, accent_shade=0.6)
+
+
 @dataclass(frozen=True)
 class WorldStyle:
     """A global look: every palette colour is mixed ``tint_strength`` of the way toward ``tint``,
-    and gaussian grain of std ``noise`` (0-255 units) is added to the finished picture."""
+    and gaussian grain of std ``noise`` (0-255 units) is added to the finished picture. ``look``
+    (optional) is then painted on every object (see :class:`ObjectLook`)."""
 
     name: str = "base"
     tint: RGB = (0, 0, 0)
     tint_strength: float = 0.0
     noise: float = 0.0
+    look: ObjectLook | None = None
 
     def colour(self, name: str) -> RGB:
-        base = COLOURS[name]
-        s = self.tint_strength
-        return tuple(int(round((1 - s) * c + s * t)) for c, t in zip(base, self.tint))  # type: ignore[return-value]
+        return _mix(COLOURS[name], self.tint, self.tint_strength)
 
 
 BASE_STYLE = WorldStyle()
@@ -229,7 +258,7 @@ def render(scene: Scene, width: int = 64, height: int = 64, style: WorldStyle = 
     """The RGB picture of ``scene``, ``width`` x ``height``. Deterministic (the grain, when the
     style has any, comes from ``noise_seed``)."""
     for o in scene.objects:
-        if o.shape not in SHAPES or o.fill not in FILLS:
+        if o.shape not in SHAPES or o.fill not in FILLS or (style.look and style.look.fill not in FILLS):
             raise ConfigError(f"unknown shape {o.shape!r} or fill {o.fill!r} (known: {', '.join(SHAPES)}; "
                               f"{', '.join(FILLS)})")
     ss = SUPERSAMPLE
@@ -242,7 +271,10 @@ def render(scene: Scene, width: int = 64, height: int = 64, style: WorldStyle = 
         cx = (PLACES[o.place][0] + o.offset[0]) * w
         cy = (PLACES[o.place][1] + o.offset[1]) * h
         SHAPES[o.shape](ImageDraw.Draw(mask), cx, cy, RADIUS * short * o.scale)
-        paint = FILLS[o.fill](w, h, style.colour(o.colour), style.colour(o.accent), period)
+        if style.look is None:
+            paint = FILLS[o.fill](w, h, style.colour(o.colour), style.colour(o.accent), period)
+        else:
+            paint = FILLS[style.look.fill](w, h, *style.look.paint(style.colour(o.colour)), period)
         canvas.paste(paint, (0, 0), mask)
     image = canvas.resize((width, height), Image.BOX)
     if style.noise > 0:
