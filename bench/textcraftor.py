@@ -171,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", help="a tiny-world weight file (default: the shipped model)")
     parser.add_argument("--count", type=int, default=200, help="prompts per accuracy measurement")
     parser.add_argument("--steps", type=int, default=RUN["steps"], help="textcraftor steps per run")
+    parser.add_argument("--te-lr", type=float, default=RUN["te_lr"], help="the text-encoder LoRA's learning rate")
+    parser.add_argument("--sample-steps", type=int, default=RUN["textcraftor_sample_steps"],
+                        help="DDIM steps of each training picture")
+    parser.add_argument("--grad-steps", type=int, default=RUN["textcraftor_grad_steps"],
+                        help="of those, how many (the last) carry the gradient")
     parser.add_argument("--cost-steps", type=int, default=10, help="steps timed per cost case")
     parser.add_argument("--runs", default="te,te+unet", help="which runs (comma-separated: te, te+unet; empty: none)")
     parser.add_argument("--no-base", action="store_true", help="skip the base model's row")
@@ -184,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from pivotal.training.trainer import train
 
+    RUN.update(te_lr=args.te_lr, textcraftor_sample_steps=args.sample_steps, textcraftor_grad_steps=args.grad_steps)
     host = host_for(args.weights)
     started = time.perf_counter()
     results: dict[str, Any] = {"settings": {**RUN, "steps": args.steps}, "count": args.count,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pivotal.adapters.network import LoraNetwork
-from pivotal.errors import ModelLayoutError
+from pivotal.errors import ConfigError, ModelLayoutError
 from pivotal.hosts.a1111 import session
 from pivotal.hosts.a1111.host import A1111Host, detect_base, unwrapped_token_embedding
 from pivotal.hosts.a1111.webui import Webui
@@ -177,6 +177,46 @@ def test_model_id_names_the_loaded_vae() -> None:
     assert host.model_id() not in (first, second)
     del host.sd_model.first_stage_model  # no LDM-style VAE: the host says it cannot tell
     assert host.model_id() is None
+
+
+class LdmDecoderVae(nn.Module):
+    """The decoding half of the webui's AutoencoderKL: ``post_quant_conv`` then ldm's real
+    ``Decoder`` (tiny); ``decode`` as ldm's, which the model's ``decode_first_stage`` wraps in
+    ``no_grad``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from ldm.modules.diffusionmodules.model import Decoder
+
+        torch.manual_seed(0)
+        self.post_quant_conv = nn.Conv2d(4, 4, 1)
+        self.decoder = Decoder(ch=32, out_ch=3, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(), in_channels=3,
+                               resolution=16, z_channels=4)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+
+def test_latents_decode_differentiably_through_the_webuis_vae() -> None:
+    """The textcraftor mode backpropagates through the decoder: the host calls the VAE's own
+    ``decode`` on latents / scale factor (the model's ``decode_first_stage`` is no_grad), and the
+    VAE's weights stay untouched; reForge's VAE is refused by name."""
+    pytest.importorskip("ldm", reason="the real ldm Decoder comes from stable-diffusion-sdkit")
+    webui = make_webui()
+    vae = LdmDecoderVae()
+    webui.sd_model.first_stage_model = vae
+    host = A1111Host(webui)
+    latents = torch.randn(2, 4, 8, 8, requires_grad=True)
+    pictures = host.decode_latents(latents)
+    with torch.no_grad():
+        expected = vae.decode(latents / 0.18215)
+    assert pictures.shape == (2, 3, 16, 16) and pictures.dtype == torch.float32
+    assert torch.equal(pictures, expected)
+    pictures.square().mean().backward()
+    assert latents.grad is not None and latents.grad.abs().sum() > 0
+    webui.sd_model.forge_objects = types.SimpleNamespace(vae=object())  # reForge
+    with pytest.raises(ConfigError, match="textcraftor"):
+        host.decode_latents(latents)
 
 
 def test_text_encoder_targets_found_behind_the_webui_wrapper_which_stays() -> None:

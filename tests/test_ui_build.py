@@ -115,7 +115,11 @@ def test_app_header_names_the_pretrained_demo(tmp_path: Path, monkeypatch: pytes
 
 
 def test_tabs_embed_in_an_existing_blocks(tmp_path: Path) -> None:
-    """The webui builds its own Blocks and asks for the tab inside it."""
+    """The webui builds its own Blocks and asks for the tab inside it; the tab offers the demo's
+    tiny-world reward (a webui may have the exported demo model loaded)."""
+    from pivotal.training.rewards import reward_names, unregister_reward
+
+    unregister_reward("tiny_world")
     job = TrainingJob(trainer=fake_trainer)
     with gr.Blocks() as outer:
         gr.Markdown("the webui's own content")
@@ -127,6 +131,7 @@ def test_tabs_embed_in_an_existing_blocks(tmp_path: Path) -> None:
     assert isinstance(outer, gr.Blocks)
     assert tab.fields["data_dir"].value == "/d" and tab.fields["emb0_name"].value == "mychar"
     assert gen.bundle.value == NO_BUNDLE
+    assert "tiny_world" in reward_names()
 
 
 def test_the_form_has_an_input_per_setting_with_unique_ids(tmp_path: Path) -> None:

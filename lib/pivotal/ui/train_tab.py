@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import gradio as gr
 
+from pivotal.demo.reward import register as register_demo_reward
 from pivotal.errors import PivotalError
 from pivotal.training.config import TrainConfig
 from pivotal.training.job import RUNNING, JobBusyError, TrainingJob
@@ -80,6 +81,9 @@ def build_train_tab(job: TrainingJob, host_provider: HostProvider, data_dir: str
     grid (:mod:`pivotal.ui.sweep_section`; default: Pivotal's own render on the host);
     ``grid_steps``: the sampling steps its section starts with.
     """
+    # the demo's tiny-world reward (textcraftor mode) wherever the tab is: the demo model runs in a
+    # webui too (pivotal export-checkpoint), and registering is a name in a table, no weights loaded
+    register_demo_reward()
     cfg = base if base is not None else TrainConfig()
     cfg = TrainConfig.from_dict({**cfg.to_dict(), "data_dir": data_dir or cfg.data_dir, "out_dir": out_dir})
     init = form_values_from_config(cfg)

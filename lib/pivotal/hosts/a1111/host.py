@@ -241,6 +241,20 @@ class A1111Host(HostDefaults):
         z = dist.mode() if hasattr(dist, "mode") else dist
         return self.sd_model.get_first_stage_encoding(z).to(torch.float32)
 
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) fp32 in about [-1, 1] of latents (B, 4, h, w) (scale factor applied),
+        differentiable: the VAE's own ``decode``, not the model's ``decode_first_stage``, which ldm
+        and sgm both run under ``no_grad``. The webui's low/medium-VRAM mode wraps that same
+        ``decode`` to move the VAE in, so it works there too. reForge decodes through its own VAE
+        patcher under inference mode: refused (the textcraftor mode then does not start)."""
+        fsm = getattr(self.sd_model, "first_stage_model", None)
+        scale = float(getattr(self.sd_model, "scale_factor", 0.0))
+        if getattr(self.sd_model, "forge_objects", None) is not None or not callable(getattr(fsm, "decode", None)) \
+                or scale <= 0:
+            return super().decode_latents(latents)
+        vae_dtype = getattr(self.webui.devices, "dtype_vae", torch.float32)
+        return fsm.decode((latents / scale).to(self.device, vae_dtype)).float()
+
     def model_id(self) -> str | None:
         """A fingerprint of the VAE the webui has loaded now (encoder + quant_conv weights, their
         dtype, the VAE dtype setting and the scale factor): it changes with the checkpoint and with
