@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=200, help="prompts per accuracy measurement")
     parser.add_argument("--steps", type=int, default=RUN["steps"], help="textcraftor steps per run")
     parser.add_argument("--te-lr", type=float, default=RUN["te_lr"], help="the text-encoder LoRA's learning rate")
+    parser.add_argument("--unet-lr", type=float, default=RUN["unet_lr"], help="the UNet LoRA's (te+unet runs)")
+    parser.add_argument("--batch-size", type=int, default=RUN["batch_size"], help="prompts per step")
     parser.add_argument("--sample-steps", type=int, default=RUN["textcraftor_sample_steps"],
                         help="DDIM steps of each training picture")
     parser.add_argument("--grad-steps", type=int, default=RUN["textcraftor_grad_steps"],
@@ -189,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from pivotal.training.trainer import train
 
-    RUN.update(te_lr=args.te_lr, textcraftor_sample_steps=args.sample_steps, textcraftor_grad_steps=args.grad_steps)
+    RUN.update(te_lr=args.te_lr, unet_lr=args.unet_lr, batch_size=args.batch_size,
+               textcraftor_sample_steps=args.sample_steps, textcraftor_grad_steps=args.grad_steps)
     host = host_for(args.weights)
     started = time.perf_counter()
     results: dict[str, Any] = {"settings": {**RUN, "steps": args.steps}, "count": args.count,
