@@ -168,10 +168,7 @@ def test_the_tab_trains_each_algorithm(algorithm: str, tiny_world: Webui, tmp_pa
     shots = Path(os.environ.get("PIVOTAL_SCREENSHOTS") or tmp_path) / f"tab-{algorithm}"
     shots.mkdir(parents=True, exist_ok=True)
     with tab.chromium() as d:
-        d.get(tiny_world.url + "/")
-        pivotal_tab = "//div[contains(@class,'tab-nav')]//button[normalize-space()='Pivotal']"
-        tab._wait(d, "the Pivotal tab button", lambda d: d.find_elements(By.XPATH, pivotal_tab), 120)[0].click()
-        tab._wait(d, "the Start button", lambda d: d.find_element(By.ID, "pivotal-start").is_displayed(), 30)
+        tab.open_pivotal_tab(d, tiny_world.url)
         for elem_id, value in (("pivotal-data-dir", str(data)), ("pivotal-output-name", name),
                                ("pivotal-emb0-name", emb), ("pivotal-emb0-init", "person"),
                                ("pivotal-steps", "30"), ("pivotal-resolution", "64")):
@@ -184,11 +181,7 @@ def test_the_tab_trains_each_algorithm(algorithm: str, tiny_world: Webui, tmp_pa
         _choose(d, "pivotal-te-algorithm", chosen["te_algorithm"])
         if chosen.get("dora"):
             d.find_element(By.ID, "pivotal-dora").find_element(By.CSS_SELECTOR, "input").click()
-        d.save_screenshot(str(shots / "01-filled.png"))
-        d.find_element(By.ID, "pivotal-start").click()
-        tab._wait(d, "the run to show as running", lambda d: tab._state(d) in ("running", "finished", "failed"), 120)
-        tab._wait(d, "the run to end", lambda d: tab._state(d) in ("finished", "failed"), 900)
-        d.save_screenshot(str(shots / "02-finished.png"))
+        tab.start_and_follow(d, shots, 900)
     snap = tiny_world.request("GET", "/pivotal/v1/status")
     assert snap["result_status"] == "completed" and snap["step"] == 30, snap["message"]
     assert tiny_world.request("GET", "/pivotal/v1/host") == before_host

@@ -105,6 +105,29 @@ def _type(driver: Any, elem_id: str, text: str) -> None:
     box.send_keys(text)
 
 
+def open_pivotal_tab(driver: Any, url: str) -> None:
+    """Load the webui's page and switch to the Pivotal tab, as a person does; returns once the
+    Start button shows."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(url + "/")
+    button = "//div[contains(@class,'tab-nav')]//button[normalize-space()='Pivotal']"
+    _wait(driver, "the Pivotal tab button", lambda d: d.find_elements(By.XPATH, button), 120)[0].click()
+    _wait(driver, "the Start button", lambda d: d.find_element(By.ID, "pivotal-start").is_displayed(), 30)
+
+
+def start_and_follow(driver: Any, shots: Any, timeout: float) -> None:
+    """Screenshot the filled form, press Start, wait for the run to show and to end, screenshot
+    the end (``shots``: a folder)."""
+    from selenium.webdriver.common.by import By
+
+    driver.save_screenshot(str(shots / "01-filled.png"))
+    driver.find_element(By.ID, "pivotal-start").click()
+    _wait(driver, "the run to show as running", lambda d: _state(d) in ("running", "finished", "failed"), 120)
+    _wait(driver, "the run to end", lambda d: _state(d) in ("finished", "failed"), timeout)
+    driver.save_screenshot(str(shots / "02-finished.png"))
+
+
 def _state(driver: Any) -> str:
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By

@@ -88,10 +88,7 @@ def test_a_textcraftor_run_from_the_tab_interpolates_with_te_weights(tiny_world:
     shots = Path(os.environ.get("PIVOTAL_SCREENSHOTS") or tmp_path) / "textcraftor"
     shots.mkdir(parents=True, exist_ok=True)
     with tab.chromium() as d:
-        d.get(tiny_world.url + "/")
-        pivotal_tab = "//div[contains(@class,'tab-nav')]//button[normalize-space()='Pivotal']"
-        tab._wait(d, "the Pivotal tab button", lambda d: d.find_elements(By.XPATH, pivotal_tab), 120)[0].click()
-        tab._wait(d, "the Start button", lambda d: d.find_element(By.ID, "pivotal-start").is_displayed(), 30)
+        tab.open_pivotal_tab(d, tiny_world.url)
         d.find_element(By.XPATH, "//*[@id='pivotal-mode']//label[normalize-space()='textcraftor']").click()
         tab._type(d, "pivotal-output-name", name)
         for section in ("pivotal-textcraftor", "pivotal-lora"):
@@ -103,11 +100,7 @@ def test_a_textcraftor_run_from_the_tab_interpolates_with_te_weights(tiny_world:
             tab._type(d, f"pivotal-{field}", value)
         if WITH_UNET:
             d.find_element(By.ID, "pivotal-textcraftor-unet").find_element(By.CSS_SELECTOR, "input").click()
-        d.save_screenshot(str(shots / "01-filled.png"))
-        d.find_element(By.ID, "pivotal-start").click()
-        tab._wait(d, "the run to show as running", lambda d: tab._state(d) in ("running", "finished", "failed"), 120)
-        tab._wait(d, "the run to end", lambda d: tab._state(d) in ("finished", "failed"), 3600)
-        d.save_screenshot(str(shots / "02-finished.png"))
+        tab.start_and_follow(d, shots, 3600)
     snap = tiny_world.request("GET", "/pivotal/v1/status")
     assert snap["result_status"] == "completed" and snap["step"] == int(RUN["steps"]), snap["message"]
     assert tiny_world.request("GET", "/pivotal/v1/host") == before_host
