@@ -30,7 +30,7 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1400,1800")
 STARTUP_S = 240   # building the demo model and importing gradio/torch on a 2-core machine
-RUN_S = 300       # the 150-step demo run (~20 s on a laptop CPU; generous for a busy CI machine)
+RUN_S = 300       # the 300-step demo run (~40 s on a laptop CPU; generous for a busy CI machine)
 
 
 def _missing() -> str:

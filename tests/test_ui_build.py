@@ -381,7 +381,7 @@ def test_demo_setup_writes_the_dataset_once(tmp_path: Path) -> None:
     assert Path(data_dir) == tmp_path / "out" / "demo_data"
     images = sorted(Path(data_dir).glob("*.png"))
     assert len(images) == 8 and all(p.with_suffix(".txt").read_text().startswith("[mychar]") for p in images)
-    assert (base.steps, base.resolution, [e.name for e in base.embeddings]) == (150, 64, ["mychar"])
+    assert (base.steps, base.resolution, [e.name for e in base.embeddings]) == (300, 64, ["mychar"])
     assert base.out_dir == str(tmp_path / "out") and base.validate() is base
     (Path(data_dir) / "mine.txt").write_text("kept")
     demo_setup(tmp_path / "out")  # an existing dataset is left as it is
