@@ -12,11 +12,14 @@ import torch
 from pivotal.demo import tiny_world
 from pivotal.errors import BundleError
 
-# Thresholds of the prompt-following checks, well below what the shipped model measures
-# (README: loss gap and sampling accuracy) and far above what a model ignoring its prompt gets.
-# Place and shape are not checked: the model does not follow them (README says so).
+# Thresholds of the prompt-following checks, below what the shipped model measures (README: loss
+# gap and sampling accuracy) and far above what a model ignoring its prompt gets. At the sampling
+# test's settings (32 prompts, 12 steps) the shipped v2 file reads background 100 %, colour 91 %,
+# place 84 %, shape 50 %; v1 (which followed colour only) read place 28 %, shape 34 %: place and
+# shape hold the v2 recipe (issue 17). Shape stays low because the VAE decodes only ~56 % of clean
+# renders' shapes right (bench/RESULTS.md, "Tiny world v2").
 MIN_RELATIVE_LOSS_GAP = 0.5
-MIN_ACCURACY = {"background": 0.8, "colour": 0.6}
+MIN_ACCURACY = {"background": 0.8, "colour": 0.6, "place": 0.7, "shape": 0.45}
 
 
 def test_shipped_file_is_small_and_sparse() -> None:
@@ -112,7 +115,7 @@ def test_follows_prompts_loss_gap(host) -> None:
 def test_follows_prompts_when_sampling(host) -> None:
     from pivotal.demo.pretrain.check import sampling_accuracy
 
-    result = sampling_accuracy(host, count=16, steps=12)
+    result = sampling_accuracy(host, count=32, steps=12)
     for attribute, floor in MIN_ACCURACY.items():
         assert result["accuracy"][attribute] >= floor, result["accuracy"]
         assert result["accuracy"][attribute] > result["chance"][attribute], result

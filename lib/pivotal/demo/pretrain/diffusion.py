@@ -15,9 +15,11 @@ the UNet predict the noise (epsilon) from the noisy latent and the caption's tex
 * the token embedding gets no weight decay: AdamW then leaves every row of a token that never
   occurs exactly as initialised (zero gradient, zero moments, zero update), which is what lets
   the weight file keep only the trained rows (:mod:`pivotal.demo.tiny_world`);
-* two knobs for teaching place (issue 17), off in v1: a learning-rate multiple for the UNet's
-  cross-attention and timesteps drawn leaning toward the noisy end, where the epsilon loss weighs a
-  picture's layout least (its x0 error counts ``SNR`` times);
+* two knobs for teaching place (issue 17): a learning-rate multiple for the UNet's cross-attention
+  (off: it did not teach place) and timesteps drawn leaning toward the noisy end, where the epsilon
+  loss weighs a picture's layout least (its x0 error counts ``SNR`` times). The v2 file (the
+  default since) draws them with density ~ t and trains 3000 steps: place 22 % -> 80 % (v1 drew
+  them uniformly, 1800 steps);
 * an exponential moving average of the weights (``lerp``, so unchanged rows stay bit-exact) is
   what is kept: it samples visibly cleaner than the last step's weights after a short run.
 """
@@ -38,7 +40,7 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class DiffusionSettings:
-    steps: int = 1800
+    steps: int = 3000
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 50
@@ -53,7 +55,7 @@ class DiffusionSettings:
     cross_attention_lr_scale: float = 1.0
     #: timesteps are drawn with density proportional to ``t ** (timestep_power - 1)``: above 1,
     #: the noisy timesteps, where a picture's layout is decided, are drawn more often
-    timestep_power: float = 1.0
+    timestep_power: float = 2.0
 
 
 def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
