@@ -78,6 +78,7 @@ def test_the_webui_lora_extension_draws_the_bundle_as_pivotal_computes_it(
     from pivotal.demo.world import COLOURS, EXAMPLE_CHARACTER
     from pivotal.demo.world_read import read_picture
     from pivotal.formats.bundle import read_bundle
+    from pivotal.training.config import DEMO_EMBEDDING, DEMO_SETTINGS, EmbeddingSpec
 
     # a generation without a tag first: an earlier tagged generation leaves its LoRA merged (and its
     # embeddings registered) until the webui's next generation
@@ -86,9 +87,9 @@ def test_the_webui_lora_extension_draws_the_bundle_as_pivotal_computes_it(
     name = f"pvt{algorithm}{uuid.uuid4().hex[:6]}"
     emb = f"pvtalgo{algorithm}"
     character_data = _character_data(tmp_path, emb)
-    config = {"data_dir": str(character_data), "output_name": name, "steps": 150, "resolution": 64,
-              "bucket_step": 16, "unet_lr": 2e-3, "embedding_lr": 1e-2, "lora_preset": "attn-mlp-conv",
-              "te_lora": True, "preview_every": 0, "embeddings": [{"name": emb, "vectors": 2, "init_text": "person"}],
+    # the standalone demo's settings (steps, LRs, preset), with a TE LoRA and the algorithm
+    config = {**DEMO_SETTINGS, "data_dir": str(character_data), "output_name": name, "te_lora": True,
+              "preview_every": 0, "embeddings": [{**vars(EmbeddingSpec.parse(DEMO_EMBEDDING)), "name": emb}],
               **ALGORITHMS[algorithm]}
     code, body = tiny_world.status_of("POST", "/pivotal/v1/train", {"config": config})
     assert code == 200, body

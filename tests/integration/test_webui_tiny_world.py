@@ -55,12 +55,14 @@ def character_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_webui_draws_what_the_prompt_says(tiny_world: Webui) -> None:
-    readings = [_read(tiny_world.txt2img("a red circle on a blue background", seed=s, steps=STEPS)[0])
+    # worded like the model's training captions, which always say a place
+    readings = [_read(tiny_world.txt2img("a red circle on a blue background, top left", seed=s, steps=STEPS)[0])
                 for s in SEEDS]
     detail = [(r.background, r.colour) for r in readings]
     assert sum(r.background == "blue" for r in readings) >= 3, detail
     assert sum(r.colour == "red" for r in readings) >= 2, detail
-    readings = [_read(tiny_world.txt2img("a yellow square on a black background", seed=s, steps=STEPS)[0])
+    readings = [_read(tiny_world.txt2img("a yellow square on a black background, bottom right", seed=s,
+                                         steps=STEPS)[0])
                 for s in SEEDS]
     detail = [(r.background, r.colour) for r in readings]
     assert sum(r.background == "black" for r in readings) >= 3, detail
@@ -88,9 +90,11 @@ def character_bundle(tiny_world: Webui, character_data: Path) -> dict:
     before the run, which the run left as it was)."""
     before_host = tiny_world.request("GET", "/pivotal/v1/host")
     name = f"pvtw{uuid.uuid4().hex[:6]}"
-    config = {"data_dir": str(character_data), "output_name": name, "steps": 150, "resolution": 64,
-              "bucket_step": 16, "unet_lr": 2e-3, "embedding_lr": 1e-2, "lora_preset": "attn-mlp-conv",
-              "preview_every": 0, "embeddings": [{"name": NAME, "vectors": 2, "init_text": "person"}]}
+    from pivotal.training.config import DEMO_EMBEDDING, DEMO_SETTINGS, EmbeddingSpec
+
+    # the standalone demo's settings (steps, LRs, preset), so the webui trains what the demo does
+    config = {**DEMO_SETTINGS, "data_dir": str(character_data), "output_name": name, "preview_every": 0,
+              "embeddings": [{**vars(EmbeddingSpec.parse(DEMO_EMBEDDING)), "name": NAME}]}
     code, body = tiny_world.status_of("POST", "/pivotal/v1/train", {"config": config})
     assert code == 200, body
     snap = tiny_world.wait_run()

@@ -39,9 +39,13 @@ SHAPES = BASE_WORLD.shapes
 #: Backgrounds of the character pictures, in turn. Blue and green are left out on purpose: the
 #: demo then shows the character on a background it never saw it on ("mychar on a blue background").
 CHARACTER_BACKGROUNDS = ("white", "red", "yellow", "black")
-#: Grid rows for a bundle trained on the demo data: backgrounds its pictures never had, in the
-#: words the tiny-world model knows (see :func:`pivotal.inference.grid.novel_prompts`).
-GRID_CONTEXTS = tuple(f"{{names}} {background_words(c)}" for c in ("green", "blue", "purple", "orange"))
+#: Grid rows for a bundle trained on the demo data: the two backgrounds its pictures never had
+#: (green, blue), each at two places, in the words the tiny-world model knows (see
+#: :func:`pivotal.inference.grid.novel_prompts`). Not purple or orange: those are the character's own
+#: colours, so on them neither the eye nor the reader can tell the character from the background.
+GRID_CONTEXTS = tuple(f"{{names}} {background_words(c)}, {place}"
+                      for c, place in (("green", "top left"), ("blue", "bottom right"),
+                                       ("green", "bottom right"), ("blue", "top left")))
 __all__ = ["COLOURS", "PLACES", "SHAPES", "make_demo_dataset"]
 
 
