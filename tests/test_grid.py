@@ -63,6 +63,16 @@ def test_novel_prompts_skip_contexts_the_captions_had() -> None:
     assert caption_words("not json") == set() and caption_words(None) == set()
 
 
+def test_auto_rows_are_added_after_the_users_prompts_without_repeating_them(
+        fake: FakeHost, tmp_path: Path) -> None:  # noqa: F811
+    contexts = ("{names} on a green background", "{names} on a blue background", "{names} at night")
+    bundle = str(tmp_path / "mine.safetensors")
+    plan = bundle_grid_plan(bundle, ["mychar on a green background"], auto_prompts=2, contexts=contexts)
+    assert plan.rows == ["mychar on a green background", "mychar on a blue background", "mychar at night"]
+    plan = bundle_grid_plan(bundle, ["photo of mychar"], auto_prompts=1, contexts=contexts)
+    assert plan.rows == ["photo of mychar", "mychar on a green background"]
+
+
 def test_cells_apply_their_part_on_the_model(fake: FakeHost, tmp_path: Path) -> None:  # noqa: F811
     plan = bundle_grid_plan(str(tmp_path / "mine.safetensors"), ["photo of mychar"], auto_prompts=0)
     assert plan.bundle == "mine" and plan.columns == list(COLUMNS) and plan.notes == {}

@@ -206,7 +206,10 @@ def bundle_grid_plan(path: str, prompts: Sequence[str], auto_prompts: int = 2, c
     rows = list(prompts)
     if auto_prompts > 0:
         seen = caption_words(bundle.metadata.get("ss_tag_frequency"))
-        rows += [p for p in novel_prompts(names, seen, auto_prompts, contexts) if p not in rows]
+        # ``auto_prompts`` rows more than the user's: a context that repeats one of their prompts
+        # does not count, the next new one takes its place
+        novel = [p for p in novel_prompts(names, seen, len(contexts), contexts) if p not in rows]
+        rows += novel[:auto_prompts]
     if not rows and names:
         rows = [" ".join(names)]
     parts = {part_of_key(key) for key in bundle.lora}
