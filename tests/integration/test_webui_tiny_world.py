@@ -28,6 +28,9 @@ pytestmark = pytest.mark.skipif(not CHECKPOINT, reason="set PIVOTAL_WEBUI_TINY_W
 NAME = "pvtstar"
 SEEDS = (1, 2, 3, 4)
 STEPS = 12
+#: the guidance the model is checked at (tools/check_base_model.py): at 7, v2 over-saturates (its
+#: yellow squares on black read orange in 4 of 4 pictures)
+CFG = 4.0
 
 
 def _read(png: bytes):
@@ -56,13 +59,14 @@ def character_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_webui_draws_what_the_prompt_says(tiny_world: Webui) -> None:
     # worded like the model's training captions, which always say a place
-    readings = [_read(tiny_world.txt2img("a red circle on a blue background, top left", seed=s, steps=STEPS)[0])
+    readings = [_read(tiny_world.txt2img("a red circle on a blue background, top left", seed=s, steps=STEPS,
+                                         cfg_scale=CFG)[0])
                 for s in SEEDS]
     detail = [(r.background, r.colour) for r in readings]
     assert sum(r.background == "blue" for r in readings) >= 3, detail
     assert sum(r.colour == "red" for r in readings) >= 2, detail
     readings = [_read(tiny_world.txt2img("a yellow square on a black background, bottom right", seed=s,
-                                         steps=STEPS)[0])
+                                         steps=STEPS, cfg_scale=CFG)[0])
                 for s in SEEDS]
     detail = [(r.background, r.colour) for r in readings]
     assert sum(r.background == "black" for r in readings) >= 3, detail
@@ -114,7 +118,7 @@ def test_a_bundle_trained_in_the_webui_draws_the_character(tiny_world: Webui, ch
             # worded like the training captions: with a place
             prompt = f"{NAME} on a {background} background, {('top left', 'bottom right')[seed % 2]}"
             for key, text in (("bundle", f"{prompt} <lora:{name}:1>"), ("base", prompt)):
-                reading = _read(tiny_world.txt2img(text, seed=seed, steps=STEPS)[0])
+                reading = _read(tiny_world.txt2img(text, seed=seed, steps=STEPS, cfg_scale=CFG)[0])
                 hits[key] += _is_character(reading)
                 detail.append((key, background, seed, reading.background, reading.colour))
     total = len(unseen[:2]) * len(SEEDS)
@@ -144,7 +148,7 @@ def test_the_ablation_grid_shows_where_the_character_comes_from(tiny_world: Webu
                for place in ("top left", "bottom right")]
     out = tiny_world.request("POST", "/pivotal/v1/grid", {
         "bundle": name, "prompts": prompts, "auto_prompts": 0, "columns": READ_COLUMNS, "steps": STEPS,
-        "cfg_scale": 7.0, "sampler_name": "Euler", "width": 64, "height": 64, "seed": SEEDS[0]}, timeout=1800)
+        "cfg_scale": CFG, "sampler_name": "Euler", "width": 64, "height": 64, "seed": SEEDS[0]}, timeout=1800)
     assert out["record"]["columns"] == READ_COLUMNS and out["record"]["rows"] == prompts
     _read_grid_back(out["png"], out["record"])
     assert tiny_world.request("GET", "/pivotal/v1/host") == character_bundle["host"]
@@ -245,7 +249,7 @@ def test_the_xyz_plot_bundle_part_axis_shows_where_the_character_comes_from(
     background = _unseen_backgrounds(character_data)[0]
     prompt = f"{NAME} on a {background} background, top left"
     body = {"prompt": f"{prompt} <lora:{name}:1>", "steps": STEPS, "width": 64, "height": 64, "seed": SEEDS[0],
-            "sampler_name": "Euler", "cfg_scale": 7.0}
+            "sampler_name": "Euler", "cfg_scale": CFG}
     places = ["top left", "bottom right", "top right", "bottom left"]
     grid, cells = xyz_txt2img(tiny_world, body, (PART_AXIS, READ_COLUMNS), ("Prompt S/R", places))
     width, height = Image.open(io.BytesIO(grid)).size

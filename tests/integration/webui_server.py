@@ -75,11 +75,12 @@ class Webui:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"null")
 
-    def txt2img(self, prompt: str, seed: int = 1, steps: int = 4, size: int = 64) -> tuple[bytes, str]:
-        """(PNG bytes, infotext) of one image."""
+    def txt2img(self, prompt: str, seed: int = 1, steps: int = 4, size: int = 64,
+                cfg_scale: float = 7.0) -> tuple[bytes, str]:
+        """(PNG bytes, infotext) of one image (Euler)."""
         d = self.request("POST", "/sdapi/v1/txt2img", {"prompt": prompt, "steps": steps, "width": size,
                                                       "height": size, "seed": seed, "sampler_name": "Euler",
-                                                      "cfg_scale": 7.0})
+                                                      "cfg_scale": cfg_scale})
         return base64.b64decode(d["images"][0]), json.loads(d["info"])["infotexts"][0]
 
     def wait_run(self, timeout: float = 900.0, poll: float = 1.0) -> dict[str, Any]:
