@@ -228,6 +228,53 @@ def test_bad_reward_settings_are_typed_errors_naming_the_setting(tmp_path: Path)
         tiny_settings(tmp_path, textcraftor_grad_steps=5)
 
 
+def test_the_tiny_world_reward_reads_colours_in_words_the_model_never_saw() -> None:
+    from pivotal.demo.reward import NEW_COLOUR_WORDS, demo_prompts, in_new_words, prompt_labels
+    from pivotal.demo.world import COLOURS
+
+    said = demo_prompts(16)
+    new = demo_prompts(16, new_words=True)
+    assert new == [in_new_words(p) for p in said]
+    assert [prompt_labels(p) for p in new] == [prompt_labels(p) for p in said]
+    for prompt in new:  # the object's colour is a new word; the background keeps the model's word
+        colour, rest = prompt.split(" ", 2)[1], prompt.split(" on ", 1)[1]
+        assert colour in NEW_COLOUR_WORDS and colour not in COLOURS and rest in {p.split(" on ", 1)[1] for p in said}
+    assert in_new_words("an orange square on a red background, in the centre") == \
+        "an amber square on a red background, in the centre"
+    assert prompt_labels("a crimson circle on a navy background, top left") == \
+        prompt_labels("a red circle on a blue background, top left")
+
+
+def test_the_rules_reward_scores_what_the_reader_reads() -> None:
+    """Renders of the prompt's scene score near 0; the same scene with the object's colour or place
+    or the background wrong scores lower on that term; the gradient reaches the pixels."""
+    from pivotal.demo.reward import TinyWorldRulesReward, register
+    from pivotal.demo.world import Scene, SceneObject, render
+    from pivotal.training.rewards import reward_names
+
+    register()
+    assert "tiny_world_rules" in reward_names()
+
+    def picture(colour: str, place: str, background: str) -> torch.Tensor:
+        img = render(Scene(background, (SceneObject("circle", colour, place),)), 64, 64)
+        return torch.tensor(np.asarray(img), dtype=torch.float32).permute(2, 0, 1) / 255
+
+    reward = TinyWorldRulesReward()
+    prompt = "a red circle on a blue background, top left"
+    pictures = torch.stack([picture("red", "top left", "blue"), picture("yellow", "top left", "blue"),
+                            picture("red", "top right", "blue"), picture("red", "top left", "white")])
+    terms = reward.terms(pictures, [prompt] * 4)
+    assert all(float(t[0]) > -0.05 for t in terms.values()), terms
+    assert float(terms["colour"][1]) < -0.3 and float(terms["place"][2]) < -0.3, terms
+    assert float(terms["background"][3]) < -0.3, terms
+    # a new word for the colour means the palette's colour
+    same = reward.terms(pictures[:1], ["a crimson circle on a navy background, top left"])
+    assert all(torch.allclose(same[k], terms[k][:1]) for k in terms)
+    pictures.requires_grad_(True)
+    reward(pictures, [prompt] * 4).sum().backward()
+    assert pictures.grad is not None and float(pictures.grad.abs().sum()) > 0
+
+
 def test_a_plugin_reward_registers_by_name(tmp_path: Path) -> None:
     register_reward("redness", lambda config, device: Redness())
     try:
