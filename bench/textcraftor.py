@@ -60,13 +60,18 @@ def host_for(weights: str | None) -> Any:
     return DiffusersHost(load_parts(weights), label=f"tiny-world {Path(weights).name}")
 
 
+#: the reward trained on, and whether prompts (training and checks) say the object's colour in words
+#: the model never saw (pivotal.demo.reward.NEW_COLOUR_WORDS); set by --reward / --new-words
+OPTIONS: dict[str, Any] = {"reward": "tiny_world", "new_words": False}
+
+
 def textcraftor_config(out: Path, unet: bool, steps: int) -> Any:
     from pivotal.demo.reward import demo_prompts
     from pivotal.training.config import TrainConfig
 
     return TrainConfig(mode="textcraftor", out_dir=str(out), output_name="tc-unet" if unet else "tc",
-                       reward=["tiny_world"], reward_prompts=demo_prompts(), textcraftor_unet=unet,
-                       **{**RUN, "steps": steps}).validate()
+                       reward=[OPTIONS["reward"]], reward_prompts=demo_prompts(new_words=OPTIONS["new_words"]),
+                       textcraftor_unet=unet, **{**RUN, "steps": steps}).validate()
 
 
 def read_back(host: Any, count: int, steps: int = 20, guidance: float = 4.0) -> dict[str, float]:
@@ -85,8 +90,11 @@ def read_back(host: Any, count: int, steps: int = 20, guidance: float = 4.0) -> 
                       textcraftor_guidance=guidance).validate()
     runner = RewardStepRunner(cfg, host, ["x"], [], torch.Generator())
     noise = torch.randn((count, *runner.latent_shape), generator=torch.Generator().manual_seed(EVAL_SEED))
+    from pivotal.demo.reward import in_new_words
+
+    said = [in_new_words(p) if OPTIONS["new_words"] else p for p, _ in pairs]
     with torch.no_grad():
-        pictures = runner.images([p for p, _ in pairs], noise)
+        pictures = runner.images(said, noise)
     hits = {a: 0 for a in ATTRIBUTES}
     all4 = 0
     for picture, (_, scene) in zip(pictures, pairs):
@@ -180,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="of those, how many (the last) carry the gradient")
     parser.add_argument("--cost-steps", type=int, default=10, help="steps timed per cost case")
     parser.add_argument("--runs", default="te,te+unet", help="which runs (comma-separated: te, te+unet; empty: none)")
+    parser.add_argument("--reward", default="tiny_world", help="the reward trained on (tiny_world, tiny_world_rules)")
+    parser.add_argument("--new-words", action="store_true",
+                        help="prompts say the object's colour in words the model never saw (crimson, navy, ...)")
     parser.add_argument("--no-base", action="store_true", help="skip the base model's row")
     parser.add_argument("--no-cost", action="store_true", help="skip the cost measurement")
     parser.add_argument("--json", help="write the results here")
@@ -191,11 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from pivotal.training.trainer import train
 
+    OPTIONS.update(reward=args.reward, new_words=args.new_words)
     RUN.update(te_lr=args.te_lr, unet_lr=args.unet_lr, batch_size=args.batch_size,
                textcraftor_sample_steps=args.sample_steps, textcraftor_grad_steps=args.grad_steps)
     host = host_for(args.weights)
     started = time.perf_counter()
-    results: dict[str, Any] = {"settings": {**RUN, "steps": args.steps}, "count": args.count,
+    results: dict[str, Any] = {"settings": {**RUN, **OPTIONS, "steps": args.steps}, "count": args.count,
                                "model": args.weights or "shipped tiny-world sd1", "rows": []}
     if not args.no_base:
         results["rows"].append({"run": "base", "te": None, "unet": None,
