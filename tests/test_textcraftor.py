@@ -350,13 +350,14 @@ def test_clip_and_aesthetic_rewards_from_local_files(clip_folder: Path, tmp_path
 def test_the_cli_demo_in_textcraftor_mode_needs_no_dataset(tmp_path: Path) -> None:
     from pivotal.cli.main import build_parser
     from pivotal.cli.train import build_config
-    from pivotal.demo.reward import DEMO_TEXTCRAFTOR, demo_prompts
+    from pivotal.demo.reward import DEMO_PROMPT_COUNT, DEMO_TEXTCRAFTOR, demo_prompts
 
     args = build_parser().parse_args(["train", "--demo", "sd1", "--mode", "textcraftor", "--out", str(tmp_path),
                                       "--te-lr", "0.01", "--textcraftor-grad-steps", "2"])
     cfg = build_config(args)
-    assert (cfg.mode, cfg.reward, cfg.reward_prompts, cfg.embeddings) == ("textcraftor", ["tiny_world"],
-                                                                          demo_prompts(), [])
+    prompts = demo_prompts(DEMO_PROMPT_COUNT, new_words=True)  # the object's colour in words the model never saw
+    assert (cfg.mode, cfg.reward, cfg.reward_prompts, cfg.embeddings) == ("textcraftor", ["tiny_world_rules"],
+                                                                          prompts, [])
     assert (cfg.te_lr, cfg.textcraftor_grad_steps) == (0.01, 2)  # flags win over the demo's settings
     assert cfg.textcraftor_sample_steps == DEMO_TEXTCRAFTOR["textcraftor_sample_steps"]
     assert not (tmp_path / "demo_data").exists()

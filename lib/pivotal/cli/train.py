@@ -109,12 +109,13 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = dict(DEMO_SETTINGS) if args.demo else {}
     reward_mode = given.get("mode") == "textcraftor"
     if args.demo and reward_mode:
-        from pivotal.demo.reward import DEMO_TEXTCRAFTOR, demo_prompts
+        from pivotal.demo.reward import DEMO_PROMPT_COUNT, DEMO_TEXTCRAFTOR, demo_prompts
 
-        # the demo's reward fine-tuning: the tiny-world reward on world captions (where nothing else spoke)
+        # the demo's reward fine-tuning (where nothing else spoke): the rules reward on world captions
+        # whose object colours are words the model never saw, so the encoder has something to learn
         values.update(DEMO_TEXTCRAFTOR)
         if not given.get("reward_prompts") and not given.get("reward_prompts_file"):
-            values["reward_prompts"] = demo_prompts()
+            values["reward_prompts"] = demo_prompts(DEMO_PROMPT_COUNT, new_words=True)
     values.update(given)
     if args.demo and not values.get("embeddings") and not reward_mode:
         values["embeddings"] = [EmbeddingSpec.parse(DEMO_EMBEDDING)]
