@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pivotal.demo.world import BASE_SHAPES, COLOURS, PLACES
+from pivotal.demo.world import BASE_SHAPES, COLOURS, PLACES, article, background_words
 from pivotal.errors import BundleError, ConfigError
 
 REWARD_FILE = Path(__file__).resolve().parent / "weights" / "tiny-world-reward.safetensors"
@@ -106,12 +106,7 @@ def in_new_words(prompt: str) -> str:
         raise ConfigError(f"in_new_words: not a one-object world caption: {prompt!r}")
     word = _IN_NEW_WORDS.get(m.group("colour"), m.group("colour"))
     background = m.group("background")
-    return (f"{_article(word)} {word} {m.group('shape')} on {_article(background)} {background} background, "
-            f"{m.group('place')}")
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
+    return f"{article(word)} {word} {m.group('shape')} {background_words(background)}, {m.group('place')}"
 
 
 def demo_prompts(count: int = 64, seed: int = PROMPT_SEED, new_words: bool = False) -> list[str]:

@@ -216,7 +216,8 @@ class WorldItem(NamedTuple):
     scene: Scene
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
+    """"a" or "an" before ``word``."""
     return "an" if word[0] in "aeiou" else "a"
 
 
@@ -231,12 +232,12 @@ def object_words(obj: SceneObject) -> str:
 
 def _with_article(obj: SceneObject) -> str:
     words = object_words(obj)
-    return words if obj.name else f"{_article(words)} {words}"
+    return words if obj.name else f"{article(words)} {words}"
 
 
 def background_words(colour: str) -> str:
     """``"on a blue background"``."""
-    return f"on {_article(colour)} {colour} background"
+    return f"on {article(colour)} {colour} background"
 
 
 def caption(scene: Scene) -> str:
