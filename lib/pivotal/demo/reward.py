@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pivotal.demo.world import BASE_SHAPES, COLOURS, PLACES, article, background_words
+from pivotal.demo.world_read import OBJECT_DISTANCE
 from pivotal.errors import BundleError, ConfigError
 
 REWARD_FILE = Path(__file__).resolve().parent / "weights" / "tiny-world-reward.safetensors"
@@ -176,8 +177,6 @@ def tiny_world_reward(config: Any, device: torch.device) -> TinyWorldReward:
 # colour read right from 10 % to 80 % (te = 1; 58.5 % at te = 0.5).
 
 RULES_NAME = "tiny_world_rules"
-#: the rules reward: RGB distance (0-255) past which a pixel is object, as the reader's ``OBJECT_DISTANCE``
-OBJECT_DISTANCE = 45.0
 #: softness of the object mask, RGB units
 MASK_SOFTNESS = 8.0
 #: scales s of the bounded terms: RGB units for colours, fractions of the picture for the place
