@@ -102,7 +102,7 @@ def test_a_textcraftor_run_from_the_tab_interpolates_with_te_weights(tiny_world:
     import test_webui_tab as tab
     from selenium.webdriver.common.by import By
 
-    from pivotal.demo.reward import demo_prompts
+    from pivotal.demo.reward import DEMO_PROMPT_COUNT, demo_prompts
     from pivotal.formats.bundle import read_bundle
 
     missing = tab._browser_missing()
@@ -121,7 +121,7 @@ def test_a_textcraftor_run_from_the_tab_interpolates_with_te_weights(tiny_world:
             d.find_element(By.CSS_SELECTOR, f"#{section} .label-wrap, #{section} > button").click()
         tab._wait(d, "the textcraftor section", lambda d: d.find_element(By.ID, "pivotal-reward").is_displayed(), 10)
         tab._type(d, "pivotal-reward", "tiny_world_rules")
-        tab._type(d, "pivotal-reward-prompts", "\n".join(demo_prompts(new_words=True)))
+        tab._type(d, "pivotal-reward-prompts", "\n".join(demo_prompts(DEMO_PROMPT_COUNT, new_words=True)))
         for field, value in RUN.items():
             tab._type(d, f"pivotal-{field}", value)
         if WITH_UNET:
