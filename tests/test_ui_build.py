@@ -286,6 +286,8 @@ def test_generate_bad_number_shown(tmp_path: Path) -> None:
         gen = build_generate_tab(job, lambda: object(), out_dir=str(tmp_path))
     _, info = gen.handlers["generate"](str(tmp_path), NO_BUNDLE, 1.0, "a photo", "", 4.5, 0, 64, 64, 7.0)
     assert "steps: must be a whole number" in info
+    _, info = gen.handlers["generate"](str(tmp_path), NO_BUNDLE, 1.0, "a photo", "", 4, 0, 64, 64, "nan")
+    assert "guidance: &#x27;nan&#x27; is not a finite number" in info
 
 
 def test_grid_of_the_chosen_bundle(tmp_path: Path) -> None:
