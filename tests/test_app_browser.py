@@ -391,3 +391,32 @@ def test_a_sweep_and_its_grid_in_the_browser(app_server: dict[str, Any], browser
     record = json.loads(record_path.read_text(encoding="utf-8"))
     assert sorted(record["row_bundles"]) == ["swept-embedding_lr0p001", "swept-embedding_lr0p01"]
     assert record["complete"] and len(record["cells"]) == 10
+
+
+def test_picking_textcraftor_fills_in_the_demos_recipe(app_server: dict[str, Any], browser: Any, shots: Path) -> None:
+    """In the demo app, picking the textcraftor mode fills the form with the measured recipe (its
+    reward, the new-word prompts, the text-encoder LR), and picking pivotal again restores the form."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(app_server["url"])
+    _open_tab(browser, "Train")
+    for section in ("pivotal-textcraftor", "pivotal-lora"):  # closed accordions may not render their fields
+        _by_id(browser, section).find_element(By.CSS_SELECTOR, ".label-wrap, :scope > button").click()
+
+    def value(elem_id: str) -> str:
+        return _by_id(browser, elem_id).find_element(By.CSS_SELECTOR, "textarea, input").get_attribute("value") or ""
+
+    plain_lr = value("pivotal-te-lr")
+
+    def pick(mode: str) -> None:
+        _by_id(browser, "pivotal-mode").find_element(By.XPATH, f".//label[normalize-space()='{mode}']").click()
+
+    pick("textcraftor")
+    _wait(browser, "the textcraftor recipe in the form", lambda d: value("pivotal-reward") == "tiny_world_rules", 20)
+    prompts = value("pivotal-reward-prompts").splitlines()
+    assert len(prompts) == 256 and "crimson" in " ".join(prompts)
+    assert float(value("pivotal-te-lr")) == 5e-3 and value("pivotal-textcraftor-grad-steps") == "10"
+    browser.save_screenshot(str(shots / "app-textcraftor-recipe.png"))
+    pick("pivotal")
+    _wait(browser, "the form's own values back", lambda d: value("pivotal-reward") == "", 20)
+    assert value("pivotal-te-lr") == plain_lr

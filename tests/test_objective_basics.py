@@ -222,3 +222,15 @@ def test_a_masked_run_records_its_masks(host, tmp_path: Path) -> None:
     meta = read_bundle(result.bundle_path).metadata
     assert meta["ss_masked_loss"] == "True"
     assert '"masks":{"found":1,"missing":1,"source":"folder","unmasked_weight":0.0}' in meta["pivotal.dataset"]
+
+
+def test_the_bundle_counts_repeated_images_as_kohya_does(host, tmp_path: Path) -> None:
+    """ss_num_train_images is images per epoch: a ``3_name`` folder's pictures count three times
+    (kohya: num_repeats x images per subset); ss_num_reg_images is 0 without class images."""
+    data = tmp_path / "data"
+    _bars(data / "3_mychar")
+    _bars(data / "plain", count=1)
+    result = train(config(data, tmp_path / "o"), host)
+    meta = read_bundle(result.bundle_path).metadata
+    assert meta["ss_num_train_images"] == "7" and meta["ss_num_reg_images"] == "0"
+    assert '"repeats":{"3_mychar":3}' in meta["pivotal.dataset"]

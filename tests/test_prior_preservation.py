@@ -119,6 +119,7 @@ def test_user_class_images_are_used_before_generating(host, data_dir: Path, tmp_
     assert result.status == "completed" and len(rec.calls) == 1
     prior = json.loads(read_header(result.bundle_path).metadata["pivotal.prior"])
     assert (prior["found"], prior["generated"], prior["used"]) == (2, 1, 3)
+    assert read_header(result.bundle_path).metadata["ss_num_reg_images"] == "3"  # kohya's count of them
 
 
 def test_the_class_loss_is_part_of_the_step_loss(host, data_dir: Path, tmp_path: Path) -> None:

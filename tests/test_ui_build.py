@@ -286,6 +286,8 @@ def test_generate_bad_number_shown(tmp_path: Path) -> None:
         gen = build_generate_tab(job, lambda: object(), out_dir=str(tmp_path))
     _, info = gen.handlers["generate"](str(tmp_path), NO_BUNDLE, 1.0, "a photo", "", 4.5, 0, 64, 64, 7.0)
     assert "steps: must be a whole number" in info
+    _, info = gen.handlers["generate"](str(tmp_path), NO_BUNDLE, 1.0, "a photo", "", 4, 0, 64, 64, "nan")
+    assert "guidance: &#x27;nan&#x27; is not a finite number" in info
 
 
 def test_grid_of_the_chosen_bundle(tmp_path: Path) -> None:
@@ -386,3 +388,38 @@ def test_demo_setup_writes_the_dataset_once(tmp_path: Path) -> None:
     (Path(data_dir) / "mine.txt").write_text("kept")
     demo_setup(tmp_path / "out")  # an existing dataset is left as it is
     assert (Path(data_dir) / "mine.txt").read_text() == "kept"
+
+
+def test_picking_textcraftor_in_the_demo_app_fills_in_its_measured_recipe(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pre-trained demo app hands the tab the CLI demo's TextCraftor recipe; picking the mode
+    fills the form with it (the new-word prompts too), picking pivotal again gives the form's own
+    values back, and a form so filled starts a run with exactly that recipe."""
+    import pivotal.ui.app as app
+    from pivotal.demo.reward import DEMO_PROMPT_COUNT, DEMO_TEXTCRAFTOR, NEW_COLOUR_WORDS
+
+    given: list[Any] = []
+    real = app.build_train_tab
+    monkeypatch.setattr(app, "build_train_tab", lambda *a, **kw: given.append(kw.get("mode_presets")) or real(*a, **kw))
+    build_app(lambda: None, str(tmp_path), str(tmp_path / "data"), base=base_config(out_dir=str(tmp_path)),
+              demo=True, generate_size=64, pretrained_demo=False)
+    build_app(lambda: None, str(tmp_path), str(tmp_path / "data"), base=base_config(out_dir=str(tmp_path)),
+              demo=True, generate_size=64, pretrained_demo=True)
+    assert given[0] is None and given[1] == app.demo_mode_presets()
+
+    base = base_config(out_dir=str(tmp_path))
+    with gr.Blocks():
+        tab = build_train_tab(TrainingJob(trainer=fake_trainer), lambda: object(), data_dir="/data",
+                              out_dir=str(tmp_path), base=base, mode_presets=app.demo_mode_presets())
+    names = form_field_names()
+    set_by_mode = [n for n in names if n in DEMO_TEXTCRAFTOR or n == "reward_prompts"]
+    assert len(set_by_mode) == len(DEMO_TEXTCRAFTOR) + 1
+    picked = dict(zip(sorted(set_by_mode), (u["value"] for u in tab.handlers["mode"]("textcraftor"))))
+    prompts = picked["reward_prompts"].splitlines()
+    assert len(prompts) == DEMO_PROMPT_COUNT and all(any(w in p for w in NEW_COLOUR_WORDS) for p in prompts)
+    form = dict(zip(names, form_values(base)))
+    form.update(picked, mode="textcraftor")
+    config, _ = config_from_form(base, form)
+    assert {k: getattr(config, k) for k in DEMO_TEXTCRAFTOR} == DEMO_TEXTCRAFTOR
+    back = dict(zip(sorted(set_by_mode), (u["value"] for u in tab.handlers["mode"]("pivotal"))))
+    assert back == {k: form_values_from_config(base)[k] for k in set_by_mode}

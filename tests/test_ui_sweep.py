@@ -112,7 +112,11 @@ def test_bad_sweep_values_name_the_setting(tmp_path: Path) -> None:
     assert "no sweep yet" in info
     assert grid_numbers("4", 0) == (4, 0) and grid_numbers(None, 96.0) == (20, 96)
     for steps, size, named in ((0, 0, "grid steps"), (2.5, 0, "grid steps"), (4, 60, "grid size"),
-                               (4, 100, "grid size"), ("many", 0, "whole numbers")):
+                               (4, 100, "grid size"), ("many", 0, "grid steps"), ("inf", 0, "grid steps"),
+                               (4, float("nan"), "grid size"), (4, "", None)):
+        if named is None:  # an empty size box is 0: the variants' own resolution
+            assert grid_numbers(steps, size) == (4, 0)
+            continue
         with pytest.raises(ConfigError, match=named):
             grid_numbers(steps, size)
 

@@ -33,7 +33,9 @@ class TrainingInfo:
 
     output_name: str
     resolution: tuple[int, int] = (512, 512)
+    #: images per epoch (an image once per repeat) and class images, as kohya counts them
     num_train_images: int = 0
+    num_reg_images: int = 0
     #: {dataset folder name: {tag: count}}, as kohya writes it.
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
     #: The training settings (JSON-able), recorded under ``pivotal.training``.
@@ -119,6 +121,7 @@ def build_metadata(base_model: str, lora: dict[str, torch.Tensor], embeddings: l
         "ss_tag_frequency": json.dumps(info.tag_frequency, ensure_ascii=False, separators=(",", ":")),
         "ss_resolution": f"({w}, {h})",
         "ss_num_train_images": str(int(info.num_train_images)),
+        "ss_num_reg_images": str(int(info.num_reg_images)),
         "ss_training_finished_at": str(now.timestamp()),
         "sshs_model_hash": model_hash,
         "modelspec.sai_model_spec": "1.0.0",

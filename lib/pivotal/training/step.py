@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -35,6 +35,27 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: Bytes of prompt conditioning kept while the text side is frozen (SD1: ~240 KB per caption in
 #: fp32, SDXL ~640 KB): a typical dataset's captions fit; a larger one evicts the oldest.
 TEXT_CACHE_BYTES = 128 * 2**20
+
+
+@contextlib.contextmanager
+def step_random_state(seed: int, step: int, device: torch.device, needed: bool) -> Iterator[None]:
+    """Give one training step its own global random state, seeded from (seed, step), when the
+    step draws from it (LoRA dropout does: nn.functional.dropout has no generator argument).
+
+    Why: the global generator belongs to the host (a webui seeds its own generations from it), and a
+    state that depends only on the step keeps an interrupted-then-resumed run equal to an
+    uninterrupted one. The host's state is restored on the way out (fork_rng)."""
+    if not needed:
+        yield
+        return
+    state = (seed * 1_000_003 + step) % 2**63  # one distinct stream per step of this run
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.random.default_generator.manual_seed(state)
+        if cuda:  # this device only: fork_rng restores only the devices it was given
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(state)
+        yield
 
 
 def _grad_scaler(enabled: bool):

@@ -21,20 +21,18 @@ generation has its memory back (reliability checklist 26; :mod:`pivotal.training
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import math
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from pivotal.adapters.network import LoraNetwork
 from pivotal.errors import TrainingError
 from pivotal.formats.bundle import BundleEmbedding, write_bundle
-from pivotal.formats.bundle_metadata import TrainingInfo
 from pivotal.formats.name_registry import check_new_names, taken_names_for_run
 from pivotal.formats.safetensors_io import stray_temp_files
 from pivotal.host_api import TrainingHost
@@ -49,8 +47,9 @@ from pivotal.training.optim import GroupSpec, apply_lrs, build_optimizer, phase_
 from pivotal.training.prior import ClassImagesReport, class_dataset, ensure_class_images
 from pivotal.training.progress import EventSink, LossSmoother, ProgressEvent, TrainResult, window_means
 from pivotal.training.rewards import build_rewards
+from pivotal.training.run_record import training_info
 from pivotal.training.state import RunState, load_state, model_fingerprint, save_state
-from pivotal.training.step import StepRunner, training_prediction
+from pivotal.training.step import StepRunner, step_random_state, training_prediction
 from pivotal.training.textcraftor import RewardStepRunner, read_prompts
 from pivotal.training.validation import Validator
 
@@ -93,27 +92,6 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-@contextlib.contextmanager
-def step_random_state(seed: int, step: int, device: torch.device, needed: bool) -> Iterator[None]:
-    """Give one training step its own global random state, seeded from (seed, step), when the
-    step draws from it (LoRA dropout does: nn.functional.dropout has no generator argument).
-
-    Why: the global generator belongs to the host (a webui seeds its own generations from it), and a
-    state that depends only on the step keeps an interrupted-then-resumed run equal to an
-    uninterrupted one. The host's state is restored on the way out (fork_rng)."""
-    if not needed:
-        yield
-        return
-    state = (seed * 1_000_003 + step) % 2**63  # one distinct stream per step of this run
-    cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if cuda else []):
-        torch.random.default_generator.manual_seed(state)
-        if cuda:  # this device only: fork_rng restores only the devices it was given
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(state)
-        yield
 
 
 def run_taken_names(cfg: TrainConfig, host_taken: Mapping[str, str] | None,
@@ -384,29 +362,8 @@ class _Run:
         fault_point("save", self.step)
         trained = self.embeddings.tensors()
         embs = [BundleEmbedding(s.name, trained[s.name], s.init_text) for s in self.specs if s.name in trained]
-        batches = self.batches
-        info = TrainingInfo(cfg.output_name, resolution=(cfg.resolution, cfg.resolution),
-                            num_train_images=len(batches.dataset.items) if batches is not None else 0,
-                            tag_frequency=batches.tag_frequency() if batches is not None else {},
-                            settings=cfg.to_dict(),
-                            base_checkpoint=self.host.label)
-        info.sweep = dict(entry.partition("=")[::2] for entry in cfg.sweep)
-        if self.class_report is not None:
-            info.prior = {**self.class_report.to_dict(), "prior_loss_weight": cfg.prior_loss_weight}
-        if cfg.dreamartist:
-            info.dreamartist = {"cfg": cfg.dreamartist_cfg, "negatives": negative_pairs(cfg)}
-        info.zero_terminal_snr, info.max_grad_norm = cfg.zero_terminal_snr, cfg.max_grad_norm
-        info.masked_loss, info.v_prediction = cfg.masked_loss, self.prediction == "v_prediction"
-        report = batches.report if batches is not None else None
-        if report is not None:
-            info.dataset = {k: v for k, v in (("repeats", report.repeats), ("loss_scales", report.loss_scales)) if v}
-        if cfg.masked_loss and report is not None:
-            info.dataset["masks"] = {"source": "alpha" if not cfg.mask_dir else "folder", "found": report.masks_found,
-                                     "missing": len(report.masks_missing), "unmasked_weight": cfg.unmasked_weight}
-        if self.validation_losses:
-            info.validation_step, info.validation_loss = self.validation_losses[-1]
-            drift = dict(self.validation_drifts).get(info.validation_step)
-            info.validation_drift = drift
+        info = training_info(cfg, self.host.label, self.prediction, self.batches, self.class_report,
+                             self.validation_losses, self.validation_drifts)
         write_bundle(path, self.host.base_model, self.net.kohya_state_dict(SAVE_DTYPES[cfg.save_precision]),
                      embs, info)
         save_state(self.out_dir / f"{stem}.resume.safetensors",

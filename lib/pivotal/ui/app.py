@@ -60,7 +60,8 @@ def build_app(host_provider: HostProvider, out_dir: str, data_dir_default: str =
             with gr.Tab("Train", id="train", elem_id="pivotal-tab-train"):
                 train = build_train_tab(job, host_provider, data_dir=data_dir_default, out_dir=out_dir, base=base,
                                         sweep_grid=standalone_sweep_grid(job, host_provider),
-                                        grid_steps=generate_steps)
+                                        grid_steps=generate_steps,
+                                        mode_presets=demo_mode_presets() if demo and pretrained_demo else None)
             with gr.Tab("Generate", id="generate", elem_id="pivotal-tab-generate"):
                 prompt = f"a photo of {names[0]}" if names else ""
                 contexts = None
@@ -78,6 +79,15 @@ def build_app(host_provider: HostProvider, out_dir: str, data_dir_default: str =
         # a reloaded page, or a second tab, catches up with a run that is going
         blocks.load(train.follow_current, inputs=None, outputs=train.outputs)
     return blocks
+
+
+def demo_mode_presets() -> dict[str, dict[str, Any]]:
+    """The pre-trained demo's Train form, when "textcraftor" is picked: the recipe and prompts
+    ``pivotal train --demo sd1 --mode textcraftor`` runs (the run measured to raise prompt following:
+    world captions whose object colours are words the model never saw)."""
+    from pivotal.demo.reward import DEMO_PROMPT_COUNT, DEMO_TEXTCRAFTOR, demo_prompts
+
+    return {"textcraftor": {**DEMO_TEXTCRAFTOR, "reward_prompts": demo_prompts(DEMO_PROMPT_COUNT, new_words=True)}}
 
 
 def launch(blocks: gr.Blocks, port: int = 7860, open_browser: bool = False, block: bool = True) -> str:
@@ -175,7 +185,9 @@ def _header_html(label: str, demo: bool, pretrained_demo: bool = False) -> str:
                      "DEMO: a tiny model pre-trained on a synthetic world of coloured shapes (it draws prompts "
                      "like &quot;a red circle on a blue background, top left&quot;, 64 px), and a synthetic "
                      f"dataset of a character it never saw ({name}: a striped star). Train, then generate "
-                     f"&quot;{name} on a blue background, top left&quot;.</div>")
+                     f"&quot;{name} on a blue background, top left&quot;. Training mode textcraftor fills in "
+                     "the demo's reward fine-tuning: prompts that say colours in words the model never saw "
+                     "(&quot;a crimson circle…&quot;).</div>")
     elif demo:
         parts.append('<div id="pivotal-demo-warning" style="border-left:4px solid #b45309;padding:4px 8px">'
                      "DEMO: a tiny model with RANDOM weights and a synthetic dataset. Images will be noise; "

@@ -19,6 +19,7 @@ import gradio as gr
 from pivotal.errors import BundleError, ConfigError, PivotalError
 from pivotal.training.job import JobBusyError, TrainingJob
 from pivotal.ui.bundle_list import BundleEntry, describe, find_bundles
+from pivotal.ui.form_numbers import form_number, form_whole
 from pivotal.ui.progress_view import message_html
 
 HostProvider = Callable[[], Any]
@@ -97,8 +98,8 @@ def build_generate_tab(job: TrainingJob, host_provider: HostProvider, out_dir: s
     def on_generate(folder_text: str, label: str, w: float, prompt_text: str, negative_text: str, n_steps: Any,
                     seed_v: Any, width_v: Any, height_v: Any, guidance_v: Any) -> tuple:
         try:
-            numbers = (_whole("steps", n_steps), _whole("seed", seed_v), _whole("width", width_v),
-                       _whole("height", height_v), _float("guidance", guidance_v))
+            numbers = (form_whole("steps", n_steps), form_whole("seed", seed_v), form_whole("width", width_v),
+                       form_whole("height", height_v), form_number("guidance", guidance_v))
             entry = _entry(folder_text or out_dir, label)
             full_prompt = _with_lora_tag(prompt_text or "", entry, w)
             lora_dirs = [str(Path(entry.path).parent)] if entry else []
@@ -117,8 +118,8 @@ def build_generate_tab(job: TrainingJob, host_provider: HostProvider, out_dir: s
         """Full / UNet only / TE only / embeddings only / base for the chosen bundle: the prompt is the
         first row, two rows in contexts its captions never had follow; one seed per row."""
         try:
-            steps_v, seed_i, w_i, h_i = (_whole("steps", n_steps), _whole("seed", seed_v), _whole("width", width_v),
-                                         _whole("height", height_v))
+            steps_v, seed_i, w_i, h_i = (form_whole("steps", n_steps), form_whole("seed", seed_v),
+                                         form_whole("width", width_v), form_whole("height", height_v))
             entry = _entry(folder_text or out_dir, label)
             if entry is None:
                 raise ConfigError("choose a bundle for the grid (it compares that bundle's parts)")
@@ -132,7 +133,7 @@ def build_generate_tab(job: TrainingJob, host_provider: HostProvider, out_dir: s
             target.parent.mkdir(parents=True, exist_ok=True)
             with job.using_host():
                 render = host_renderer(host_provider(), [str(Path(entry.path).parent)], steps_v, w_i, h_i,
-                                       _float("guidance", guidance_v))
+                                       form_number("guidance", guidance_v))
                 png, record = save_grid(target, render_grid(plan, render))
         except JobBusyError as e:
             return gr.update(), message_html(str(e), "busy")
@@ -199,17 +200,3 @@ def _names_html(entries: list[BundleEntry], label: Optional[str]) -> str:
         if e.label == label:
             return f'<div class="pivotal-bundle-names">{html.escape(describe(e))}</div>'
     return ""
-
-
-def _whole(name: str, value: Any) -> int:
-    v = _float(name, value)
-    if not v.is_integer():
-        raise ConfigError(f"{name}: must be a whole number, got {value!r}")
-    return int(v)
-
-
-def _float(name: str, value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: enter a number") from None

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 from pivotal.errors import ConfigError, PivotalError
 from pivotal.training.config import TrainConfig
 from pivotal.training.settings import declared
+from pivotal.ui.form_numbers import form_whole
 
 #: rows of the section (a sweep varies at most two settings)
 VARY_ROWS = 2
@@ -137,16 +138,14 @@ def sweep_handlers(job: Any, host_provider: Callable[[], Any], form_config: Call
 def grid_numbers(steps: Any, size: Any) -> tuple[int, int]:
     """The section's grid steps and size as whole numbers; ConfigError naming the field otherwise
     (steps >= 1; size 0, or a multiple of 8 from 64)."""
-    try:
-        steps_f, size_f = float(steps if steps not in (None, "") else GRID_STEPS), float(size or 0)
-    except (TypeError, ValueError):
-        raise ConfigError(f"grid steps {steps!r} / grid size {size!r}: enter whole numbers") from None
-    if steps_f != int(steps_f) or steps_f < 1:
+    steps_i = form_whole("grid steps", GRID_STEPS if steps in (None, "") else steps)
+    size_i = form_whole("grid size", size or 0)
+    if steps_i < 1:
         raise ConfigError(f"grid steps {steps!r}: enter a whole number of sampling steps, 1 or more")
-    if size_f != int(size_f) or (size_f and (size_f < 64 or int(size_f) % 8)):
+    if size_i and (size_i < 64 or size_i % 8):
         raise ConfigError(f"grid size {size!r}: enter 0 (the variants' training resolution) or a multiple of 8 "
                           "from 64")
-    return int(steps_f), int(size_f)
+    return steps_i, size_i
 
 
 def _error(text: str) -> str:

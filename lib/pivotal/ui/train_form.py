@@ -10,12 +10,11 @@ one raises ConfigError naming the setting.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
-from pivotal.errors import ConfigError
 from pivotal.training.config import TrainConfig
 from pivotal.training.settings import ADVANCED, GROUPS, DeclaredSetting, declared
+from pivotal.ui.form_numbers import form_number, form_whole
 
 #: rows of the embeddings table (name, vectors, init text); empty names are skipped
 EMBEDDING_ROWS = 3
@@ -73,9 +72,9 @@ def config_from_form(base: TrainConfig, values: Mapping[str, Any]) -> tuple[Trai
 
 def _convert(s: DeclaredSetting, value: Any) -> Any:
     if s.kind == "int":
-        return _whole(s.name, value)
+        return form_whole(s.name, value)
     if s.kind == "float":
-        return _number(s.name, value)
+        return form_number(s.name, value)
     if s.kind == "bool":
         return bool(value)
     if s.kind == "str_list":
@@ -89,25 +88,6 @@ def _embeddings(values: Mapping[str, Any]) -> list[dict[str, Any]]:
         name = str(values.get(f"emb{i}_name") or "").strip()
         if not name:
             continue
-        vectors = _whole(f"embedding {name!r} vectors", values.get(f"emb{i}_vectors"))
+        vectors = form_whole(f"embedding {name!r} vectors", values.get(f"emb{i}_vectors"))
         out.append({"name": name, "vectors": vectors, "init_text": str(values.get(f"emb{i}_init") or "").strip()})
     return out
-
-
-def _number(name: str, value: Any) -> float:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise ConfigError(f"{name}: enter a number")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: {value!r} is not a number") from None
-    if not math.isfinite(v):
-        raise ConfigError(f"{name}: {value!r} is not a finite number")
-    return v
-
-
-def _whole(name: str, value: Any) -> int:
-    v = _number(name, value)
-    if not v.is_integer():
-        raise ConfigError(f"{name}: must be a whole number, got {value!r}")
-    return int(v)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import gradio as gr
 
@@ -72,7 +72,8 @@ class TrainTab:
 
 def build_train_tab(job: TrainingJob, host_provider: HostProvider, data_dir: str = "", out_dir: str = "output",
                     base: Optional[TrainConfig] = None, elem_prefix: str = "pivotal",
-                    sweep_grid: Optional[SweepGridFn] = None, grid_steps: int = GRID_STEPS) -> TrainTab:
+                    sweep_grid: Optional[SweepGridFn] = None, grid_steps: int = GRID_STEPS,
+                    mode_presets: Optional[Mapping[str, Mapping[str, Any]]] = None) -> TrainTab:
     """Add the Train tab's components to the current Blocks context and wire them to ``job``.
 
     ``host_provider``: returns the host (loading it on first use); called in the run's thread.
@@ -162,6 +163,9 @@ def build_train_tab(job: TrainingJob, host_provider: HostProvider, data_dir: str
                                lambda text: (message_html(text) + progress_html(job.status()),) + _unchanged(4),
                                sweep_grid or standalone_sweep_grid(job, host_provider))
     sweep_rows = [sweep[f"{part}{i}"] for i in range(VARY_ROWS) for part in ("name", "values")]
+    on_mode, preset_fields = _mode_preset_handler(cfg, mode_presets or {}, f)
+    if preset_fields:
+        f["mode"].change(on_mode, inputs=[f["mode"]], outputs=[f[k] for k in preset_fields], **quick_event_kwargs())
     run_events = [
         start.click(on_start, inputs=inputs, outputs=outputs, show_progress="hidden", **long_event_kwargs()),
         follow.click(on_follow, inputs=None, outputs=outputs, show_progress="hidden", **long_event_kwargs()),
@@ -176,7 +180,23 @@ def build_train_tab(job: TrainingJob, host_provider: HostProvider, data_dir: str
                     chart=chart, gallery=gallery, report=report, outputs=outputs, run_events=run_events,
                     follow_current=on_follow,
                     handlers={"start": on_start, "follow": on_follow, "interrupt": on_interrupt, "check": on_check,
-                              **sweep_fns}, sweep=sweep)
+                              "mode": on_mode, **sweep_fns}, sweep=sweep)
+
+
+def _mode_preset_handler(base: TrainConfig, presets: Mapping[str, Mapping[str, Any]],
+                         fields: Mapping[str, Any]) -> tuple[Callable[[str], tuple], list[str]]:
+    """(handler of a pick of the training mode, the form fields it sets): the picked mode's preset
+    values, or ``base``'s for a mode without one, in the form's representation."""
+    names = sorted({k for preset in presets.values() for k in preset if k in fields})
+    forms = {mode: form_values_from_config(TrainConfig.from_dict({**base.to_dict(), **preset}))
+             for mode, preset in presets.items()}
+    plain = form_values_from_config(base)
+
+    def on_mode(mode: str) -> tuple:
+        values = forms.get(mode, plain)
+        return tuple(gr.update(value=values[k]) for k in names)
+
+    return on_mode, names
 
 
 def _follow(job: TrainingJob, run_id: int, notice: str = "", poll_s: float = POLL_S) -> Iterator[tuple]:
