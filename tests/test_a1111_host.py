@@ -315,3 +315,17 @@ def test_unet_lora_and_embeddings_get_gradients_in_a_session(checkpointing: bool
     assert all(g is not None and g.abs().sum() > 0 for g in grads["lora"])
     assert embs.vectors_for("clip_l")["pvtchar"].grad.abs().sum() > 0
     assert not any(p.grad is not None for p in host.unet.parameters())
+
+
+def test_class_images_are_keyed_by_the_cfg_they_are_drawn_at() -> None:
+    """The Pivotal tab's preview CFG replaces the trainer's guidance in every picture the host draws,
+    class images too: their cache key names that scale, so a run with another preview CFG does
+    not reuse pictures drawn at the old one."""
+    from pivotal.training.prior import CLASS_GUIDANCE, class_cache_key
+
+    webui = make_webui()
+    plain, five = A1111Host(webui), A1111Host(webui, preview_cfg=5.0)
+    assert plain.generation_guidance(CLASS_GUIDANCE) == CLASS_GUIDANCE and five.generation_guidance(7.0) == 5.0
+    key = class_cache_key(plain, "a photo of a person", 64, 64, 20)
+    assert class_cache_key(five, "a photo of a person", 64, 64, 20) != key
+    assert class_cache_key(A1111Host(webui, preview_cfg=CLASS_GUIDANCE), "a photo of a person", 64, 64, 20) == key

@@ -321,8 +321,12 @@ class A1111Host(HostDefaults):
         """A preview through the webui's txt2img with the attached LoRA and live embeddings."""
         from pivotal.hosts.a1111.preview import generate_preview
 
-        cfg = self.preview_cfg if self.preview_cfg is not None else guidance
-        return generate_preview(self, prompt, negative, embeddings, steps, seed, width, height, cfg)
+        return generate_preview(self, prompt, negative, embeddings, steps, seed, width, height,
+                                self.generation_guidance(guidance))
+
+    def generation_guidance(self, guidance: float) -> float:
+        """``preview_cfg`` when it is set (previews and class images are drawn at it), else ``guidance``."""
+        return float(self.preview_cfg if self.preview_cfg is not None else guidance)
 
 
 @contextlib.contextmanager

@@ -287,8 +287,12 @@ class ForgeHost(HostDefaults):
                 self._warned_preview = True
                 log.warning("Pivotal: previews are skipped: another checkpoint is selected and loads after the run")
             return Image.new("RGB", (int(width), int(height)))
-        cfg = self.preview_cfg if self.preview_cfg is not None else guidance
-        return generate_preview(self, prompt, negative, embeddings, steps, seed, width, height, cfg)
+        return generate_preview(self, prompt, negative, embeddings, steps, seed, width, height,
+                                self.generation_guidance(guidance))
+
+    def generation_guidance(self, guidance: float) -> float:
+        """``preview_cfg`` when it is set (previews and class images are drawn at it), else ``guidance``."""
+        return float(self.preview_cfg if self.preview_cfg is not None else guidance)
 
     def published(self, path: str) -> None:
         """The run wrote ``path`` into the Lora folder: if it replaced a file whose LoRA Forge has
