@@ -19,8 +19,8 @@ run (also after a generation that merged a LoRA); the ablation grid and the X/Y/
 axis rendering through the webui's txt2img; the webui's Interrupt and queue; a bundle with 13
 embeddings applying its LoRA (Forge skips a LoRA with more than 12 keys it does not know); two
 bundles defining one name resolved by the prompt's tags; LoHa, LoKr and DoRA bundles drawn by the
-webui's loader as Pivotal's ΔW predicts; on Forge a textcraftor run (reward through the VAE); and
-no traceback in the webui's log.
+webui's loader as Pivotal's ΔW predicts; a textcraftor run (reward through the VAE); and no
+traceback in the webui's log.
 """
 
 from __future__ import annotations
@@ -407,14 +407,11 @@ def test_the_tab_trains_and_its_bundle_works(fwebui: FamilyWebui, dataset: Path,
 
 
 def test_a_textcraftor_run_trains_the_text_encoder_through_the_vae(fwebui: FamilyWebui) -> None:
-    """The textcraftor mode on Forge: pictures sampled by the webui's UNet, decoded with the gradient
-    on through Forge's VAE module (its patcher decodes under inference mode), a reward on them trains
+    """The textcraftor mode on Forge and reForge: pictures sampled by the webui's UNet, decoded with the
+    gradient on through the VAE module (their patchers decode under inference mode), a reward on them trains
     a text-encoder LoRA only; the host is as before, and the LoRA at te = 0 draws the base picture
     while at te = 1 it changes it. (Mechanics on a full-size SD1 model: 2 steps, 64 px; whether the
     reward is raised is measured on the tiny world, test_webui_textcraftor.py.)"""
-    if fwebui.kind == "reforge":
-        pytest.skip("reForge decodes through its VAE patcher under inference mode: the textcraftor mode "
-                    "refuses to start there (README, TextCraftor)")
     from pivotal.formats.bundle import read_bundle
 
     w = fwebui.server
