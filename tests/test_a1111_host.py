@@ -200,7 +200,7 @@ class LdmDecoderVae(nn.Module):
 def test_latents_decode_differentiably_through_the_webuis_vae() -> None:
     """The textcraftor mode backpropagates through the decoder: the host calls the VAE's own
     ``decode`` on latents / scale factor (the model's ``decode_first_stage`` is no_grad), and the
-    VAE's weights stay untouched; reForge's VAE is refused by name."""
+    VAE's weights stay untouched; on reForge its VAE patcher's module, the same way."""
     pytest.importorskip("ldm", reason="the real ldm Decoder comes from stable-diffusion-sdkit")
     webui = make_webui()
     vae = LdmDecoderVae()
@@ -214,7 +214,20 @@ def test_latents_decode_differentiably_through_the_webuis_vae() -> None:
     assert torch.equal(pictures, expected)
     pictures.square().mean().backward()
     assert latents.grad is not None and latents.grad.abs().sum() > 0
-    webui.sd_model.forge_objects = types.SimpleNamespace(vae=object())  # reForge
+    # reForge: decode_first_stage runs its VAE patcher under inference mode; the patcher's VAE module
+    # decodes instead, after the model's latent format undoes the scale
+    latent_format = types.SimpleNamespace(process_out=lambda x: x / 0.18215)
+    unet = types.SimpleNamespace(model=types.SimpleNamespace(model_config=types.SimpleNamespace(
+        latent_format=latent_format)))
+    webui.sd_model.first_stage_model = None  # reForge's own stand-in: not what decodes
+    webui.sd_model.forge_objects = types.SimpleNamespace(unet=unet, vae=types.SimpleNamespace(
+        first_stage_model=vae, device=torch.device("cpu"), vae_dtype=torch.float32, patcher=object()))
+    latents.grad = None
+    pictures = host.decode_latents(latents)
+    assert torch.equal(pictures, expected)
+    pictures.square().mean().backward()
+    assert latents.grad is not None and latents.grad.abs().sum() > 0
+    webui.sd_model.forge_objects = types.SimpleNamespace(unet=unet, vae=object())  # no VAE module: refused
     with pytest.raises(ConfigError, match="textcraftor"):
         host.decode_latents(latents)
 
@@ -315,3 +328,17 @@ def test_unet_lora_and_embeddings_get_gradients_in_a_session(checkpointing: bool
     assert all(g is not None and g.abs().sum() > 0 for g in grads["lora"])
     assert embs.vectors_for("clip_l")["pvtchar"].grad.abs().sum() > 0
     assert not any(p.grad is not None for p in host.unet.parameters())
+
+
+def test_class_images_are_keyed_by_the_cfg_they_are_drawn_at() -> None:
+    """The Pivotal tab's preview CFG replaces the trainer's guidance in every picture the host draws,
+    class images too: their cache key names that scale, so a run with another preview CFG does
+    not reuse pictures drawn at the old one."""
+    from pivotal.training.prior import CLASS_GUIDANCE, class_cache_key
+
+    webui = make_webui()
+    plain, five = A1111Host(webui), A1111Host(webui, preview_cfg=5.0)
+    assert plain.generation_guidance(CLASS_GUIDANCE) == CLASS_GUIDANCE and five.generation_guidance(7.0) == 5.0
+    key = class_cache_key(plain, "a photo of a person", 64, 64, 20)
+    assert class_cache_key(five, "a photo of a person", 64, 64, 20) != key
+    assert class_cache_key(A1111Host(webui, preview_cfg=CLASS_GUIDANCE), "a photo of a person", 64, 64, 20) == key

@@ -103,6 +103,12 @@ class TrainingHost(Protocol):
         Default: ConfigError, this host cannot (the mode then refuses to start)."""
         ...
 
+    def generation_guidance(self, guidance: float) -> float:
+        """The CFG scale :meth:`generate` draws at when asked for ``guidance``: a webui host's own
+        setting for its previews (``preview_cfg``) replaces it. Default: ``guidance``. What keys
+        generated class images must name the scale they were really drawn at."""
+        ...
+
     # -- required -----------------------------------------------------------------------------
     def alphas_cumprod(self) -> torch.Tensor:
         """(T,) fp32 cumulative alphas of the training noise schedule (T = 1000 for SD)."""
@@ -178,6 +184,9 @@ class HostDefaults:
 
     def text_encoding_key(self) -> Hashable:
         return None
+
+    def generation_guidance(self, guidance: float) -> float:
+        return float(guidance)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         raise ConfigError(f"{getattr(self, 'label', type(self).__name__)}: this host cannot decode latents "

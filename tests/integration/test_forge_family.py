@@ -19,7 +19,8 @@ run (also after a generation that merged a LoRA); the ablation grid and the X/Y/
 axis rendering through the webui's txt2img; the webui's Interrupt and queue; a bundle with 13
 embeddings applying its LoRA (Forge skips a LoRA with more than 12 keys it does not know); two
 bundles defining one name resolved by the prompt's tags; LoHa, LoKr and DoRA bundles drawn by the
-webui's loader as Pivotal's ΔW predicts; and no traceback in the webui's log.
+webui's loader as Pivotal's ΔW predicts; a textcraftor run (reward through the VAE); and no
+traceback in the webui's log.
 """
 
 from __future__ import annotations
@@ -402,6 +403,35 @@ def test_the_tab_trains_and_its_bundle_works(fwebui: FamilyWebui, dataset: Path,
     image, info = w.txt2img(f"{PROMPT}, {EMBEDDING} <lora:{name}:1>")
     assert image != before_image
     assert _shows_embedding(fwebui.kind, info, EMBEDDING), info
+    assert w.txt2img(PROMPT)[0] == before_image
+
+
+def test_a_textcraftor_run_trains_the_text_encoder_through_the_vae(fwebui: FamilyWebui) -> None:
+    """The textcraftor mode on Forge and reForge: pictures sampled by the webui's UNet, decoded with the
+    gradient on through the VAE module (their patchers decode under inference mode), a reward on them trains
+    a text-encoder LoRA only; the host is as before, and the LoRA at te = 0 draws the base picture
+    while at te = 1 it changes it. (Mechanics on a full-size SD1 model: 2 steps, 64 px; whether the
+    reward is raised is measured on the tiny world, test_webui_textcraftor.py.)"""
+    from pivotal.formats.bundle import read_bundle
+
+    w = fwebui.server
+    before_image, _ = w.txt2img(PROMPT)
+    before_host = _without_cache_stats(w.request("GET", "/pivotal/v1/host"))
+    name = _unique("pvttc")
+    config = {"output_name": name, "mode": "textcraftor", "steps": 2, "resolution": 64, "batch_size": 1,
+              "reward": ["tiny_world_rules"], "reward_prompts": ["a red circle on a blue background, top left",
+                                                               "a white square on a black background, bottom right"],
+              "textcraftor_sample_steps": 2, "textcraftor_grad_steps": 1, "te_lr": 1e-2, "seed": 3}
+    code, body = w.status_of("POST", "/pivotal/v1/train", {"config": config})
+    assert code == 200, body
+    snap = w.wait_run()
+    assert snap["result_status"] == "completed" and snap["step"] == 2, snap["message"]
+    bundle = read_bundle(snap["bundle_path"])
+    assert bundle.lora and all(k.startswith("lora_te_") for k in bundle.lora) and not bundle.embeddings
+    assert _without_cache_stats(w.request("GET", "/pivotal/v1/host")) == before_host
+    assert w.txt2img(PROMPT)[0] == before_image
+    assert w.txt2img(f"{PROMPT} <lora:{name}:te=0:unet=1>")[0] == before_image
+    assert w.txt2img(f"{PROMPT} <lora:{name}:te=1:unet=1>")[0] != before_image
     assert w.txt2img(PROMPT)[0] == before_image
 
 

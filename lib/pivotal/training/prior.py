@@ -88,7 +88,7 @@ def class_cache_key(host: TrainingHost, prompt: str, width: int, height: int, st
     checkpoint (the webuis: its title; the standalone host: the file or folder), ``model_id`` its
     VAE; the UNet is not hashed (gigabytes), so two checkpoints with one name would share a key."""
     what = [host.label, host.model_id(), host.base_model, host.sampler, prompt, int(width), int(height),
-            int(steps), float(guidance)]
+            int(steps), host.generation_guidance(guidance)]  # the scale really drawn at
     return hashlib.sha256(json.dumps(what).encode("utf-8")).hexdigest()[:16]
 
 

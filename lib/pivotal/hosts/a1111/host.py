@@ -35,7 +35,7 @@ from pivotal.errors import ConfigError, ModelLayoutError
 from pivotal.host_api import Conditioning, HostDefaults, SizeInfo, has_active_dropout, weights_fingerprint
 from pivotal.hosts.a1111 import session as a1111_session
 from pivotal.hosts.a1111.sdxl import clip_g_text_model, encode_sdxl, openclip_tokenizer, sdxl_latents, text_embedders
-from pivotal.hosts.a1111.webui import Webui, load_webui
+from pivotal.hosts.a1111.webui import Webui, load_webui, optional_module
 from pivotal.text.embeddings import EmbeddingSet
 
 PARAMETERIZATIONS = {"eps": "epsilon", "v": "v_prediction"}
@@ -245,15 +245,31 @@ class A1111Host(HostDefaults):
         """Images (B, 3, H, W) fp32 in about [-1, 1] of latents (B, 4, h, w) (scale factor applied),
         differentiable: the VAE's own ``decode``, not the model's ``decode_first_stage``, which ldm
         and sgm both run under ``no_grad``. The webui's low/medium-VRAM mode wraps that same
-        ``decode`` to move the VAE in, so it works there too. reForge decodes through its own VAE
-        patcher under inference mode: refused (the textcraftor mode then does not start)."""
+        ``decode`` to move the VAE in, so it works there too. reForge's ``decode_first_stage`` runs
+        its VAE patcher under inference mode: there the patcher's VAE module decodes, after the
+        model's latent format undoes the scale (what that patcher does, with the gradient on)."""
+        forge_objects = getattr(self.sd_model, "forge_objects", None)
+        if forge_objects is not None:
+            return self._decode_reforge(forge_objects, latents)
         fsm = getattr(self.sd_model, "first_stage_model", None)
         scale = float(getattr(self.sd_model, "scale_factor", 0.0))
-        if getattr(self.sd_model, "forge_objects", None) is not None or not callable(getattr(fsm, "decode", None)) \
-                or scale <= 0:
+        if not callable(getattr(fsm, "decode", None)) or scale <= 0:
             return super().decode_latents(latents)
         vae_dtype = getattr(self.webui.devices, "dtype_vae", torch.float32)
         return fsm.decode((latents / scale).to(self.device, vae_dtype)).float()
+
+    def _decode_reforge(self, forge_objects: Any, latents: torch.Tensor) -> torch.Tensor:
+        vae = getattr(forge_objects, "vae", None)
+        fsm = getattr(vae, "first_stage_model", None)
+        latent_format = getattr(getattr(getattr(forge_objects.unet, "model", None), "model_config", None),
+                                "latent_format", None)
+        if not callable(getattr(fsm, "decode", None)) or latent_format is None:
+            return super().decode_latents(latents)
+        management = optional_module("ldm_patched.modules.model_management")
+        if management is not None:  # the VAE on its device (low VRAM moves it out between uses)
+            management.load_models_gpu([vae.patcher])
+        z = latent_format.process_out(latents).to(vae.device, vae.vae_dtype)
+        return fsm.decode(z).float()
 
     def model_id(self) -> str | None:
         """A fingerprint of the VAE the webui has loaded now (encoder + quant_conv weights, their
@@ -321,8 +337,12 @@ class A1111Host(HostDefaults):
         """A preview through the webui's txt2img with the attached LoRA and live embeddings."""
         from pivotal.hosts.a1111.preview import generate_preview
 
-        cfg = self.preview_cfg if self.preview_cfg is not None else guidance
-        return generate_preview(self, prompt, negative, embeddings, steps, seed, width, height, cfg)
+        return generate_preview(self, prompt, negative, embeddings, steps, seed, width, height,
+                                self.generation_guidance(guidance))
+
+    def generation_guidance(self, guidance: float) -> float:
+        """``preview_cfg`` when it is set (previews and class images are drawn at it), else ``guidance``."""
+        return float(self.preview_cfg if self.preview_cfg is not None else guidance)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,8 @@ Nothing is copied or reloaded: the trainer works on ``shared.sd_model.forge_obje
   chunks and weights captions exactly as prompts are at generation time; our embeddings take part
   as live Forge ``Embedding`` objects whose ``vec`` *is* our Parameter, registered in the engines'
   databases for the length of one call (the databases are restored exactly);
-* VAE: the posterior's mean (Forge's own encode samples, drawing from the global RNG);
+* VAE: the posterior's mean (Forge's own encode samples, drawing from the global RNG); decoding
+  with the gradient on (the textcraftor mode) through the VAE module, not its patcher;
 * every weight is an inference tensor (Forge makes them under ``torch.inference_mode``): the
   training forwards run inside :class:`~pivotal.hosts.forge.frozen_weights.InferenceWeightsMode`,
   which passes gradients through them without copying.
@@ -192,6 +193,20 @@ class ForgeHost(HostDefaults):
         mean, _logvar = torch.chunk(moments, 2, dim=1)
         return fsm.process_in(mean).to(torch.float32)
 
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) fp32 in about [-1, 1] of latents (B, 4, h, w) (scaled, as
+        :meth:`encode_images` gives them), differentiable w.r.t. the latents (the textcraftor mode).
+        Forge's VAE patcher decodes under ``torch.inference_mode`` (no gradient can pass), so its
+        module is called directly: ``process_out`` (scale and shift undone), ``post_quant_conv``
+        and the decoder, inside :class:`InferenceWeightsMode` (the weights are inference tensors)."""
+        if latents.dim() != 4 or latents.shape[1] != 4:
+            raise ModelLayoutError(f"decode_latents: expected (B, 4, h, w) latents, got {tuple(latents.shape)}")
+        vae = self.sd_model.forge_objects_original.vae
+        self.webui.memory_management.load_models_gpu([vae.patcher])
+        fsm = vae.first_stage_model
+        with InferenceWeightsMode():
+            return fsm.decode(fsm.process_out(latents.to(vae.device, vae.vae_dtype))).float()
+
     def live_embeddings(self, embeddings: EmbeddingSet) -> contextlib.AbstractContextManager[None]:
         """Within the block, ``embeddings`` are registered in every engine's database as live
         Forge ``Embedding`` objects (vec = our Parameter); the databases are exactly as before after."""
@@ -287,8 +302,12 @@ class ForgeHost(HostDefaults):
                 self._warned_preview = True
                 log.warning("Pivotal: previews are skipped: another checkpoint is selected and loads after the run")
             return Image.new("RGB", (int(width), int(height)))
-        cfg = self.preview_cfg if self.preview_cfg is not None else guidance
-        return generate_preview(self, prompt, negative, embeddings, steps, seed, width, height, cfg)
+        return generate_preview(self, prompt, negative, embeddings, steps, seed, width, height,
+                                self.generation_guidance(guidance))
+
+    def generation_guidance(self, guidance: float) -> float:
+        """``preview_cfg`` when it is set (previews and class images are drawn at it), else ``guidance``."""
+        return float(self.preview_cfg if self.preview_cfg is not None else guidance)
 
     def published(self, path: str) -> None:
         """The run wrote ``path`` into the Lora folder: if it replaced a file whose LoRA Forge has
