@@ -138,7 +138,8 @@ def cost_child(case: str, weights: str | None, steps: int) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix=f"tc-cost-{case}-"))
     if case == "pivotal":
         from pivotal.demo.data import make_demo_dataset
-        from pivotal.training.config import DEMO_SETTINGS, EmbeddingSpec, TrainConfig
+        from pivotal.demo.settings import DEMO_SETTINGS
+        from pivotal.training.config import EmbeddingSpec, TrainConfig
 
         make_demo_dataset(work / "data", ["mychar"], count=8, size=64, seed=0)
         cfg = TrainConfig(**{**DEMO_SETTINGS, "data_dir": str(work / "data"), "out_dir": str(work / "out"),

@@ -204,7 +204,7 @@ def test_train_then_generate_in_the_browser(app_server: dict[str, Any], browser:
     d.save_screenshot(str(shots / "03-finished.png"))
     state, result, text = _progress(d)
     assert (state, result) == ("finished", "completed"), f"{text}\n{server_log()}"
-    from pivotal.training.config import DEMO_SETTINGS  # the app's demo runs these steps
+    from pivotal.demo.settings import DEMO_SETTINGS  # the app's demo runs these steps
 
     assert f"step {DEMO_SETTINGS['steps']}/{DEMO_SETTINGS['steps']}" in text
     assert (out / "pivotal.safetensors").is_file()

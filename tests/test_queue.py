@@ -15,9 +15,10 @@ pytest.importorskip("diffusers", reason="the standalone diffusers host is not us
 from pivotal.cli.main import main  # noqa: E402
 from pivotal.demo.data import make_demo_dataset  # noqa: E402
 from pivotal.demo.host import build_demo_host  # noqa: E402
+from pivotal.demo.settings import DEMO_SETTINGS  # noqa: E402
 from pivotal.errors import ConfigError  # noqa: E402
 from pivotal.formats.safetensors_io import read_header  # noqa: E402
-from pivotal.training.config import DEMO_SETTINGS, EmbeddingSpec  # noqa: E402
+from pivotal.training.config import EmbeddingSpec  # noqa: E402
 from pivotal.training.progress import ProgressEvent  # noqa: E402
 from pivotal.training.queue import SUMMARY_FILE, queue_config, run_queue  # noqa: E402
 from pivotal.training.state import META_KEY  # noqa: E402

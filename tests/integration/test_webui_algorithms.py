@@ -75,10 +75,11 @@ def demo_targets() -> list:
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_the_webui_lora_extension_draws_the_bundle_as_pivotal_computes_it(
         algorithm: str, tiny_world: Webui, tmp_path: Path, demo_targets: list) -> None:
+    from pivotal.demo.settings import DEMO_EMBEDDING, DEMO_SETTINGS
     from pivotal.demo.world import COLOURS, EXAMPLE_CHARACTER
     from pivotal.demo.world_read import read_picture
     from pivotal.formats.bundle import read_bundle
-    from pivotal.training.config import DEMO_EMBEDDING, DEMO_SETTINGS, EmbeddingSpec
+    from pivotal.training.config import EmbeddingSpec
 
     # a generation without a tag first: an earlier tagged generation leaves its LoRA merged (and its
     # embeddings registered) until the webui's next generation

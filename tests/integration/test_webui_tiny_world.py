@@ -96,7 +96,8 @@ def character_bundle(tiny_world: Webui, character_data: Path) -> dict:
     before the run, which the run left as it was)."""
     before_host = tiny_world.request("GET", "/pivotal/v1/host")
     name = f"pvtw{uuid.uuid4().hex[:6]}"
-    from pivotal.training.config import DEMO_EMBEDDING, DEMO_SETTINGS, EmbeddingSpec
+    from pivotal.demo.settings import DEMO_EMBEDDING, DEMO_SETTINGS
+    from pivotal.training.config import EmbeddingSpec
 
     # the standalone demo's settings (steps, LRs, preset), so the webui trains what the demo does
     config = {**DEMO_SETTINGS, "data_dir": str(character_data), "output_name": name, "preview_every": 0,

@@ -33,7 +33,8 @@ def add_queue_command(sub: Any) -> None:
 
 
 def _builder(demo: str | None) -> Any:
-    from pivotal.training.config import DEMO_EMBEDDING, DEMO_SETTINGS, EmbeddingSpec, TrainConfig
+    from pivotal.demo.settings import DEMO_EMBEDDING, DEMO_SETTINGS
+    from pivotal.training.config import EmbeddingSpec, TrainConfig
     from pivotal.training.queue import queue_config
 
     base: dict[str, Any] = {}

@@ -19,8 +19,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from pivotal.demo.settings import DEMO_EMBEDDING, DEMO_SETTINGS
 from pivotal.errors import ConfigError
-from pivotal.training.config import DEMO_EMBEDDING, DEMO_SETTINGS, EmbeddingSpec, TrainConfig
+from pivotal.training.config import EmbeddingSpec, TrainConfig
 from pivotal.training.config_file import load_config_file
 from pivotal.training.progress import ProgressEvent
 from pivotal.training.settings import GROUPS, DeclaredSetting, declared

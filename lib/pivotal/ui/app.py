@@ -20,8 +20,8 @@ from typing import Any, Callable, Optional
 
 import gradio as gr
 
-from pivotal.training.config import DEMO_EMBEDDING as CORE_DEMO_EMBEDDING
-from pivotal.training.config import DEMO_SETTINGS as CORE_DEMO_SETTINGS
+from pivotal.demo.settings import DEMO_EMBEDDING as CORE_DEMO_EMBEDDING
+from pivotal.demo.settings import DEMO_SETTINGS as CORE_DEMO_SETTINGS
 from pivotal.training.config import EmbeddingSpec, TrainConfig
 from pivotal.training.job import TrainingJob
 from pivotal.ui.compat import enable_queue, launch_kwargs
