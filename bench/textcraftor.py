@@ -66,11 +66,13 @@ OPTIONS: dict[str, Any] = {"reward": "tiny_world", "new_words": False}
 
 
 def textcraftor_config(out: Path, unet: bool, steps: int) -> Any:
-    from pivotal.demo.reward import demo_prompts
+    from pivotal.demo.reward import DEMO_PROMPT_COUNT, demo_prompts
     from pivotal.training.config import TrainConfig
 
+    # new words: the CLI demo's 256 prompts (64 overfit them: bench/RESULTS.md, "From the A1111 tab")
+    count = DEMO_PROMPT_COUNT if OPTIONS["new_words"] else 64
     return TrainConfig(mode="textcraftor", out_dir=str(out), output_name="tc-unet" if unet else "tc",
-                       reward=[OPTIONS["reward"]], reward_prompts=demo_prompts(new_words=OPTIONS["new_words"]),
+                       reward=[OPTIONS["reward"]], reward_prompts=demo_prompts(count, new_words=OPTIONS["new_words"]),
                        textcraftor_unet=unet, **{**RUN, "steps": steps}).validate()
 
 
