@@ -110,13 +110,14 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = dict(DEMO_SETTINGS) if args.demo else {}
     reward_mode = given.get("mode") == "textcraftor"
     if args.demo and reward_mode:
-        from pivotal.demo.reward import DEMO_PROMPT_COUNT, DEMO_TEXTCRAFTOR, demo_prompts
+        from pivotal.demo.reward import demo_textcraftor_settings
 
         # the demo's reward fine-tuning (where nothing else spoke): the rules reward on world captions
         # whose object colours are words the model never saw, so the encoder has something to learn
-        values.update(DEMO_TEXTCRAFTOR)
-        if not given.get("reward_prompts") and not given.get("reward_prompts_file"):
-            values["reward_prompts"] = demo_prompts(DEMO_PROMPT_COUNT, new_words=True)
+        recipe = demo_textcraftor_settings()
+        if given.get("reward_prompts") or given.get("reward_prompts_file"):  # the user's prompts only
+            del recipe["reward_prompts"]
+        values.update(recipe)
     values.update(given)
     if args.demo and not values.get("embeddings") and not reward_mode:
         values["embeddings"] = [EmbeddingSpec.parse(DEMO_EMBEDDING)]

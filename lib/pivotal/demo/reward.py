@@ -120,6 +120,13 @@ def demo_prompts(count: int = 64, seed: int = PROMPT_SEED, new_words: bool = Fal
     return [in_new_words(p) for p in prompts] if new_words else prompts
 
 
+def demo_textcraftor_settings() -> dict[str, Any]:
+    """The demo's TextCraftor run, as settings: :data:`DEMO_TEXTCRAFTOR` on
+    :data:`DEMO_PROMPT_COUNT` training prompts in :data:`NEW_COLOUR_WORDS` (what ``pivotal train
+    --demo sd1 --mode textcraftor`` runs where nothing else spoke, and the demo app's form preset)."""
+    return {**DEMO_TEXTCRAFTOR, "reward_prompts": demo_prompts(DEMO_PROMPT_COUNT, new_words=True)}
+
+
 def load_scorer(path: str | Path = REWARD_FILE) -> WorldScorer:
     """The shipped scorer, fp32, eval, frozen; BundleError naming the file when it is missing."""
     from pivotal.formats.safetensors_io import load_tensors, read_header

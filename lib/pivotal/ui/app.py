@@ -85,9 +85,9 @@ def demo_mode_presets() -> dict[str, dict[str, Any]]:
     """The pre-trained demo's Train form, when "textcraftor" is picked: the recipe and prompts
     ``pivotal train --demo sd1 --mode textcraftor`` runs (the run measured to raise prompt following:
     world captions whose object colours are words the model never saw)."""
-    from pivotal.demo.reward import DEMO_PROMPT_COUNT, DEMO_TEXTCRAFTOR, demo_prompts
+    from pivotal.demo.reward import demo_textcraftor_settings
 
-    return {"textcraftor": {**DEMO_TEXTCRAFTOR, "reward_prompts": demo_prompts(DEMO_PROMPT_COUNT, new_words=True)}}
+    return {"textcraftor": demo_textcraftor_settings()}
 
 
 def launch(blocks: gr.Blocks, port: int = 7860, open_browser: bool = False, block: bool = True) -> str:
